@@ -1,0 +1,125 @@
+"""A preallocated key/value cache that knows Gemma 3's two kinds of layer.
+
+* Global layers keep every token: a (B, K, max_seq_len, hd) buffer per layer, filled slot by slot.
+* Sliding layers only ever look back W - 1 tokens, so each keeps a ring buffer of W slots: the token in
+  sequence slot s lives in ring slot s % W. For the 270M at 32K context that is 3 × 32 768 + 15 × 512
+  cached positions instead of 18 × 32 768 (about 12× less memory).
+
+Every slot also records the absolute *position* of the token it holds (-1 = empty or padding), and
+attention masks are built from those positions (model.attention_mask), never from slot indices. That is
+what keeps the ring buffer exact: slot order stops mattering, and left-padded rows, whose positions lag
+their slots, are handled by the same rule.
+
+One forward over T new tokens is one `CacheStep`:
+* global layers write the T tokens first, then attend over slots [0, seq_len + T);
+* sliding layers, for a single decode token, overwrite the slot of the token W positions back (which the
+  new query may no longer see) and attend over the ring; for a chunk (prefill, or a chat turn's new
+  tokens), which may be longer than W, they attend over ring + whole chunk (masked per query) and only
+  then keep the chunk's last W tokens in the ring.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gemma3.config import GLOBAL, SLIDING, Gemma3Config
+from gemma3.errors import Gemma3Error
+from gemma3.model import attention_mask
+
+
+class KVCache:
+    def __init__(self, config: Gemma3Config, batch_size: int, max_seq_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        if max_seq_len <= 0 or batch_size <= 0:
+            raise Gemma3Error(f"KV cache needs batch_size > 0 and max_seq_len > 0, got {batch_size}, {max_seq_len}")
+        self.config, self.batch_size, self.max_seq_len = config, batch_size, max_seq_len
+        self.ring_size = min(config.sliding_window, max_seq_len)
+        K, hd = config.num_key_value_heads, config.head_dim
+        self.layer_types = config.layer_types
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        for kind in self.layer_types:
+            slots = max_seq_len if kind == GLOBAL else self.ring_size
+            self.keys.append(torch.zeros(batch_size, K, slots, hd, dtype=dtype, device=device))
+            self.values.append(torch.zeros(batch_size, K, slots, hd, dtype=dtype, device=device))
+        # position held by each slot, per row; -1 = empty or padding
+        self.global_pos = torch.full((batch_size, max_seq_len), -1, dtype=torch.long, device=device)
+        self.ring_pos = torch.full((batch_size, self.ring_size), -1, dtype=torch.long, device=device)
+        self.last_pos = torch.full((batch_size,), -1, dtype=torch.long, device=device)
+        self.seq_len = 0  # sequence slots filled so far (shared by all rows; padding occupies slots too)
+
+    def reset(self) -> None:
+        self.global_pos.fill_(-1)
+        self.ring_pos.fill_(-1)
+        self.last_pos.fill_(-1)
+        self.seq_len = 0
+
+    def next_positions(self) -> torch.Tensor:
+        """(B,) the position the next real token of each row will take."""
+        return self.last_pos + 1
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def begin(self, positions: torch.Tensor) -> "CacheStep":
+        """Start a forward over tokens at `positions` (B, T) (-1 = padding), occupying the next T slots."""
+        B, T = positions.shape
+        if B != self.batch_size:
+            raise Gemma3Error(f"KV cache was built for batch size {self.batch_size}, got {B}")
+        start = self.seq_len
+        if start + T > self.max_seq_len:
+            raise Gemma3Error(f"the sequence would reach {start + T} tokens, but the KV cache holds "
+                              f"{self.max_seq_len}; start a new cache or a shorter generation")
+        positions = positions.to(self.global_pos.device)
+        self.global_pos[:, start:start + T] = positions
+        global_keys = self.global_pos[:, :start + T]
+
+        decode = T == 1
+        write_slots = self._ring_slots(start, T)
+        kept = positions[:, T - len(write_slots):]
+        if decode:  # overwrite first: the slot held position p - W, which the new query may not see
+            self.ring_pos[:, write_slots] = kept
+            sliding_keys = self.ring_pos[:, :min(start + 1, self.ring_size)]
+        else:  # a chunk: attend over what the ring held + the whole chunk, then keep the chunk's tail
+            sliding_keys = torch.cat([self.ring_pos[:, :min(start, self.ring_size)], positions], dim=1)
+            self.ring_pos[:, write_slots] = kept
+
+        self.last_pos = torch.maximum(self.last_pos, positions.max(dim=1).values)
+        self.seq_len = start + T
+        masks = {GLOBAL: attention_mask(positions, global_keys, None),
+                 SLIDING: attention_mask(positions, sliding_keys, self.config.sliding_window)}
+        return CacheStep(self, start, T, write_slots, masks)
+
+    def _ring_slots(self, start: int, T: int) -> torch.Tensor:
+        """Ring slots for the last min(T, ring) of the sequence slots [start, start + T)."""
+        first = start + T - min(T, self.ring_size)
+        return torch.arange(first, start + T, device=self.ring_pos.device) % self.ring_size
+
+
+class CacheStep:
+    """The cache's side of one forward: per-layer key/value writes and the masks that match them."""
+
+    def __init__(self, cache: KVCache, start: int, length: int, write_slots: torch.Tensor, masks: dict):
+        self.cache, self.start, self.length, self.write_slots, self.masks = cache, start, length, write_slots, masks
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new k/v (B, K, T, hd); return every key/value the new queries may attend to,
+        in the order of the key positions that `masks` was built from."""
+        cache, start, T = self.cache, self.start, self.length
+        k_buf, v_buf = cache.keys[layer_idx], cache.values[layer_idx]
+        if cache.layer_types[layer_idx] == GLOBAL:
+            k_buf[:, :, start:start + T] = k
+            v_buf[:, :, start:start + T] = v
+            return k_buf[:, :, :start + T], v_buf[:, :, :start + T]
+        n = len(self.write_slots)
+        if T == 1:
+            k_buf[:, :, self.write_slots] = k
+            v_buf[:, :, self.write_slots] = v
+            filled = min(start + 1, cache.ring_size)
+            return k_buf[:, :, :filled], v_buf[:, :, :filled]
+        filled = min(start, cache.ring_size)
+        k_all = torch.cat([k_buf[:, :, :filled], k], dim=2)
+        v_all = torch.cat([v_buf[:, :, :filled], v], dim=2)
+        k_buf[:, :, self.write_slots] = k[:, :, T - n:]
+        v_buf[:, :, self.write_slots] = v[:, :, T - n:]
+        return k_all, v_all

@@ -1,0 +1,362 @@
+"""The Gemma 3 text decoder, top to bottom, with no I/O.
+
+    token ids ──► embedding × sqrt(d) (rounded to the weight dtype)
+              ──► L × TransformerBlock   (5 sliding-window layers : 1 global layer, repeating)
+              ──► RMSNorm ──► logits = h @ Eᵀ   (output head tied to the embedding)
+
+    TransformerBlock ("sandwich" norms: every sub-layer's *output* is normalised before the residual add)
+        x = x + RMSNorm(GroupedQueryAttention(RMSNorm(x)))
+        x = x + RMSNorm(FeedForward(RMSNorm(x)))
+
+Module and parameter names follow HF transformers' `Gemma3ForCausalLM` (minus its `model.` prefix), so a
+state dict maps one to one and anyone who has read that code finds their way here. Numerics follow the
+reference exactly; each place where a choice matters says why.
+
+Attention is driven by explicit token *positions*, never by hidden counters: a query at position i on a
+sliding layer sees keys at positions j with i - W < j <= i, on a global layer every j <= i; padding
+carries position -1 and is never seen. The same rule serves a plain forward, a left-padded batch and the
+ring-buffer KV cache (gemma3.kv_cache), which hands back key positions alongside keys.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from gemma3.config import GLOBAL, SLIDING, Gemma3Config
+from gemma3.errors import Gemma3Error
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a zero-centred gain: y = x̂ · (1 + w).
+
+    The weight is stored as a delta from 1 (initialised to zeros), so a fresh norm is the identity gain.
+    The whole product is computed in fp32 and cast once at the end: Gemma does (x̂·(1+w)).to(dtype), not
+    Llama's x̂.to(dtype)·w, and in bf16 the two differ (transformers PR #29402).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (1.0 + self.weight.float())).type_as(x)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (rotate-half / GPT-NeoX pairing: dim j pairs with dim j + hd/2).
+
+    Gemma 3 uses two of these: base 10 000 on sliding layers (short range, fine resolution) and base
+    1 000 000 on global layers (long range). On 4B/12B/27B the global one also has linear scaling ×8
+    (positions / 8) to reach 128K context; the sliding one is never scaled. The tables are computed per
+    call from the positions, in fp32, then cast to the activation dtype as the reference does. Nothing is
+    stored, so a model built on the `meta` device needs no buffers materialised after loading weights.
+    """
+
+    def __init__(self, head_dim: int, base: float, scaling_factor: float = 1.0):
+        super().__init__()
+        self.head_dim, self.base, self.scaling_factor = head_dim, base, scaling_factor
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=positions.device) / self.head_dim
+        inv_freq = 1.0 / (self.base**exponent) / self.scaling_factor  # (hd/2,)
+        freqs = positions.clamp(min=0)[..., None].float() * inv_freq  # (B, T, hd/2); padding rotated as pos 0
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, base={self.base:g}, scaling_factor={self.scaling_factor:g}"
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, heads, T, hd); cos/sin: (B, T, hd). x' = x·cos + rotate_half(x)·sin, rotate_half([a, b]) = [-b, a]."""
+    cos, sin = cos[:, None], sin[:, None]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Which keys each query may see, from absolute positions alone. True = attend.
+
+    q_pos (B, T) and k_pos (B, S) hold token positions, -1 for padding (and for empty cache slots).
+    Causal: j <= i. Sliding (window W): also j > i - W, i.e. the current token and the W - 1 before it.
+    Example, W = 3, five tokens (rows are queries):
+
+        global         sliding (W=3)
+        1 . . . .      1 . . . .
+        1 1 . . .      1 1 . . .
+        1 1 1 . .      1 1 1 . .
+        1 1 1 1 .      . 1 1 1 .
+        1 1 1 1 1      . . 1 1 1
+
+    Returns (B, 1, T, S). A padding query would see nothing, and a fully masked softmax row is NaN that can
+    leak into real rows through 0·NaN; such rows are allowed to see key slot 0 instead (their output is
+    never used).
+    """
+    q, k = q_pos[:, :, None], k_pos[:, None, :]
+    mask = (k >= 0) & (k <= q)
+    if window is not None:
+        mask &= k > q - window
+    dead = ~mask.any(dim=-1, keepdim=True)
+    if dead.any():
+        first = torch.zeros_like(mask)
+        first[..., 0] = True
+        mask |= dead & first
+    return mask[:, None]
+
+
+class GroupedQueryAttention(nn.Module):
+    """Multi-head attention with grouped key/value heads (GQA; MQA when there is one KV head) and QK-norm.
+
+    q: (B, H, T, hd), k/v: (B, K, T, hd); query head h reads KV head h // (H / K).
+    QK-norm is an RMSNorm over each head's hd features (one weight shared by all heads), applied *before*
+    RoPE; it replaces Gemma 2's attention soft-capping as the guard against runaway logits.
+    Scores are scaled by query_pre_attn_scalar ** -0.5: 256 (= hd) for most sizes but 168 (= d/H) for the
+    27B, whose hd is 128, so 1/sqrt(hd) would make its softmax 1.15× too sharp.
+    Note H·hd ≠ d (270M: 4·256 = 1024 vs 640), so q_proj and o_proj are not square.
+    """
+
+    def __init__(self, config: Gemma3Config):
+        super().__init__()
+        d, hd = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
+        self.scale = config.query_pre_attn_scalar**-0.5
+        self.softcap = config.attn_logit_softcapping
+        self.implementation = "sdpa"  # or "eager": the same computation spelled out, for reading and testing
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
+        self.q_norm = RMSNorm(hd, config.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer_idx: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, hd)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, hd)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:  # cached keys are post-norm, post-RoPE; returns every key this step may see
+            k, v = cache.update(layer_idx, k, v)  # (B, K, S, hd)
+        if self.implementation == "eager" or self.softcap is not None:
+            out = self._eager(q, k, v, mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                                 enable_gqa=self.num_kv_heads != self.num_heads)
+        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H·hd)
+        return self.o_proj(out)
+
+    def _eager(self, q, k, v, mask):
+        """Explicit softmax(q·kᵀ·scale + mask)·v, as HF's eager path: fp32 softmax, finfo.min for masked."""
+        groups = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, hd)
+        scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, T, S)
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return probs @ v  # (B, H, T, hd)
+
+
+class FeedForward(nn.Module):
+    """Gated MLP (GeGLU): down(gelu_tanh(gate(x)) · up(x)). The tanh approximation of GELU, as trained;
+    exact-erf GELU was a shipped Gemma bug (transformers PR #29402)."""
+
+    def __init__(self, config: Gemma3Config):
+        super().__init__()
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(d, f, bias=False)
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    """One decoder layer with four norms: pre- and post-norm around both attention and MLP.
+
+    `post_attention_layernorm` normalises the attention *output* before the residual add (it is not the
+    pre-MLP norm, as the name means in Llama code; that one is `pre_feedforward_layernorm`).
+    """
+
+    def __init__(self, config: Gemma3Config, layer_type: str):
+        super().__init__()
+        d, eps = config.hidden_size, config.rms_norm_eps
+        self.layer_type = layer_type
+        self.input_layernorm = RMSNorm(d, eps)
+        self.self_attn = GroupedQueryAttention(config)
+        self.post_attention_layernorm = RMSNorm(d, eps)
+        self.pre_feedforward_layernorm = RMSNorm(d, eps)
+        self.mlp = FeedForward(config)
+        self.post_feedforward_layernorm = RMSNorm(d, eps)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer_idx: int = 0):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx))
+        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return x
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None  # (B, T', V) in the activation dtype; None when a loss was asked for
+    loss: torch.Tensor | None = None
+
+
+class Gemma3Model(nn.Module):
+    """The Gemma 3 text decoder with its tied output head (HF's `Gemma3ForCausalLM`)."""
+
+    def __init__(self, config: Gemma3Config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(TransformerBlock(config, t) for t in config.layer_types)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rope = nn.ModuleDict({
+            SLIDING: RotaryEmbedding(config.head_dim, config.rope_local_base_freq),
+            GLOBAL: RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling_factor),
+        })
+        self.gradient_checkpointing = False
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        cache=None,
+        labels: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> ModelOutput:
+        """
+        input_ids     (B, T) token ids.
+        positions     (B, T) absolute positions, -1 for padding. Default: counted from 0 over the real tokens
+                      (continuing after what `cache` holds), so left padding does not shift positions.
+        padding_mask  (B, T) bool/int, True/1 for real tokens (HF's attention_mask for these tokens).
+        cache         a gemma3.kv_cache.KVCache to read and extend; None for a plain full forward.
+        labels        (B, T) targets aligned with input_ids (shifted inside, as HF does), -100 = ignore.
+                      Returns the mean cross-entropy and no logits: the loss is computed in chunks so that
+                      the (B, T, 262k) fp32 logits are never materialised at once.
+        logits_to_keep  0 = logits for every position, n = only the last n (generation needs 1).
+        """
+        self._check_ids(input_ids)
+        B, T = input_ids.shape
+        positions = self._positions(input_ids, positions, padding_mask, cache)
+
+        # Embedding scaled by sqrt(d), with sqrt(d) first rounded to the weight dtype as the reference does
+        # (bf16: 25.25 for d = 640, not 25.298); only token embeddings are scaled, never the output head.
+        x = self.embed_tokens(input_ids)
+        x = x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=torch.float32).to(x.dtype)
+
+        rope = {t: self.rope[t](positions, x.dtype) for t in (SLIDING, GLOBAL)}
+        if cache is None:
+            masks = {SLIDING: attention_mask(positions, positions, self.config.sliding_window),
+                     GLOBAL: attention_mask(positions, positions, None)}
+            step = None
+        else:
+            step = cache.begin(positions)  # stores the new positions, returns masks over what it will hand back
+            masks = step.masks
+
+        for i, layer in enumerate(self.layers):
+            cos, sin = rope[layer.layer_type]
+            args = (x, cos, sin, masks[layer.layer_type], step, i)
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                x = layer(*args)
+        x = self.norm(x)
+
+        if labels is not None:
+            return ModelOutput(logits=None, loss=self.loss(x, labels))
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return ModelOutput(logits=self._head(x))
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(h, self.embed_tokens.weight)  # tied: the raw embedding, no sqrt(d) here
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int = 2048) -> torch.Tensor:
+        """Mean next-token cross-entropy from final hidden states, `chunk_size` positions at a time.
+
+        Each chunk's logits are recomputed in the backward pass (activation checkpointing), so peak memory
+        holds one chunk's (chunk, V) fp32 logits instead of the whole batch's.
+        """
+        targets = labels[:, 1:].reshape(-1)
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        keep = targets != IGNORE_INDEX
+        h, targets = h[keep], targets[keep]
+        if targets.numel() == 0:
+            return hidden.sum() * 0.0  # no target in the batch: a zero that still has a graph
+
+        def chunk_loss(h_chunk: torch.Tensor, t_chunk: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(self._head(h_chunk).float(), t_chunk, reduction="sum")
+
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, targets.numel(), chunk_size):
+            h_c, t_c = h[start:start + chunk_size], targets[start:start + chunk_size]
+            if torch.is_grad_enabled() and h_c.requires_grad:
+                total = total + checkpoint(chunk_loss, h_c, t_c, use_reentrant=False)
+            else:
+                total = total + chunk_loss(h_c, t_c)
+        return total / targets.numel()
+
+    # ------------------------------------------------------------------ helpers
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 2:
+            raise Gemma3Error(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise Gemma3Error(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.numel() and input_ids.device.type != "meta":
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise Gemma3Error(f"input_ids contains token id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
+
+    def _positions(self, input_ids, positions, padding_mask, cache) -> torch.Tensor:
+        B, T = input_ids.shape
+        if positions is not None:
+            if positions.shape != (B, T):
+                raise Gemma3Error(f"positions must have shape {(B, T)}, got {tuple(positions.shape)}")
+            return positions.to(device=input_ids.device, dtype=torch.long)
+        start = cache.next_positions() if cache is not None else torch.zeros(B, dtype=torch.long, device=input_ids.device)
+        if padding_mask is None:
+            return start[:, None] + torch.arange(T, device=input_ids.device)
+        if padding_mask.shape != (B, T):
+            raise Gemma3Error(f"padding_mask must have shape {(B, T)}, got {tuple(padding_mask.shape)}")
+        real = padding_mask.to(device=input_ids.device).bool()
+        counted = start[:, None] + real.long().cumsum(dim=1) - 1
+        return torch.where(real, counted, torch.full_like(counted, -1))
+
+    def set_attention_implementation(self, name: str) -> None:
+        if name not in ("sdpa", "eager"):
+            raise Gemma3Error(f"attention implementation must be 'sdpa' or 'eager', got {name!r}")
+        for layer in self.layers:
+            layer.self_attn.implementation = name
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """From-scratch initialisation as HF's: N(0, 0.02) for the embedding and every projection, and
+        zeros for every norm weight (a zero-centred gain of exactly 1)."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std, generator=generator)
+            elif isinstance(module, RMSNorm):
+                module.weight.zero_()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,40 @@
+"""Build transformers' Gemma3ForCausalLM (the reference) with exactly our weights, copied by HF tensor name."""
+
+from __future__ import annotations
+
+import torch
+
+from gemma3.config import Gemma3Config
+from gemma3.model import Gemma3Model
+
+
+def hf_config(config: Gemma3Config, attn: str = "eager"):
+    from transformers import Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(**{k: v for k, v in config.to_hf_dict().items() if k not in ("architectures", "model_type", "dtype")})
+    cfg._attn_implementation = attn
+    return cfg
+
+
+def hf_model_like(ours: Gemma3Model, attn: str = "eager"):
+    """A reference model holding our weights (state dict keys differ only by the `model.` prefix)."""
+    from transformers import Gemma3ForCausalLM
+
+    ref = Gemma3ForCausalLM(hf_config(ours.config, attn)).to(next(ours.parameters()).dtype)
+    missing, unexpected = ref.load_state_dict({f"model.{k}": v for k, v in ours.state_dict().items()}, strict=False)
+    assert unexpected == [], unexpected
+    assert missing in ([], ["lm_head.weight"]), missing  # tied to embed_tokens
+    ref.tie_weights()
+    return ref.eval()
+
+
+def random_model(config: Gemma3Config, seed: int = 0, dtype=torch.float32, norm_scale: float = 0.5) -> Gemma3Model:
+    """Our model with random weights, norms included (zero norms would hide a wrong (1 + w) convention)."""
+    g = torch.Generator().manual_seed(seed)
+    model = Gemma3Model(config)
+    model.init_weights(g)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * norm_scale)
+    return model.to(dtype).eval()

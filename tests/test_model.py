@@ -1,0 +1,242 @@
+"""The model against the reference (transformers' Gemma3ForCausalLM) on identical random weights.
+
+Each config is chosen to exercise a path others got wrong: sequences longer than the sliding window,
+27B's query_pre_attn_scalar, the ×8 RoPE scaling on global layers only, trailing sliding layers, GQA with
+several KV heads, left padding, bf16 rounding of the embedding scale.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gemma3.config import GLOBAL, SLIDING, Gemma3Config, hybrid_layer_types
+from gemma3.errors import Gemma3Error
+from gemma3.model import Gemma3Model, RMSNorm, attention_mask
+from reference import hf_model_like, random_model
+
+torch.set_num_threads(2)
+
+
+def small(**overrides) -> Gemma3Config:
+    base = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=8, num_attention_heads=4,
+                num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
+                max_position_embeddings=256)
+    base.update(overrides)
+    base.setdefault("layer_types", hybrid_layer_types(base["num_hidden_layers"]))
+    return Gemma3Config(**base)
+
+
+FAMILY = {
+    # 270M / 1B shape: MQA, 8 layers = globals at 5 then trailing sliding layers 6, 7 (as 1B's 24, 25)
+    "1b-like-mqa-trailing-sliding": small(),
+    # 4B / 12B: GQA with several KV heads and linear ×8 RoPE scaling on global layers only
+    "4b-like-gqa-rope-scaling": small(num_attention_heads=8, num_key_value_heads=4, rope_scaling_factor=8.0),
+    # 27B: head_dim 128 with query_pre_attn_scalar 168 (= d/H, not hd), GQA, scaling, trailing sliding
+    "27b-like-qpas-168": small(hidden_size=336, num_attention_heads=2, num_key_value_heads=1, head_dim=128,
+                               query_pre_attn_scalar=168, rope_scaling_factor=8.0),
+    # 12B: last layer global (L = 12), GQA 4:2
+    "12b-like-last-global": small(num_hidden_layers=12, num_attention_heads=4, num_key_value_heads=2,
+                                  rope_scaling_factor=8.0),
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_parity_small_configs_past_window(name):
+    config = FAMILY[name]
+    model = random_model(config)
+    ref = hf_model_like(model)
+    ids = torch.randint(0, config.vocab_size, (2, 48))  # 6× the window of 8
+    torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_parity_270m_exact_config_600_tokens():
+    config = Gemma3Config()  # the 270M preset: window 512
+    model = random_model(config, norm_scale=0.3)
+    ref = hf_model_like(model)
+    ids = torch.randint(0, config.vocab_size, (1, 640))
+    ours = model(ids).logits
+    theirs = ref(ids).logits
+    assert ours.shape == (1, 640, 262_144)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    # the tail past the window is where a missing or off-by-one window shows: make sure it is not trivial
+    assert ours[0, 600:].std() > 1e-3
+
+
+@torch.no_grad()
+def test_sliding_window_matters():
+    """Guard against a parity test that cannot fail: without the window the logits past it must differ."""
+    config = small()
+    model = random_model(config)
+    unwindowed = random_model(config.replace(sliding_window=1000))
+    unwindowed.load_state_dict(model.state_dict())
+    ids = torch.randint(0, config.vocab_size, (1, 40))
+    windowed, full = model(ids).logits[0], unwindowed(ids).logits[0]
+    torch.testing.assert_close(windowed[:8], full[:8])  # identical while the window holds everything
+    assert not torch.allclose(windowed[10:], full[10:], atol=1e-3)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["1b-like-mqa-trailing-sliding", "4b-like-gqa-rope-scaling"])
+def test_left_padded_batch_rows_equal_single_runs(name):
+    config = FAMILY[name]
+    model = random_model(config)
+    ref = hf_model_like(model)
+    lengths = [41, 30, 12]
+    prompts = [torch.randint(1, config.vocab_size, (n,)) for n in lengths]
+    T = max(lengths)
+    ids = torch.zeros(len(prompts), T, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, T - len(p):], mask[row, T - len(p):] = p, 1
+    batched = model(ids, padding_mask=mask).logits
+    hf_positions = (mask.cumsum(1) - 1).clamp(min=0)
+    hf_batched = ref(ids, attention_mask=mask, position_ids=hf_positions).logits
+    for row, p in enumerate(prompts):
+        alone = model(p[None]).logits[0]
+        torch.testing.assert_close(batched[row, T - len(p):], alone, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hf_batched[row, T - len(p):], alone, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_eager_and_sdpa_equal():
+    config = FAMILY["4b-like-gqa-rope-scaling"]
+    model = random_model(config)
+    ids = torch.randint(0, config.vocab_size, (2, 40))
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    sdpa = model(ids, padding_mask=mask).logits
+    model.set_attention_implementation("eager")
+    eager = model(ids, padding_mask=mask).logits
+    torch.testing.assert_close(sdpa[0], eager[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sdpa[1, 9:], eager[1, 9:], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_bf16_parity():
+    config = FAMILY["1b-like-mqa-trailing-sliding"]
+    model = random_model(config, dtype=torch.bfloat16)
+    ref = hf_model_like(model)
+    ids = torch.randint(0, config.vocab_size, (2, 40))
+    ours, theirs = model(ids).logits.float(), ref(ids).logits.float()
+    # bf16 has 8 bits of mantissa: allow a few ulps at the logits' scale
+    scale = theirs.abs().max()
+    assert (ours - theirs).abs().max() <= 0.02 * scale
+    fp32 = random_model(config).to(torch.float32)
+    fp32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    exact = fp32(ids).logits
+    assert (ours - exact).abs().max() <= 0.05 * scale  # bf16 is close to fp32, but not equal
+    assert not torch.equal(ours, exact)
+
+
+def test_embedding_scale_rounded_to_weight_dtype():
+    """sqrt(640) = 25.298, rounded to bf16 is 25.25 as in the reference (pitfall 3)."""
+    config = Gemma3Config(vocab_size=300, hidden_size=640, intermediate_size=8, num_hidden_layers=1,
+                          layer_types=(SLIDING,), num_attention_heads=1, head_dim=8)
+    model = Gemma3Model(config).to(torch.bfloat16)
+    with torch.no_grad():
+        model.embed_tokens.weight.fill_(1.0)
+        captured = {}
+        model.layers[0].input_layernorm.register_forward_hook(lambda m, i, o: captured.setdefault("x", i[0]))
+        model(torch.tensor([[1]]))
+    assert captured["x"].flatten()[0].item() == 25.25
+
+
+def test_rmsnorm_zero_centred_fp32():
+    norm = RMSNorm(4)
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    torch.testing.assert_close(norm(x), x / x.pow(2).mean().add(1e-6).sqrt())  # zero weight = gain 1
+    with torch.no_grad():
+        norm.weight.fill_(1.0)
+    torch.testing.assert_close(norm(x), 2 * x / x.pow(2).mean().add(1e-6).sqrt())
+
+
+def test_attention_mask_window_semantics():
+    """Sliding window W: query i sees keys i - W < j <= i (W keys including itself)."""
+    pos = torch.arange(6)[None]
+    mask = attention_mask(pos, pos, window=3)[0, 0]
+    assert mask[4].tolist() == [False, False, True, True, True, False]
+    assert mask[1].tolist() == [True, True, False, False, False, False]
+    assert attention_mask(pos, pos, None)[0, 0, 5].all()
+    padded = torch.tensor([[-1, -1, 0, 1]])
+    m = attention_mask(padded, padded, None)[0, 0]
+    assert m[3].tolist() == [False, False, True, True]
+
+
+@torch.no_grad()
+def test_loss_matches_reference_and_is_chunked():
+    config = FAMILY["4b-like-gqa-rope-scaling"]
+    model = random_model(config)
+    ref = hf_model_like(model)
+    ids = torch.randint(0, config.vocab_size, (2, 30))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    ours = model(ids, labels=labels)
+    assert ours.logits is None
+    theirs = ref(ids, labels=labels).loss
+    torch.testing.assert_close(ours.loss, theirs, atol=1e-5, rtol=1e-5)
+    hidden = {}
+    model.norm.register_forward_hook(lambda m, i, o: hidden.setdefault("h", o))
+    model(ids)
+    torch.testing.assert_close(model.loss(hidden["h"], labels, chunk_size=7), theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_backward_and_gradient_checkpointing_agree():
+    config = small()
+    ids = torch.randint(0, config.vocab_size, (2, 20))
+    grads = []
+    for ckpt in (False, True):
+        model = random_model(config).train()
+        model.gradient_checkpointing = ckpt
+        model(ids, labels=ids).loss.backward()
+        grads.append(model.layers[0].self_attn.q_proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+    assert grads[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name, total, embedding", [
+    ("270m", 268_098_176, 167_772_160),
+    ("1b", 999_885_952, 301_989_888),
+    ("4b", 3_880_263_168, 671_252_480),
+    ("12b", 11_766_034_176, 1_006_878_720),
+    ("27b", 27_009_346_304, 1_409_630_208),
+])
+def test_preset_parameter_counts_on_meta(name, total, embedding):
+    from gemma3.config import get_preset
+
+    config = get_preset(name)
+    with torch.device("meta"):
+        model = Gemma3Model(config)
+    assert model.num_parameters() == total == config.num_parameters()
+    assert model.embed_tokens.weight.numel() == embedding
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_meta_build_then_assign_weights():
+    config = small()
+    source = random_model(config)
+    with torch.device("meta"):
+        model = Gemma3Model(config)
+    model.load_state_dict(source.state_dict(), assign=True)
+    ids = torch.randint(0, config.vocab_size, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, source(ids).logits)
+    assert model.embed_tokens.weight.data_ptr() == source.embed_tokens.weight.data_ptr()  # no second copy
+
+
+def test_logits_to_keep_last_only():
+    config = small()
+    model = random_model(config)
+    ids = torch.randint(0, config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, logits_to_keep=1).logits, model(ids).logits[:, -1:])
+
+
+@pytest.mark.parametrize("bad", [-1, 300, 10**6])
+def test_token_ids_out_of_range(bad):
+    model = random_model(small())
+    ids = torch.tensor([[1, 2, bad]])
+    with pytest.raises(Gemma3Error, match=r"input_ids contains token id .*outside the vocabulary \[0, 300\)"):
+        model(ids)
