@@ -1,0 +1,172 @@
+"""Logits → next token: repetition penalty, temperature, top-k, top-p, min-p, then a draw.
+
+Every step is a small pure function over a float32 logits tensor of shape (B, V); filters mask the
+tokens they drop with -inf. `process_logits` chains them in the order transformers uses, so the same
+`SamplingParams` give the same distribution as `model.generate(do_sample=True, ...)`:
+
+    repetition penalty → temperature → top-k → top-p → min-p → softmax → multinomial
+
+Source: `GenerationMixin._get_logits_processor` in transformers/generation/utils.py (5.24). It appends
+`RepetitionPenaltyLogitsProcessor` with the non-sampling processors, then, only when `do_sample`, the
+former "warpers" in this order: `TemperatureLogitsWarper`, `TopKLogitsWarper`, `TopPLogitsWarper`,
+`MinPLogitsWarper` (min-p after temperature, as llama.cpp argued in ggml-org/llama.cpp#3841). Greedy
+decoding (temperature 0, HF's `do_sample=False`) applies only the repetition penalty, then argmax; the
+filters never remove the top token, so skipping them there changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from gemma3.errors import Gemma3Error
+
+# Below this a positive temperature can overflow float32 (logit / T = inf, then softmax gives NaN);
+# anything that cold is greedy in practice, so ask for 0 instead.
+MIN_TEMPERATURE = 1e-5
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick the next token. Defaults are Gemma 3's own: temperature 1.0, top-k 64, top-p 0.95
+    (gemma_pytorch, spec §9; the IT checkpoints' `generation_config.json` sets the same top-k and top-p),
+    with min-p and repetition penalty off.
+
+    `temperature=0` means greedy. `top_k=0`, `top_p=1` and `min_p=0` switch their filter off, and
+    `repetition_penalty=1` does too. Construction validates, so an invalid object cannot exist.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 64
+    top_p: float = 0.95
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def validate(self) -> None:
+        """Raise `Gemma3Error` naming the first out-of-range field. Values come from users (CLI flags,
+        HTTP requests): NaN, inf and absurd values are rejected here rather than turning into NaN logits."""
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise Gemma3Error(f"{name} must be a finite number, got {value!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            raise Gemma3Error(f"top_k must be an integer, got {self.top_k!r}")
+        if self.temperature < 0:
+            raise Gemma3Error(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise Gemma3Error(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {self.temperature}")
+        if self.top_k < 0:
+            raise Gemma3Error(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise Gemma3Error(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise Gemma3Error(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise Gemma3Error(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, prev_ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Penalise every token id already in the sequence (prompt included), once however often it occurs:
+    positive logits are divided by `penalty`, negative ones multiplied (CTRL, Keskar et al. 2019; HF's
+    `RepetitionPenaltyLogitsProcessor`), so penalty > 1 always makes a seen token less likely.
+
+    logits: (B, V). prev_ids: (B, T) token history; ids < 0 (padding) and ids >= V (rows of a larger
+    embedding than the logits cover) are ignored.
+    """
+    if penalty == 1.0 or prev_ids.numel() == 0:
+        return logits
+    vocab = logits.shape[-1]
+    # Send ignored ids to an extra column that is cut off again, so gather/scatter need no branches.
+    ids = torch.where((prev_ids >= 0) & (prev_ids < vocab), prev_ids, vocab)  # (B, T)
+    padded = torch.nn.functional.pad(logits, (0, 1))  # (B, V + 1)
+    seen = padded.gather(1, ids)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return padded.scatter(1, ids, seen)[:, :vocab]
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Divide by the temperature: < 1 sharpens the distribution, > 1 flattens it. Must be > 0."""
+    return logits / temperature
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits per row (ties with the k-th are kept too, as in HF); k = 0 keeps all."""
+    if k == 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, -math.inf)
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability reaches p.
+
+    Like HF, work from the *least* likely end: a token goes if the tokens up to and including it
+    (ascending order) hold at most 1 - p of the mass. The most likely token always stays.
+    """
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative <= 1 - p
+    drop_sorted[:, -1] = False
+    drop = drop_sorted.scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop, -math.inf)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens less likely than `min_p` times the most likely one (Nguyen et al. 2024): the cut
+    adapts to the model's confidence. min_p = 0 keeps all; the most likely token always stays."""
+    if min_p == 0:
+        return logits
+    probs = logits.softmax(dim=-1)
+    threshold = min_p * probs.amax(dim=-1, keepdim=True)  # (B, 1)
+    drop = probs < threshold
+    drop.scatter_(1, probs.argmax(dim=-1, keepdim=True), False)
+    return logits.masked_fill(drop, -math.inf)
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The most likely token per row: (B, V) → (B,)."""
+    return logits.argmax(dim=-1)
+
+
+def sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token per row from softmax(logits): (B, V) → (B,). Pass a seeded `torch.Generator`
+    (on the logits' device) for reproducible draws; None uses torch's global RNG."""
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, prev_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """All of `params`' logit transforms in HF's order (see the module docstring), in float32.
+    For greedy params only the repetition penalty applies, as with HF's `do_sample=False`."""
+    logits = logits.float()
+    if prev_ids is not None:
+        logits = apply_repetition_penalty(logits, prev_ids, params.repetition_penalty)
+    if params.greedy:
+        return logits
+    logits = apply_temperature(logits, params.temperature)
+    logits = apply_top_k(logits, params.top_k)
+    logits = apply_top_p(logits, params.top_p)
+    return apply_min_p(logits, params.min_p)
+
+
+def next_token(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    prev_ids: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick the next token for each row of `logits` (B, V) given the token history `prev_ids` (B, T,
+    prompt included, used by the repetition penalty). Returns (B,) int64 token ids."""
+    logits = process_logits(logits, params, prev_ids)
+    return greedy(logits) if params.greedy else sample(logits, generator)

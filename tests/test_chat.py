@@ -1,0 +1,178 @@
+"""Chat rendering: the built-in Gemma 3 format and the sandboxed official template both equal transformers'
+`apply_chat_template` with the official tokenizer; invalid conversations fail in all three; the sandbox holds."""
+
+from __future__ import annotations
+
+import json
+
+import jinja2
+import pytest
+
+from gemma3.chat import GEMMA3_CHAT_TEMPLATE, render_chat
+from gemma3.errors import Gemma3Error
+
+CONVERSATIONS = {
+    "one user turn": [{"role": "user", "content": "Hi"}],
+    "system": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    "system is not stripped, turns are": [
+        {"role": "system", "content": "  Be brief.\n"},
+        {"role": "user", "content": "\n  Hi there  \n"},
+    ],
+    "multi-turn": [
+        {"role": "system", "content": "You are a pirate."},
+        {"role": "user", "content": "Who are you?"},
+        {"role": "assistant", "content": "Arr, a pirate!"},
+        {"role": "user", "content": "Where is the treasure?"},
+    ],
+    "ends with the model": [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": " 4 "},
+    ],
+    "role model": [
+        {"role": "user", "content": "Hello"},
+        {"role": "model", "content": "Hi!"},
+        {"role": "user", "content": "Bye"},
+    ],
+    "unicode": [
+        {"role": "user", "content": "日本語で答えて 👨‍👩‍👧 丣 naïve\ttab"},
+        {"role": "assistant", "content": "はい 😀"},
+        {"role": "user", "content": "Ünïcödé <b>tags</b> & \"quotes\" {{ not jinja }}"},
+    ],
+    "content parts": [
+        {"role": "system", "content": [{"type": "text", "text": "Answer in French. "}]},
+        {"role": "user", "content": [{"type": "text", "text": " Hello "}, {"type": "text", "text": "world\n"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Bonjour"}]},
+        {"role": "user", "content": "Merci"},
+    ],
+    "extra keys": [{"role": "user", "content": "Hi", "name": "ann"}],
+    "empty content": [{"role": "user", "content": ""}, {"role": "assistant", "content": "?"}],
+}
+
+INVALID_EVERYWHERE = {
+    "two user turns": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+    "leading assistant": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}],
+    "assistant after system": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}],
+    "bad role": [{"role": "robot", "content": "a"}],
+    "bad role later": [{"role": "user", "content": "a"}, {"role": "model", "content": "b"},
+                       {"role": "tool", "content": "c"}],
+    "content not text": [{"role": "user", "content": 42}],
+}
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(official_tokenizer):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(official_tokenizer))
+
+
+def hf_render(hf_tokenizer, messages, add_generation_prompt):
+    return hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def test_constant_is_the_official_template(official_tokenizer):
+    config = json.loads((official_tokenizer / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert GEMMA3_CHAT_TEMPLATE == config["chat_template"]
+
+
+def test_spec_example():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert render_chat(messages) == "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_matches_transformers(hf_tokenizer, name, add_generation_prompt):
+    messages = CONVERSATIONS[name]
+    expected = hf_render(hf_tokenizer, messages, add_generation_prompt)
+    assert render_chat(messages, add_generation_prompt) == expected
+    assert render_chat(messages, add_generation_prompt, template=GEMMA3_CHAT_TEMPLATE) == expected
+
+
+@pytest.mark.parametrize("name", INVALID_EVERYWHERE)
+def test_invalid_conversations_fail_everywhere(hf_tokenizer, name):
+    messages = INVALID_EVERYWHERE[name]
+    with pytest.raises(jinja2.TemplateError):
+        hf_render(hf_tokenizer, messages, True)
+    with pytest.raises(Gemma3Error):
+        render_chat(messages)
+    with pytest.raises(Gemma3Error):
+        render_chat(messages, template=GEMMA3_CHAT_TEMPLATE)
+
+
+def test_alternation_error_message():
+    with pytest.raises(Gemma3Error, match=r"roles must alternate user/model/user/model\.\.\. \(message 1 is 'user'\)"):
+        render_chat(INVALID_EVERYWHERE["two user turns"])
+    with pytest.raises(Gemma3Error, match="chat template: Conversation roles must alternate"):
+        render_chat(INVALID_EVERYWHERE["two user turns"], template=GEMMA3_CHAT_TEMPLATE)
+
+
+@pytest.mark.parametrize(
+    ("messages", "match"),
+    [
+        ([], "non-empty list"),
+        ("Hi", "non-empty list"),
+        (["Hi"], "message 0 must be a dict"),
+        ([{"role": "user"}], "'role' and a 'content'"),
+        ([{"role": "system", "content": "s"}], "followed by a user message"),
+        ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}], "only the first message"),
+        # The official template would render these two as "<start_of_turn>tool" and drop the image:
+        ([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}], "unknown role 'tool'"),
+        ([{"role": "user", "content": [{"type": "image", "url": "x.png"}]}], "got 'image'"),
+        ([{"role": "user", "content": None}], "content must be a string"),
+    ],
+)
+def test_builtin_validation(messages, match):
+    with pytest.raises(Gemma3Error, match=match):
+        render_chat(messages)
+
+
+# --- the sandbox ------------------------------------------------------------------------------------------------
+
+MESSAGES = [{"role": "user", "content": "Hi <b>"}]
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ ''.__class__.__mro__ }}",
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ cycler.__init__.__globals__ }}",
+        "{{ raise_exception.__globals__['os'] }}",
+        "{{ messages.append(1) }}",  # immutable: the caller's data cannot be changed
+        "{{ messages[0].update({'role': 'x'}) }}",
+        "{% set ns = namespace(__class__=1) %}",
+        "{% set ns = namespace(a=1) %}{% set ns._x = 2 %}",
+    ],
+)
+def test_sandbox_blocks_escapes(template):
+    with pytest.raises(Gemma3Error, match="chat template"):
+        render_chat(MESSAGES, template=template)
+    assert MESSAGES == [{"role": "user", "content": "Hi <b>"}]
+
+
+def test_dunder_lookup_renders_nothing():
+    assert render_chat(MESSAGES, template="[{{ ''.__class__ }}]") == "[]"
+
+
+def test_template_environment_matches_transformers(hf_tokenizer):
+    template = (
+        "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}"
+        "{{ m | tojson }}|{{ bos_token }}{{ eos_token }}|{{ dict(a=1)['a'] }}{% endfor %}\n"
+        "  {% if add_generation_prompt %}GEN{% endif %}\n"
+        "{% set ns = namespace(n=0) %}{% set ns.n = 5 %}{{ ns.n }}"
+    )
+    messages = MESSAGES + [{"role": "assistant", "content": None}]
+    expected = hf_tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                add_generation_prompt=True)
+    assert render_chat(messages, template=template) == expected
+    assert expected == '{"role": "user", "content": "Hi <b>"}|<bos><end_of_turn>|1GEN5'
+
+
+def test_template_errors_become_gemma3_errors():
+    with pytest.raises(Gemma3Error, match="chat template: boom"):
+        render_chat(MESSAGES, template="{{ raise_exception('boom') }}")
+    with pytest.raises(Gemma3Error, match="chat template"):
+        render_chat(MESSAGES, template="{% if %}")
+    with pytest.raises(Gemma3Error, match="only strings, numbers"):
+        render_chat([{"role": "user", "content": object()}], template=GEMMA3_CHAT_TEMPLATE)

@@ -1,0 +1,219 @@
+"""Sampling: each transform on hand-made logits, equality with transformers' own processors (one by one and
+as the list `generate()` builds), validation, and seeded reproducibility."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import GenerationConfig
+from transformers.generation import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.generation.utils import GenerationMixin
+
+from gemma3.errors import Gemma3Error
+from gemma3.sampling import (
+    SamplingParams,
+    apply_min_p,
+    apply_repetition_penalty,
+    apply_temperature,
+    apply_top_k,
+    apply_top_p,
+    greedy,
+    next_token,
+    process_logits,
+    sample,
+)
+
+INF = math.inf
+
+
+def kept(logits: torch.Tensor) -> list[list[int]]:
+    """Indices of the tokens a filter kept, per row."""
+    return [torch.nonzero(row != -INF).flatten().tolist() for row in logits]
+
+
+# --- hand-made inputs -------------------------------------------------------------------------------------------
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative():
+    logits = torch.tensor([[2.0, -2.0, 1.0, -1.0]])
+    out = apply_repetition_penalty(logits, torch.tensor([[0, 1, 1, 0]]), 2.0)  # repeats count once
+    assert out.tolist() == [[1.0, -4.0, 1.0, -1.0]]
+
+
+def test_repetition_penalty_ignores_padding_and_out_of_vocab_ids():
+    logits = torch.tensor([[2.0, 2.0, 2.0]])
+    out = apply_repetition_penalty(logits, torch.tensor([[-1, 7, 2]]), 2.0)
+    assert out.tolist() == [[2.0, 2.0, 1.0]]
+
+
+def test_repetition_penalty_is_per_row_and_leaves_input_alone():
+    logits = torch.tensor([[4.0, 4.0], [4.0, 4.0]])
+    out = apply_repetition_penalty(logits, torch.tensor([[0], [1]]), 4.0)
+    assert out.tolist() == [[1.0, 4.0], [4.0, 1.0]]
+    assert logits.tolist() == [[4.0, 4.0], [4.0, 4.0]]
+
+
+def test_temperature():
+    assert apply_temperature(torch.tensor([[1.0, -2.0]]), 0.5).tolist() == [[2.0, -4.0]]
+
+
+def test_top_k_keeps_k_largest_and_ties():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0], [1.0, 2.0, 2.0, 0.0]])
+    assert kept(apply_top_k(logits, 2)) == [[1, 3], [1, 2]]
+    assert kept(apply_top_k(logits, 1)) == [[1], [1, 2]]
+    assert torch.equal(apply_top_k(logits, 0), logits)
+    assert torch.equal(apply_top_k(logits, 10), logits)
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    assert kept(apply_top_p(logits, 0.5)) == [[0]]
+    assert kept(apply_top_p(logits, 0.6)) == [[0, 1]]
+    assert kept(apply_top_p(logits, 0.9)) == [[0, 1, 2]]
+    assert kept(apply_top_p(logits, 1.0)) == [[0, 1, 2, 3]]
+    assert kept(apply_top_p(torch.tensor([[0.9, 0.1]]).log(), 0.01)) == [[0]]  # the top token always stays
+
+
+def test_min_p_scales_with_the_top_probability():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    assert kept(apply_min_p(logits, 0.5)) == [[0, 1]]  # threshold 0.25
+    assert kept(apply_min_p(logits, 0.2)) == [[0, 1, 2]]  # threshold 0.1
+    assert kept(apply_min_p(logits, 1.0)) == [[0]]
+    assert torch.equal(apply_min_p(logits, 0.0), logits)
+
+
+def test_greedy_and_sample_on_one_hot():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [-INF, -INF, 0.0]])
+    assert greedy(logits).tolist() == [1, 2]
+    assert sample(torch.tensor([[-INF, 0.0, -INF], [-INF, -INF, 0.0]])).tolist() == [1, 2]
+
+
+def test_process_logits_order_temperature_before_min_p():
+    """min-p after temperature: at T=2 the distribution flattens, so more tokens survive the same min_p."""
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    cold = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.4)
+    hot = SamplingParams(temperature=2.0, top_k=0, top_p=1.0, min_p=0.4)
+    assert kept(process_logits(logits, cold)) == [[0, 1]]
+    assert kept(process_logits(logits, hot)) == [[0, 1, 2]]
+
+
+def test_greedy_params_apply_only_the_repetition_penalty():
+    logits = torch.tensor([[3.0, 2.0, 1.0]])
+    params = SamplingParams(temperature=0, repetition_penalty=2.0)
+    assert process_logits(logits, params, torch.tensor([[0]])).tolist() == [[1.5, 2.0, 1.0]]
+    assert next_token(logits, params, torch.tensor([[0]])).tolist() == [1]
+
+
+def test_next_token_accepts_bf16_logits():
+    logits = torch.tensor([[0.0, 1.0, 9.0]], dtype=torch.bfloat16)
+    assert next_token(logits, SamplingParams(temperature=0)).dtype == torch.int64
+    assert next_token(logits, SamplingParams(top_k=1)).tolist() == [2]
+
+
+# --- validation -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", -0.1), ("temperature", 1e-9), ("temperature", math.nan), ("temperature", math.inf),
+        ("top_p", 0.0), ("top_p", 1.5), ("top_p", math.nan),
+        ("top_k", -1), ("top_k", 2.5), ("top_k", True),
+        ("min_p", -0.1), ("min_p", 1.1),
+        ("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("repetition_penalty", "1.2"),
+    ],
+)
+def test_invalid_params_name_the_field(field, value):
+    with pytest.raises(Gemma3Error, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_defaults_are_gemma3s():
+    params = SamplingParams()
+    assert (params.temperature, params.top_k, params.top_p, params.min_p, params.repetition_penalty) == (
+        1.0, 64, 0.95, 0.0, 1.0)
+    assert not params.greedy and SamplingParams(temperature=0).greedy
+    SamplingParams(temperature=0, top_k=0, top_p=1.0, min_p=1.0, repetition_penalty=0.5)  # edges are valid
+
+
+# --- equality with transformers ---------------------------------------------------------------------------------
+
+def random_case(seed: int, batch: int = 3, vocab: int = 1000, history: int = 40):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, vocab, generator=g) * 4
+    prev_ids = torch.randint(0, vocab, (batch, history), generator=g)
+    return logits, prev_ids
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_each_transform_matches_transformers(seed):
+    logits, prev_ids = random_case(seed)
+    pairs = [
+        (apply_repetition_penalty(logits, prev_ids, 1.3), RepetitionPenaltyLogitsProcessor(1.3)),
+        (apply_repetition_penalty(logits, prev_ids, 0.7), RepetitionPenaltyLogitsProcessor(0.7)),
+        (apply_temperature(logits, 0.7), TemperatureLogitsWarper(0.7)),
+        (apply_top_k(logits, 64), TopKLogitsWarper(64)),
+        (apply_top_p(logits, 0.95), TopPLogitsWarper(0.95)),
+        (apply_top_p(logits, 0.3), TopPLogitsWarper(0.3)),
+        (apply_min_p(logits, 0.05), MinPLogitsWarper(0.05)),
+        (apply_min_p(logits, 0.5), MinPLogitsWarper(0.5)),
+    ]
+    for ours, processor in pairs:
+        assert torch.equal(ours, processor(prev_ids, logits.clone())), processor
+
+
+def hf_processors(params: SamplingParams):
+    """The LogitsProcessorList that transformers' `generate()` builds for these params, from its own code."""
+    config = GenerationConfig(
+        do_sample=not params.greedy, temperature=params.temperature or 1.0, top_k=params.top_k,
+        top_p=params.top_p, min_p=params.min_p, repetition_penalty=params.repetition_penalty,
+    )
+    model = SimpleNamespace(config=SimpleNamespace(is_encoder_decoder=False),
+                            _merge_criteria_processor_list=lambda default, custom: default)
+    return GenerationMixin._get_logits_processor(model, config, input_ids_seq_length=40)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(),
+        SamplingParams(temperature=0.6, top_k=20, top_p=0.8, min_p=0.02, repetition_penalty=1.2),
+        SamplingParams(temperature=1.7, top_k=0, top_p=1.0, min_p=0.1, repetition_penalty=0.9),
+        SamplingParams(temperature=0, repetition_penalty=1.5),
+    ],
+)
+def test_pipeline_matches_transformers_generate(params):
+    logits, prev_ids = random_case(7)
+    processors = hf_processors(params)
+    assert len(processors) > 0
+    assert torch.equal(process_logits(logits, params, prev_ids), processors(prev_ids, logits.clone()))
+
+
+# --- reproducibility --------------------------------------------------------------------------------------------
+
+def test_same_seed_same_tokens():
+    logits, prev_ids = random_case(0, batch=4, vocab=500)
+    params = SamplingParams(temperature=1.5, top_k=0, top_p=1.0)
+
+    def draws(seed):
+        g = torch.Generator().manual_seed(seed)
+        return torch.stack([next_token(logits, params, prev_ids, g) for _ in range(20)])
+
+    assert torch.equal(draws(1234), draws(1234))
+    assert not torch.equal(draws(1234), draws(4321))
+
+
+def test_sampling_follows_the_filtered_distribution():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().expand(4000, 4)
+    g = torch.Generator().manual_seed(0)
+    tokens = next_token(logits, SamplingParams(top_k=0, top_p=0.6), generator=g)
+    counts = torch.bincount(tokens, minlength=4) / len(tokens)
+    assert counts[2:].sum() == 0
+    assert abs(counts[0].item() - 0.5 / 0.8) < 0.03
