@@ -84,7 +84,7 @@ class KVCache:
             sliding_keys = torch.cat([self.ring_pos[:, :min(start, self.ring_size)], positions], dim=1)
             self.ring_pos[:, write_slots] = kept
 
-        self.last_pos = torch.maximum(self.last_pos, positions.max(dim=1).values)
+        self.last_pos.copy_(torch.maximum(self.last_pos, positions.max(dim=1).values))
         self.seq_len = start + T
         masks = {GLOBAL: attention_mask(positions, global_keys, None),
                  SLIDING: attention_mask(positions, sliding_keys, self.config.sliding_window)}

@@ -1,0 +1,285 @@
+"""Text generation: chunked prefill into a KV cache, then one token per step until a stop condition.
+
+    prompt ids ──► prefill (chunks of `prefill_chunk` tokens; a chunk may be longer than the window)
+               ──► decode loop: logits of the last position → sampling.next_token → feed it back
+               ──► stop on an eos id (<eos> 1 or <end_of_turn> 106), a stop string, max_new_tokens,
+                   or the context limit
+
+Batches of prompts of different lengths are left-padded; padding carries position -1, which the cache
+stores, so it stays masked on every later step and each row generates exactly what it would alone.
+`ChatSession` keeps one cache across turns and prefills only what a new turn adds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from gemma3.chat import render_chat
+from gemma3.errors import Gemma3Error
+from gemma3.kv_cache import KVCache
+from gemma3.model import Gemma3Model
+from gemma3.sampling import SamplingParams, next_token
+from gemma3.streaming import TextStreamer, stop_reason
+
+END_OF_TURN = 106
+DEFAULT_STOP_IDS = (1, END_OF_TURN)  # <eos>, <end_of_turn>: IT models end a turn with the latter
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_strings: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] | None = None  # None: the checkpoint's eos ids plus 1 and 106
+    seed: int | None = None
+    prefill_chunk: int = 512
+
+    def validate(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise Gemma3Error(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if self.prefill_chunk < 1:
+            raise Gemma3Error(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        self.sampling.validate()
+
+
+@dataclass
+class Timings:
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    prefill_tokens: int = 0
+    decode_steps: int = 0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s else 0.0
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # generated ids, the stop token included when one ended the generation
+    prompt_tokens: int
+    finish_reason: str  # "stop" (eos id or stop string), "length" (max_new_tokens) or "context"
+    timings: Timings
+
+
+class Generator:
+    """Generation with one model and tokenizer. Stateless between calls except for `ChatSession`'s cache."""
+
+    def __init__(self, model: Gemma3Model, tokenizer, dtype: torch.dtype | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, dtype or param.dtype
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    def stop_ids(self, config: GenerationConfig) -> tuple[int, ...]:
+        if config.stop_token_ids is not None:
+            return tuple(config.stop_token_ids)
+        return tuple(dict.fromkeys((*self.model.config.eos_token_id, *DEFAULT_STOP_IDS)))
+
+    def encode(self, prompt: str, add_bos: bool = True) -> list[int]:
+        if not isinstance(prompt, str) or not prompt:
+            raise Gemma3Error("the prompt is empty")
+        return self.tokenizer.encode(prompt, add_bos=add_bos and not prompt.startswith("<bos>"))
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, prompt: str | Sequence[int], config: GenerationConfig | None = None) -> GenerationResult:
+        """Generate a completion of one prompt (text, or token ids that already start with <bos>)."""
+        return self.generate_batch([prompt], config)[0]
+
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], config: GenerationConfig | None = None
+                       ) -> list[GenerationResult]:
+        config = config or GenerationConfig()
+        prompt_ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        streamers = [TextStreamer(self.tokenizer, config.stop_strings) for _ in prompt_ids]
+        texts = [[] for _ in prompt_ids]
+        run = _Run(self, prompt_ids, config)
+        for row, token, delta in run.steps(streamers):
+            texts[row].append(delta)
+        for row, streamer in enumerate(streamers):
+            texts[row].append(streamer.finish())
+        return [GenerationResult("".join(texts[r]), run.generated[r], len(prompt_ids[r]), run.finish[r], run.timings)
+                for r in range(len(prompt_ids))]
+
+    def stream(self, prompt: str | Sequence[int], config: GenerationConfig | None = None) -> Iterator[str]:
+        """Yield text deltas as they become final (never half a UTF-8 character, never a stop string).
+        After the iterator ends, `self.last_result` holds the full GenerationResult."""
+        config = config or GenerationConfig()
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        streamer = TextStreamer(self.tokenizer, config.stop_strings)
+        run = _Run(self, [ids], config)
+        pieces = []
+        for _, _, delta in run.steps([streamer]):
+            if delta:
+                pieces.append(delta)
+                yield delta
+        tail = streamer.finish()
+        if tail:
+            pieces.append(tail)
+            yield tail
+        self.last_result = GenerationResult("".join(pieces), run.generated[0], len(ids), run.finish[0], run.timings)
+
+
+class _Run:
+    """One batched generation: owns the cache, the token history and the per-row stop state."""
+
+    def __init__(self, gen: Generator, prompt_ids: list[list[int]], config: GenerationConfig,
+                 cache: KVCache | None = None, cached_tokens: int = 0):
+        config.validate()
+        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+            raise Gemma3Error("the prompt is empty")
+        self.gen, self.config = gen, config
+        self.prompt_ids = prompt_ids
+        longest = max(len(p) for p in prompt_ids)
+        limit = gen.context_length
+        if longest >= limit:
+            raise Gemma3Error(f"the prompt has {longest} tokens, but the model's context is {limit} tokens")
+        self.budget = min(config.max_new_tokens, limit - longest)
+        self.cache = cache or KVCache(gen.model.config, len(prompt_ids), longest + self.budget, gen.dtype, gen.device)
+        self.cached_tokens = cached_tokens  # tokens of prompt_ids[0] the cache already holds (chat reuse)
+        self.generated: list[list[int]] = [[] for _ in prompt_ids]
+        self.finish: list[str | None] = [None] * len(prompt_ids)
+        self.timings = Timings()
+        self.stop_ids = set(gen.stop_ids(config))
+
+    def steps(self, streamers: list[TextStreamer]) -> Iterator[tuple[int, int, str]]:
+        """Yield (row, token, text delta) for every generated token of every still-running row."""
+        gen, cfg = self.gen, self.config
+        model, device = gen.model, gen.device
+        B = len(self.prompt_ids)
+        T = max(len(p) for p in self.prompt_ids)
+        pad = model.config.pad_token_id
+        ids = torch.full((B, T), pad, dtype=torch.long)
+        mask = torch.zeros(B, T, dtype=torch.bool)
+        history = torch.zeros(B, T, dtype=torch.long)  # for the repetition penalty; padded with a real id
+        for r, p in enumerate(self.prompt_ids):
+            ids[r, T - len(p):] = torch.tensor(p)
+            mask[r, T - len(p):] = True
+            history[r] = ids[r]
+            history[r, :T - len(p)] = p[0]
+        generator = None
+        if cfg.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            start = self.cached_tokens
+            logits = None
+            for s in range(start, T, cfg.prefill_chunk):
+                chunk = slice(s, min(T, s + cfg.prefill_chunk))
+                logits = model(ids[:, chunk].to(device), padding_mask=mask[:, chunk].to(device),
+                               cache=self.cache, logits_to_keep=1).logits[:, -1]
+            self.timings.prefill_tokens = int(mask[:, start:].sum())
+            self.timings.prefill_s = time.perf_counter() - t0
+
+            t1 = time.perf_counter()
+            running = [True] * B
+            for step in range(self.budget):
+                token = next_token(logits.float(), cfg.sampling, history.to(device), generator).cpu()
+                history = torch.cat([history, token[:, None]], dim=1)
+                for r in range(B):
+                    if not running[r]:
+                        continue
+                    t = int(token[r])
+                    self.generated[r].append(t)
+                    delta = "" if t in self.stop_ids else streamers[r].push(t)
+                    reason = "stop" if streamers[r].stopped else stop_reason(
+                        t, len(self.generated[r]), stop_token_ids=self.stop_ids, max_new_tokens=cfg.max_new_tokens)
+                    if reason:
+                        self.finish[r], running[r] = reason, False
+                    yield r, t, delta
+                self.timings.decode_steps += 1
+                if not any(running):
+                    break
+                if step + 1 == self.budget:  # the context is full before max_new_tokens
+                    break
+                logits = model(token[:, None].to(device), cache=self.cache, logits_to_keep=1).logits[:, -1]
+            self.timings.decode_s = time.perf_counter() - t1
+        for r in range(B):
+            if self.finish[r] is None:
+                self.finish[r] = "length" if len(self.generated[r]) >= cfg.max_new_tokens else "context"
+
+
+class ChatSession:
+    """A multi-turn conversation that reuses its KV cache: each turn prefills only the tokens it adds.
+
+    The conversation is rendered with the checkpoint's own chat template when it has one, the built-in
+    Gemma 3 format otherwise. If the rendered history no longer starts with what the cache holds (a
+    template that rewrites earlier turns, or dropped turns), the cache is rebuilt from scratch.
+    A conversation that outgrows the context drops its oldest turns (the system message is kept).
+    """
+
+    def __init__(self, gen: Generator, system: str | None = None, template: str | None = None,
+                 context_length: int | None = None, config: GenerationConfig | None = None):
+        self.gen, self.system, self.template = gen, system, template
+        self.config = config or GenerationConfig()
+        self.context_length = min(context_length or gen.context_length, gen.context_length)
+        self.messages: list[dict[str, Any]] = []
+        self.cache: KVCache | None = None
+        self.cache_ids: list[int] = []
+        self.dropped_turns = 0
+
+    def reset(self) -> None:
+        self.messages, self.cache_ids, self.dropped_turns = [], [], 0
+        if self.cache is not None:
+            self.cache.reset()
+
+    def _render(self, messages: list[Mapping[str, Any]]) -> list[int]:
+        full = ([{"role": "system", "content": self.system}] if self.system else []) + messages
+        text = render_chat(full, add_generation_prompt=True, template=self.template)
+        return self.gen.tokenizer.encode(text, add_bos=not text.startswith("<bos>"))
+
+    def send(self, user_text: str) -> Iterator[str]:
+        """Add a user turn and stream the model's reply. `self.last_result` holds the result afterwards."""
+        if not user_text.strip():
+            raise Gemma3Error("the message is empty")
+        messages = self.messages + [{"role": "user", "content": user_text}]
+        ids = self._render(messages)
+        room = self.context_length - self.config.max_new_tokens
+        while len(ids) > room and len(messages) > 1:
+            messages = messages[2:]  # drop the oldest user/model pair
+            self.dropped_turns += 1
+            ids = self._render(messages)
+        if len(ids) > room:
+            raise Gemma3Error(f"this message needs {len(ids)} tokens, but only {room} fit in the "
+                              f"{self.context_length}-token context with {self.config.max_new_tokens} "
+                              f"new tokens; shorten it, lower --max-new-tokens or raise --context")
+
+        if self.cache is None:
+            self.cache = KVCache(self.gen.model.config, 1, self.context_length, self.gen.dtype, self.gen.device)
+        reuse = len(self.cache_ids) if ids[:len(self.cache_ids)] == self.cache_ids and len(ids) > len(self.cache_ids) else 0
+        if reuse == 0:
+            self.cache.reset()
+        config = self.config
+        streamer = TextStreamer(self.gen.tokenizer, config.stop_strings)
+        run = _Run(self.gen, [ids], config, cache=self.cache, cached_tokens=reuse)
+        run.budget = min(config.max_new_tokens, self.context_length - len(ids))
+        pieces = []
+        for _, _, delta in run.steps([streamer]):
+            if delta:
+                pieces.append(delta)
+                yield delta
+        tail = streamer.finish()
+        if tail:
+            pieces.append(tail)
+            yield tail
+        reply = "".join(pieces)
+        generated = run.generated[0]
+        # the cache holds the prompt and every generated token but the last (sampled, never fed back)
+        self.cache_ids = ids + generated[:-1]
+        self.messages = messages + [{"role": "model", "content": reply}]
+        self.last_result = GenerationResult(reply, generated, len(ids), run.finish[0], run.timings)
+        self.last_reused_tokens = reuse
