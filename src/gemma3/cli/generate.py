@@ -1,0 +1,173 @@
+"""`gemma3 generate`, `gemma3 chat` and `gemma3 perplexity`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from gemma3.cli.common import add_model_args, load_from_args, read_text_arg, status
+from gemma3.errors import Gemma3Error
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate", help="complete a prompt (streams to the terminal)",
+        description="Complete PROMPT with the model, streaming the text as it is generated. Stops at <eos> or "
+                    "<end_of_turn>, a --stop string, -n tokens, or the end of the context.",
+        epilog='example: gemma3 generate "The capital of France is" -n 32 --temperature 0')
+    p.add_argument("prompt", nargs="?", help="the prompt (default: -f FILE, or stdin)")
+    p.add_argument("-f", "--file", help="read the prompt from FILE")
+    add_sampling_args(p)
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (text, token ids, prompt tokens, finish reason, timings) "
+                        "instead of streaming")
+    add_model_args(p)
+    p.set_defaults(func=run_generate)
+
+    c = sub.add_parser(
+        "chat", help="interactive chat (also reads piped stdin, one message per line)",
+        description="Chat with the model using its chat template (the built-in Gemma 3 format if the checkpoint "
+                    "has none). Commands: /reset starts over, /exit quits. The KV cache is kept across turns, "
+                    "so each turn only processes its new tokens; when the context fills up the oldest turns "
+                    "are dropped.")
+    c.add_argument("--system", help="a system prompt (Gemma 3 folds it into the first user turn)")
+    c.add_argument("--context", type=int, default=8192, metavar="N",
+                   help="context length in tokens for the conversation (default: 8192)")
+    add_sampling_args(c)
+    add_model_args(c)
+    c.set_defaults(func=run_chat)
+
+    q = sub.add_parser(
+        "perplexity", help="perplexity of a text file",
+        description="Perplexity of FILE under the model, with strided windows as in Hugging Face's perplexity "
+                    "guide. The text starts with <bos>; later windows get a <bos> in front as unscored "
+                    "context. Use it to check a model, a conversion or a quantisation.")
+    q.add_argument("file", help="a UTF-8 text file")
+    q.add_argument("--context", type=int, default=1024, metavar="N", help="window length in tokens (default: 1024)")
+    q.add_argument("--stride", type=int, default=None, metavar="S",
+                   help="tokens between window starts (default: context / 2)")
+    q.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_model_args(q)
+    q.set_defaults(func=run_perplexity)
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults: Gemma 3's own generation config)")
+    g.add_argument("-n", "--max-new-tokens", type=int, default=256, metavar="N",
+                   help="most tokens to generate (default: 256)")
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
+    g.add_argument("--top-k", type=int, default=64, help="keep the k most likely tokens, 0 = off (default: 64)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling, in (0, 1] (default: 0.95)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p × top probability (default: 0)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="HF/CTRL penalty, 1 = off (default: 1)")
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when TEXT is generated (not included in the output); repeatable")
+
+
+def generation_config(args: argparse.Namespace):
+    from gemma3.generate import GenerationConfig
+    from gemma3.sampling import SamplingParams
+
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        sampling=SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                min_p=args.min_p, repetition_penalty=args.repetition_penalty),
+        stop_strings=tuple(args.stop), seed=args.seed)
+    config.validate()
+    if any(not s for s in config.stop_strings):
+        raise Gemma3Error("--stop must not be empty")
+    return config
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from gemma3.generate import Generator
+
+    config = generation_config(args)  # validate flags before the (slow) load
+    prompt = read_text_arg(args.prompt, args.file, "prompt")
+    if not prompt:
+        raise Gemma3Error("the prompt is empty")
+    loaded = load_from_args(args)
+    gen = Generator(loaded.model, loaded.tokenizer)
+    if args.json:
+        result = gen.generate(prompt, config)
+        t = result.timings
+        print(json.dumps({
+            "text": result.text, "token_ids": result.token_ids, "prompt_tokens": result.prompt_tokens,
+            "finish_reason": result.finish_reason,
+            "timings": {"load_s": round(loaded.load_s, 3), "prefill_s": round(t.prefill_s, 4),
+                        "prefill_tok_s": round(t.prefill_tok_s, 2), "decode_s": round(t.decode_s, 4),
+                        "decode_tok_s": round(t.decode_tok_s, 2)},
+        }, ensure_ascii=False))
+        return 0
+    status(args, f"loaded {loaded.description} in {loaded.load_s:.1f} s")
+    for delta in gen.stream(prompt, config):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    r = gen.last_result
+    status(args, f"[{r.prompt_tokens} prompt tokens, {len(r.token_ids)} generated, finish: {r.finish_reason}; "
+                 f"prefill {r.timings.prefill_tok_s:.1f} tok/s, decode {r.timings.decode_tok_s:.1f} tok/s]")
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from gemma3.generate import ChatSession, Generator
+
+    config = generation_config(args)
+    if args.context < 16:
+        raise Gemma3Error(f"--context must be at least 16 tokens, got {args.context}")
+    loaded = load_from_args(args)
+    session = ChatSession(Generator(loaded.model, loaded.tokenizer), system=args.system,
+                          template=loaded.chat_template, context_length=args.context, config=config)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        status(args, f"loaded {loaded.description} in {loaded.load_s:.1f} s — /reset to start over, /exit to quit")
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            session.reset()
+            status(args, "(conversation reset)")
+            continue
+        dropped = session.dropped_turns
+        try:
+            for delta in session.send(text):
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+        except Gemma3Error as e:  # e.g. one message longer than the context: say so, keep the session
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        if session.dropped_turns > dropped:
+            status(args, f"(context full: dropped the oldest {session.dropped_turns - dropped} turn(s))")
+    return 0
+
+
+def run_perplexity(args: argparse.Namespace) -> int:
+    from gemma3.evaluate import perplexity
+
+    if args.context < 2 or (args.stride is not None and not 1 <= args.stride < args.context):
+        raise Gemma3Error(f"need --context >= 2 and 1 <= --stride < --context, got {args.context} and {args.stride}")
+    text = read_text_arg(None, args.file, "text")
+    if not text.strip():
+        raise Gemma3Error(f"{args.file}: the file is empty")
+    loaded = load_from_args(args)
+    ids = loaded.tokenizer.encode(text, add_bos=True)
+    result = perplexity(loaded.model, ids, context=args.context, stride=args.stride, progress=not args.quiet)
+    if args.json:
+        print(json.dumps({"perplexity": result.perplexity, "nll": result.nll, "tokens": result.tokens,
+                          "windows": result.windows, "context": args.context,
+                          "stride": args.stride or args.context // 2}))
+    else:
+        print(f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.4f} nats over {result.tokens} tokens, "
+              f"{result.windows} windows)")
+    return 0
