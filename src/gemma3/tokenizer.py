@@ -1,0 +1,374 @@
+"""The Gemma 3 tokenizer: SentencePiece BPE with byte fallback, run by HF `tokenizers`.
+
+One `Tokenizer` class, three sources, the same ids from each:
+
+* the official `tokenizer.json` (loaded as is);
+* the `tokenizer.ggml.*` arrays of a GGUF file, rebuilt into exactly the official `tokenizer.json`
+  (`save` writes it back byte for byte);
+* a SentencePiece `tokenizer.model`, read with a small bounded protobuf parser (no `sentencepiece` or
+  `protobuf` dependency).
+
+What an exact rebuild from GGUF has to undo (spec §12, pitfall 24):
+
+* llama.cpp spells the whitespace pieces (ids 138-167) with real spaces; the official vocab uses `▁`.
+* llama.cpp overwrote the scores of CONTROL and USER_DEFINED pieces with -1000; SentencePiece had 0.0 for
+  every non-NORMAL piece, and that 0.0 decides where their merges rank.
+* GGUF stores no merges. They are derived from vocab + scores in the order HF's SentencePiece converter
+  uses (`_bpe_merges`); ranking by raw GGUF score breaks code indentation and ranking by id (what
+  transformers' GGUF loader does) splits every run of 32+ spaces differently.
+* Which added tokens are `special` (skipped by `decode(skip_special_tokens=True)`) is not recorded;
+  the official file marks the nine in `SPECIAL_TOKENS`.
+
+BOS policy (pitfall 19: Gemma wants exactly one `<bos>`): `encode(text, add_bos=True)` prepends `<bos>`
+unless the text already starts with one. Text that spells a control token (`"<start_of_turn>"`,
+`"<bos>"` ...) encodes to that token, as the official tokenizer does: the chat template relies on it.
+Code that puts untrusted text into a prompt must decide whether to allow that before calling `encode`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import struct
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer as _Backend
+
+from gemma3.errors import CheckpointError, Gemma3Error
+
+# SentencePiece piece types (sentencepiece_model.proto); GGUF's `tokenizer.ggml.token_type` uses the same codes.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+_ADDED_TYPES = (UNKNOWN, CONTROL, USER_DEFINED)  # matched whole in raw text, never split or merged
+
+# The added tokens the official tokenizer.json marks `special`. The multimodal `<image_soft_token>` is in no
+# SentencePiece or GGUF vocab: HF appends it after the 262 144 pieces, so it gets id 262 144.
+IMAGE_SOFT_TOKEN = "<image_soft_token>"
+SPECIAL_TOKENS = frozenset({"<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
+                            "<start_of_image>", "<end_of_image>", IMAGE_SOFT_TOKEN})
+
+MAX_SENTENCEPIECE_BYTES = 64 << 20  # Gemma 3's tokenizer.model is ~4.5 MiB
+
+
+class Tokenizer:
+    """Text <-> Gemma 3 token ids. Build it with `from_file`, `from_gguf`, `from_sentencepiece` or `from_dir`."""
+
+    def __init__(self, backend: _Backend, source: str = "tokenizer"):
+        self._backend = backend
+        self.source = source
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+
+        def require(piece: str) -> int:
+            index = backend.token_to_id(piece)
+            if index is None:
+                raise CheckpointError(f"{source}: not a Gemma 3 tokenizer (no {piece} token)")
+            return index
+
+        self.pad_id = require("<pad>")
+        self.eos_id = require("<eos>")
+        self.bos_id = require("<bos>")
+        self.start_of_turn_id = require("<start_of_turn>")
+        self.end_of_turn_id = require("<end_of_turn>")
+        # What decode(skip_special_tokens=True) drops; a streaming detokenizer needs the same set.
+        self.special_ids = frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
+
+    # ------------------------------------------------------------------------------------------- sources
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> Tokenizer:
+        """Load an HF `tokenizer.json` unchanged."""
+        path = Path(path)
+        try:
+            backend = _Backend.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for both I/O and parse errors
+            raise CheckpointError(f"{path}: cannot load tokenizer.json ({e})") from None
+        return cls(backend, str(path))
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
+        """Rebuild the official tokenizer from the `tokenizer.ggml.*` metadata of a GGUF file."""
+        # Imported here so that using the tokenizer does not pay for importing torch.
+        from gemma3.weights.gguf import read_gguf_metadata
+
+        return cls.from_gguf_metadata(read_gguf_metadata(path), source=str(path))
+
+    @classmethod
+    def from_gguf_metadata(cls, metadata: Mapping[str, Any], source: str = "GGUF metadata") -> Tokenizer:
+        """Rebuild the official tokenizer from GGUF metadata already read (`tokenizer.ggml.*` keys)."""
+        model = metadata.get("tokenizer.ggml.model")
+        if model != "llama":
+            raise CheckpointError(f"{source}: tokenizer.ggml.model is {model!r}; Gemma 3 uses 'llama' "
+                                  "(SentencePiece)")
+        try:
+            pieces = metadata["tokenizer.ggml.tokens"]
+            scores = metadata["tokenizer.ggml.scores"]
+            types = metadata["tokenizer.ggml.token_type"]
+        except KeyError as e:
+            raise CheckpointError(f"{source}: no {e.args[0]} in the metadata") from None
+        if not isinstance(pieces, list) or not all(isinstance(p, str) for p in pieces):
+            raise CheckpointError(f"{source}: tokenizer.ggml.tokens is not a list of strings")
+        # Spaces back to `▁`: no SentencePiece piece holds a real space, the normalizer replaced them all.
+        # (The other llama.cpp edit, -1000 scores, is undone in `_build`.)
+        pieces = [p.replace(" ", "▁") for p in pieces]
+        return cls(_build(pieces, scores, types, source), source)
+
+    @classmethod
+    def from_sentencepiece(cls, path: str | os.PathLike) -> Tokenizer:
+        """Build the official tokenizer from a SentencePiece `tokenizer.model` (BPE, as Gemma 3 ships it)."""
+        path = Path(path)
+        pieces, scores, types = _read_sentencepiece_model(path)
+        return cls(_build(pieces, scores, types, str(path)), str(path))
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike) -> Tokenizer:
+        """Load a checkpoint directory's `tokenizer.json`, or its `tokenizer.model` when there is no json."""
+        path = Path(path)
+        if (path / "tokenizer.json").is_file():
+            return cls.from_file(path / "tokenizer.json")
+        if (path / "tokenizer.model").is_file():
+            return cls.from_sentencepiece(path / "tokenizer.model")
+        raise CheckpointError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write `tokenizer.json` (HF's pretty layout; byte-identical to the official file for Gemma 3).
+
+        Written to a temporary file and renamed, so an interrupted save never leaves a truncated file."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(self._backend.to_str(pretty=True).encode("utf-8"))  # no newline translation
+        os.replace(tmp, path)
+
+    # -------------------------------------------------------------------------------------- text <-> ids
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of `text`, with one leading `<bos>` if `add_bos` (none added if the text starts with one)."""
+        ids = self._backend.encode(text, add_special_tokens=False).ids
+        return self._with_bos(ids) if add_bos else ids
+
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = True) -> list[list[int]]:
+        """`encode` over many texts at once (the Rust engine spreads them over threads)."""
+        encodings = self._backend.encode_batch(list(texts), add_special_tokens=False)
+        return [self._with_bos(e.ids) if add_bos else e.ids for e in encodings]
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
+        return ids if ids[:1] == [self.bos_id] else [self.bos_id, *ids]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`. Byte tokens that do not form valid UTF-8 come out as U+FFFD, one per byte token."""
+        return self._backend.decode(self._checked(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, index: int) -> bytes:
+        """The exact bytes token `index` contributes to decoded text: `▁` -> space, `<0xNN>` -> that one byte,
+        added and special tokens -> their text. Joining these and decoding the result incrementally lets a
+        streaming detokenizer hold back half a UTF-8 character instead of printing U+FFFD."""
+        (index,) = self._checked([index])
+        piece = self._backend.id_to_token(index)
+        # The same rule as the `ByteFallback` decoder: any piece spelled <0xNN> is one raw byte.
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        return piece.replace("▁", " ").encode("utf-8")
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The raw bytes of `ids` (`token_bytes` joined); `decode` is this decoded as UTF-8 when it is valid."""
+        return b"".join(self.token_bytes(i) for i in ids)
+
+    def _checked(self, ids: Iterable[int]) -> list[int]:
+        ids = [int(i) for i in ids]
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise Gemma3Error(f"{self.source}: token id {i} is outside the vocabulary "
+                                  f"(0..{self.vocab_size - 1})")
+        return ids
+
+    # ---------------------------------------------------------------------------------- pieces <-> ids
+    def id_to_piece(self, index: int) -> str:
+        """The vocabulary entry of `index`, as spelled in tokenizer.json (`▁` for spaces, `<0xNN>` for bytes)."""
+        (index,) = self._checked([index])
+        return self._backend.id_to_token(index)
+
+    def token_to_id(self, piece: str) -> int | None:
+        """Id of a vocabulary entry, or None if there is no such piece."""
+        return self._backend.token_to_id(piece)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size})"
+
+
+# ------------------------------------------------------------------------------------------- the rebuild
+def _build(pieces: list[str], scores: Any, types: Any, source: str) -> _Backend:
+    """The official Gemma 3 `tokenizer.json`, as an HF tokenizer, from SentencePiece-style vocab arrays.
+
+    This is what `transformers`' `GemmaConverter` does to a `tokenizer.model`, minus the detour through
+    `sentencepiece` and protobuf, and with the special flags of the published file."""
+    try:
+        scores = np.asarray(scores, dtype=np.float64)
+        types = np.asarray(types, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise CheckpointError(f"{source}: tokenizer scores or token types are not numbers") from None
+    n = len(pieces)
+    if not n or scores.shape != (n,) or types.shape != (n,):
+        raise CheckpointError(f"{source}: tokenizer arrays disagree in length ({n} pieces, "
+                              f"{scores.size} scores, {types.size} types)")
+    if not np.isin(types, (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE)).all():
+        raise CheckpointError(f"{source}: unknown token type in the tokenizer")
+    vocab = {piece: index for index, piece in enumerate(pieces)}
+    if len(vocab) != n:
+        raise CheckpointError(f"{source}: the tokenizer vocabulary has duplicate pieces")
+    for piece in ("<unk>", "<bos>"):
+        if piece not in vocab:
+            raise CheckpointError(f"{source}: not a Gemma 3 tokenizer (no {piece} token)")
+
+    # SentencePiece gives every non-NORMAL piece score 0.0, which ranks their merges first.
+    scores = np.where(types == NORMAL, scores, 0.0)
+    with _gc_paused():
+        merges = _bpe_merges(pieces, vocab, scores)
+        backend = _Backend(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True,
+                                      byte_fallback=True))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    # A no-op after the normalizer (no spaces remain), kept because the official file has it.
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    backend.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos>:1 $B:1", special_tokens=[("<bos>", vocab["<bos>"])])
+    added = [pieces[i] for i in np.flatnonzero(np.isin(types, _ADDED_TYPES))]
+    if IMAGE_SOFT_TOKEN not in vocab:
+        added.append(IMAGE_SOFT_TOKEN)  # takes the next free id, as in the official file
+    backend.add_tokens([AddedToken(p, single_word=False, lstrip=False, rstrip=False, normalized=False,
+                                   special=p in SPECIAL_TOKENS) for p in added])
+    return backend
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The rebuild creates ~2 M small objects that all stay alive; pausing the cyclic garbage collector
+    saves it from rescanning them again and again (~20 % of the build time)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _bpe_merges(pieces: list[str], vocab: Mapping[str, int], scores: np.ndarray) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece BPE vocabulary, in the official order.
+
+    SentencePiece BPE has no merge list: a piece is any vocab entry, preferred by score. HF's converter
+    (`transformers.tokenization_utils_base.generate_merges` with scores) turns that into merges: every split
+    of a piece into two vocab entries is a merge, ranked by (piece score desc, left length desc, right
+    length desc); equal keys (only possible between pieces of equal score) stay in id order. The same ranking
+    here is one `lexsort` over the found splits instead of per-piece Python sorts: ~1 s instead of ~3 s
+    for Gemma 3's 514 906 merges."""
+    lefts: list[str] = []
+    rights: list[str] = []
+    owner: list[int] = []  # id of the piece each merge produces
+    cut: list[int] = []  # length of its left part
+    for index, piece in enumerate(pieces):
+        for k in range(1, len(piece)):
+            left = piece[:k]
+            if left in vocab:
+                right = piece[k:]
+                if right in vocab:
+                    lefts.append(left)
+                    rights.append(right)
+                    owner.append(index)
+                    cut.append(k)
+    owner_ids = np.array(owner, dtype=np.int64)
+    left_len = np.array(cut, dtype=np.int64)
+    right_len = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))[owner_ids] - left_len
+    # np.lexsort sorts by the last key first.
+    order = np.lexsort((owner_ids, -right_len, -left_len, -scores[owner_ids]))
+    return [(lefts[i], rights[i]) for i in order.tolist()]
+
+
+# ------------------------------------------------------------------------------- SentencePiece protobuf
+def _read_sentencepiece_model(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Pieces, scores and types of a SentencePiece `ModelProto`, checking every length against the buffer.
+
+    Only three things are read: `pieces` (field 1: piece = 1, score = 2, type = 3) and
+    `trainer_spec.model_type` (field 2.3), which must be BPE (2) for the merges to mean anything."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_SENTENCEPIECE_BYTES:
+            raise CheckpointError(f"{path}: {size} bytes is too large for a tokenizer.model "
+                                  f"(limit {MAX_SENTENCEPIECE_BYTES})")
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read tokenizer.model ({e.strerror})") from None
+    pieces: list[str] = []
+    scores: list[float] = []
+    types: list[int] = []
+    model_type = 1  # proto2 default: UNIGRAM
+    for field, value in _proto_fields(data, path):
+        if field == 1 and isinstance(value, memoryview):
+            piece, score, kind = None, 0.0, NORMAL
+            for sub, sub_value in _proto_fields(value, path):
+                if sub == 1 and isinstance(sub_value, memoryview):
+                    try:
+                        piece = str(sub_value, "utf-8")
+                    except UnicodeDecodeError:
+                        raise CheckpointError(f"{path}: piece #{len(pieces)} is not valid UTF-8") from None
+                elif sub == 2 and isinstance(sub_value, bytes):
+                    (score,) = struct.unpack("<f", sub_value)
+                elif sub == 3 and isinstance(sub_value, int):
+                    kind = sub_value
+            if piece is None:
+                raise CheckpointError(f"{path}: piece #{len(pieces)} has no text")
+            if not NORMAL <= kind <= BYTE:
+                raise CheckpointError(f"{path}: piece #{len(pieces)} has unknown type {kind}")
+            pieces.append(piece)
+            scores.append(score)
+            types.append(kind)
+        elif field == 2 and isinstance(value, memoryview):
+            for sub, sub_value in _proto_fields(value, path):
+                if sub == 3 and isinstance(sub_value, int):
+                    model_type = sub_value
+    if model_type != 2:
+        raise CheckpointError(f"{path}: SentencePiece model type {model_type} is not BPE (2); "
+                              "not a Gemma 3 tokenizer.model")
+    return pieces, np.array(scores, dtype=np.float32), np.array(types, dtype=np.int64)
+
+
+def _proto_fields(buf: bytes | memoryview, path: Path) -> Iterable[tuple[int, int | bytes | memoryview]]:
+    """(field number, value) pairs of one protobuf message: varints as int, 32/64-bit fields as bytes,
+    length-delimited fields as a memoryview (parsed further only where the schema says it is a message)."""
+    view = memoryview(buf)
+    pos, end = 0, len(view)
+
+    def varint() -> int:
+        nonlocal pos
+        result = shift = 0
+        while shift < 70:
+            if pos >= end:
+                raise CheckpointError(f"{path}: truncated or corrupt tokenizer.model")
+            byte = view[pos]
+            pos += 1
+            result |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return result
+            shift += 7
+        raise CheckpointError(f"{path}: malformed varint in tokenizer.model")
+
+    while pos < end:
+        key = varint()
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            yield field, varint()
+            continue
+        n = {1: 8, 5: 4}.get(wire)
+        if wire == 2:
+            n = varint()
+        if n is None or n > end - pos:
+            raise CheckpointError(f"{path}: truncated or corrupt tokenizer.model (field {field}, wire type {wire})")
+        chunk = view[pos:pos + n]
+        pos += n
+        yield field, chunk if wire == 2 else bytes(chunk)
