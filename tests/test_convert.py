@@ -1,0 +1,77 @@
+"""`gemma3 convert`: what it writes loads in transformers (HF layout) and in gguf-py / transformers (GGUF),
+and gives the same logits as our model on the source."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gemma3.cli.weights import convert, model_info
+from gemma3.config import PRESETS
+from gemma3.loading import load
+from gemma3.weights.gguf import GGUFFile
+
+transformers = pytest.importorskip("transformers")
+
+TEXT = "The Roman Empire was the post-Republican state of ancient Rome, ruled by emperors. " * 3
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    torch.set_num_threads(2)
+    return convert(None, tmp_path_factory.mktemp("convert") / "hf", to="hf", dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="module")
+def source_logits(hf_dir):
+    model, tokenizer, _ = load(progress=False)
+    ids = torch.tensor([tokenizer.encode(TEXT)])
+    with torch.no_grad():
+        return ids, model(ids).logits
+
+
+@torch.no_grad()
+def test_hf_export_loads_in_transformers(hf_dir, source_logits, official_tokenizer):
+    ids, expected = source_logits
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    assert tokenizer(TEXT)["input_ids"] == ids[0].tolist()
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                         add_generation_prompt=True) == \
+        "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    torch.testing.assert_close(model(ids).logits, expected, atol=1e-3, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_gguf_export_round_trip(hf_dir, source_logits, tmp_path):
+    from gguf import GGUFReader
+
+    ids, expected = source_logits
+    path = convert(str(hf_dir), tmp_path / "f32.gguf", to="gguf", gguf_type="F32", progress=False)
+    assert len(GGUFReader(path).tensors) == len(GGUFFile.open(path).tensors) == 236
+    model, tokenizer, _ = load(path, progress=False)
+    assert tokenizer.encode(TEXT) == ids[0].tolist()  # tokenizer arrays rebuilt from tokenizer.json
+    torch.testing.assert_close(model(ids).logits, expected, atol=1e-4, rtol=1e-5)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    torch.testing.assert_close(reference(ids).logits, expected, atol=1e-3, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_q8_0_export_within_quantisation_tolerance(source_logits, tmp_path):
+    ids, expected = source_logits
+    path = convert(None, tmp_path / "q8", to="gguf", gguf_type="Q8_0", progress=False)
+    model, _, _ = load(path, progress=False)
+    logits = model(ids).logits
+    error = (logits - expected).abs()
+    assert error.max() < 0.05 * expected.abs().max()
+    assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+
+
+def test_info_numbers():
+    info = model_info(PRESETS["270m"])
+    assert info["parameters"]["total"] == 268_098_176 and info["parameters"]["embedding"] == 167_772_160
+    kv = info["kv_cache_bytes"]["bfloat16"]
+    assert kv["per_token_global_layers"] == 3 * 2 * 256 * 2 and kv["per_token_sliding_layers"] == 15 * 2 * 256 * 2
+    assert kv["full_context"] == (3 * 32768 + 15 * 512) * 2 * 256 * 2
+    assert model_info(PRESETS["27b"])["parameters"]["total"] == 27_009_346_304

@@ -1,0 +1,108 @@
+"""`gemma3.loading`: resolving sources, and real-weight parity with transformers on the embedded GGUF."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from gemma3.errors import CheckpointError
+from gemma3.loading import EMBEDDED, load, resolve_source
+from gemma3.weights.hf import save_hf
+
+from test_hf_weights import TINY, tiny_state
+
+PARAGRAPH = ("The Roman Empire was the post-Republican state of ancient Rome. It included large territorial holdings "
+             "around the Mediterranean Sea in Europe, North Africa, and Western Asia, and was ruled by emperors. ")
+
+
+# ---------------------------------------------------------------------- resolving
+def test_default_is_the_embedded_gguf():
+    resolved = resolve_source(None)
+    assert resolved.kind == "gguf" and resolved.description == EMBEDDED and resolved.path.suffix == ".gguf"
+
+
+def test_paths_and_directories(tmp_path, gguf_path):
+    assert resolve_source(str(gguf_path)).kind == "gguf"
+    save_hf(tmp_path / "hf", TINY, tiny_state())
+    assert resolve_source(tmp_path / "hf").kind == "hf"
+    assert resolve_source(tmp_path / "hf" / "config.json").path == tmp_path / "hf"
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "m.gguf").symlink_to(gguf_path)
+    assert resolve_source(single).path == single / "m.gguf"
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(CheckpointError, match="notes.txt: not a GGUF file"):
+        resolve_source(tmp_path / "notes.txt")
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        resolve_source(tmp_path)
+    with pytest.raises(CheckpointError, match="no such file or directory"):
+        resolve_source(str(tmp_path / "missing.gguf"))
+
+
+def test_hub_id_offline_is_one_clear_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError) as info:
+        resolve_source("google/gemma-3-270m")
+    text = str(info.value)
+    assert text.startswith("google/gemma-3-270m: ") and "cannot be reached" in text and "local" in text
+    assert "\n" not in text
+
+
+def test_hub_without_huggingface_hub(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as if not installed
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"pip install 'gemma3\[hub\]'"):
+        resolve_source("google/gemma-3-270m")
+
+
+def test_load_an_hf_dir_without_tokenizer(tmp_path):
+    save_hf(tmp_path / "hf", TINY, tiny_state())
+    model, tokenizer, config = load(tmp_path / "hf", progress=False)
+    assert tokenizer is None and config == TINY
+    assert model(torch.tensor([[2, 5, 7]])).logits.shape == (1, 3, TINY.vocab_size)
+
+
+# ---------------------------------------------------------------------- real weights vs transformers
+@pytest.fixture(scope="module")
+def ours():
+    torch.set_num_threads(2)
+    return load(progress=False)
+
+
+@pytest.fixture(scope="module")
+def reference(gguf_path):
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    return model.eval()
+
+
+def greedy(forward, ids: list[int], steps: int) -> list[int]:
+    """Plain greedy decoding without a cache: the whole sequence every step."""
+    ids = list(ids)
+    for _ in range(steps):
+        logits = forward(torch.tensor([ids]))
+        ids.append(int(logits[0, -1].argmax()))
+    return ids
+
+
+@torch.no_grad()
+def test_logits_match_transformers_past_the_sliding_window(ours, reference):
+    model, tokenizer, config = ours
+    ids = tokenizer.encode(PARAGRAPH * 16)
+    assert len(ids) > 600 > config.sliding_window
+    x = torch.tensor([ids[:640]])
+    torch.testing.assert_close(model(x).logits, reference(x).logits, atol=1e-3, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_64_greedy_tokens_match_transformers(ours, reference):
+    model, tokenizer, _ = ours
+    prompt = tokenizer.encode("The capital of France is")
+    mine = greedy(lambda x: model(x, logits_to_keep=1).logits, prompt, 64)
+    theirs = greedy(lambda x: reference(x, logits_to_keep=1).logits, prompt, 64)
+    assert mine == theirs
