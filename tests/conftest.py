@@ -48,3 +48,48 @@ def gguf_path() -> Path:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def real_270m(gguf_path):
+    """Our model and tokenizer on the embedded real 270M, fp32 (loaded once per test session)."""
+    from gemma3.loading import load
+
+    model, tokenizer, config = load(gguf_path, dtype=torch.float32, progress=False)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def hf_270m(gguf_path):
+    """The reference: transformers' Gemma3ForCausalLM loading the same GGUF, fp32, eager attention."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
+                                                attn_implementation="eager").eval()
+
+
+# A public-domain passage (Jane Austen, Pride and Prejudice, ch. 1) for prompts of realistic text.
+PASSAGE = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
+    "of a wife. However little known the feelings or views of such a man may be on his first entering a "
+    "neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is considered "
+    "the rightful property of some one or other of their daughters. \"My dear Mr. Bennet,\" said his lady to him "
+    "one day, \"have you heard that Netherfield Park is let at last?\" Mr. Bennet replied that he had not. \"But it "
+    "is,\" returned she; \"for Mrs. Long has just been here, and she told me all about it.\" Mr. Bennet made no "
+    "answer. \"Do you not want to know who has taken it?\" cried his wife impatiently. \"You want to tell me, and I "
+    "have no objection to hearing it.\" This was invitation enough. \"Why, my dear, you must know, Mrs. Long says "
+    "that Netherfield is taken by a young man of large fortune from the north of England; that he came down on "
+    "Monday in a chaise and four to see the place, and was so much delighted with it, that he agreed with Mr. "
+    "Morris immediately; that he is to take possession before Michaelmas, and some of his servants are to be in "
+    "the house by the end of next week.\" \"What is his name?\" \"Bingley.\" \"Is he married or single?\" \"Oh! Single, "
+    "my dear, to be sure! A single man of large fortune; four or five thousand a year. What a fine thing for our "
+    "girls!\" \"How so? How can it affect them?\" \"My dear Mr. Bennet,\" replied his wife, \"how can you be so "
+    "tiresome! You must know that I am thinking of his marrying one of them.\" \"Is that his design in settling "
+    "here?\" \"Design! Nonsense, how can you talk so! But it is very likely that he may fall in love with one of "
+    "them, and therefore you must visit him as soon as he comes.\""
+)
+
+
+@pytest.fixture(scope="session")
+def passage() -> str:
+    return PASSAGE
