@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES = {
     "gemma3.cli.generate": ("generate", "chat", "perplexity"),
     "gemma3.cli.weights": ("info", "convert"),
+    "gemma3.cli.train": ("train", "merge-lora"),
 }
 
 

@@ -1,0 +1,113 @@
+"""Training data: token files, packing with BOS at document starts, chat targets, the held-out split, and
+the one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gemma3.tokenizer import Tokenizer
+from gemma3.train.data import (IGNORE_INDEX, DataError, PackedDataset, TokenFile, global_batch_indices,
+                               split_documents, tokenize_chat)
+from test_train_support import TEXT, tiny_tokenizer_file, write_chat, write_corpus
+
+
+@pytest.fixture
+def tok(tmp_path):
+    return Tokenizer.from_file(tiny_tokenizer_file(tmp_path))
+
+
+def test_stream_packing_bos_at_document_starts_every_token_a_target_once(tmp_path, tok):
+    corpus = write_corpus(tmp_path / "c", docs=3, repeat=1)
+    tf = TokenFile.build([str(corpus)], tok, tmp_path / "cache", progress=False)
+    assert tf.kind == "text" and tf.num_docs == 3
+    for d in range(3):  # every document starts with <bos>, and <bos> is never a target
+        assert tf.tokens[tf.offsets[d]] == tok.bos_id and tf.mask[tf.offsets[d]] == 0
+    ds = PackedDataset(tf, np.arange(3), seq_len=16)
+    seen = []
+    for i in range(len(ds)):
+        x, y = ds[i]
+        assert x.shape == (16,) and y.shape == (16,)
+        if i:  # consecutive windows share one token: the last input of one is the first of the next
+            assert x[0] == prev[-1]
+        seen.append(x[1:] if i else x)
+        prev = x
+    stream = torch.cat(seen)
+    np.testing.assert_array_equal(stream.numpy(), tf.tokens[:len(stream)])
+    # a second build maps the same file instead of tokenizing again
+    assert TokenFile.build([str(corpus)], tok, tmp_path / "cache", progress=False).prefix == tf.prefix
+
+
+def test_chat_targets_are_model_turns_with_end_of_turn(official_tokenizer):
+    from gemma3.chat import render_chat
+
+    tok = Tokenizer.from_file(official_tokenizer / "tokenizer.json")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi  there"},
+                {"role": "assistant", "content": "Hello!\n\nHow can I help?"},
+                {"role": "user", "content": "Say\tno."}, {"role": "assistant", "content": "No."}]
+    ids, mask = tokenize_chat(messages, tok)
+    assert ids == tok.encode(render_chat(messages, add_generation_prompt=False), add_bos=False)
+    ids, mask = np.array(ids), np.array(mask, dtype=bool)
+    # the targets are exactly the two answers, each with its <end_of_turn>, and nothing else
+    spans = np.split(ids, np.flatnonzero(np.diff(mask.astype(int))) + 1)
+    targets = [tok.decode(s) for s, m in zip(spans, np.split(mask, np.flatnonzero(np.diff(mask.astype(int))) + 1)) if m[0]]
+    assert targets == ["Hello!\n\nHow can I help?<end_of_turn>", "No.<end_of_turn>"]
+
+
+def test_chat_packing_keeps_conversations_whole(tmp_path, tok):
+    data = write_chat(tmp_path / "chat.jsonl", n=6)
+    tf = TokenFile.build([str(data)], tok, tmp_path / "cache", progress=False)
+    assert tf.kind == "chat"
+    ds = PackedDataset(tf, np.arange(tf.num_docs), seq_len=96)
+    assert ds.mode == "whole"
+    x, y = ds[0]
+    assert x[0] == tok.bos_id
+    text = tok.decode(x[y != IGNORE_INDEX].tolist())
+    assert "<end_of_turn>" in text and "What is" not in text  # answers only
+    assert (x[y == IGNORE_INDEX] == tok.pad_id).any()  # the tail is padding, never a target
+    with pytest.raises(DataError, match="longer than the sequence length 20"):
+        PackedDataset(tf, np.arange(tf.num_docs), seq_len=20)
+
+
+def test_held_out_split_is_disjoint_and_seeded():
+    train, val = split_documents(20, 0.1, seed=3)
+    assert len(val) == 2 and not set(train) & set(val) and len(train) + len(val) == 20
+    assert (split_documents(20, 0.1, seed=3)[1] == val).all()
+
+
+def test_batches_are_a_pure_function_of_step_and_seed():
+    a = global_batch_indices(7, 4, 10, seed=1)
+    assert (a == global_batch_indices(7, 4, 10, seed=1)).all()
+    epoch0 = np.concatenate([global_batch_indices(s, 5, 10, seed=1) for s in range(2)])
+    assert sorted(epoch0) == list(range(10))  # one epoch visits every sequence once
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path, tok):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n\n{"text": "broken\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.jsonl:3: malformed JSON"):
+        TokenFile.build([str(bad)], tok, tmp_path / "cache", progress=False)
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"content": 1}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"wrong\.jsonl:1: expected a 'text' string"):
+        TokenFile.build([str(wrong)], tok, tmp_path / "cache", progress=False)
+
+
+def test_empty_dataset_is_an_error(tmp_path, tok):
+    (tmp_path / "empty.txt").write_text("  \n", encoding="utf-8")
+    with pytest.raises(DataError, match="dataset is empty"):
+        TokenFile.build([str(tmp_path / "empty.txt")], tok, tmp_path / "cache", progress=False)
+    with pytest.raises(DataError, match="no such file"):
+        TokenFile.build([str(tmp_path / "missing.txt")], tok, tmp_path / "cache", progress=False)
+    assert not list((tmp_path / "cache").glob("*.json"))  # nothing that looks like a finished token file
+
+
+def test_hf_dataset_from_local_file(tmp_path, tok):
+    pytest.importorskip("datasets")
+    path = tmp_path / "records.jsonl"
+    path.write_text("\n".join(json.dumps({"body": TEXT[i:i + 40]}) for i in range(0, 120, 40)), encoding="utf-8")
+    tf = TokenFile.build([f"hf:{path}"], tok, tmp_path / "cache", text_field="body", progress=False)
+    assert tf.num_docs == 3 and tf.kind == "text"
