@@ -68,26 +68,14 @@ def test_load_an_hf_dir_without_tokenizer(tmp_path):
 
 # ---------------------------------------------------------------------- real weights vs transformers
 @pytest.fixture(scope="module")
-def ours():
-    torch.set_num_threads(2)
-    return load(progress=False)
+def ours(real_270m):
+    model, tokenizer = real_270m  # conftest: loaded once per session, shared with the generation tests
+    return model, tokenizer, model.config
 
 
 @pytest.fixture(scope="module")
-def reference(gguf_path):
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
-    return model.eval()
-
-
-def greedy(forward, ids: list[int], steps: int) -> list[int]:
-    """Plain greedy decoding without a cache: the whole sequence every step."""
-    ids = list(ids)
-    for _ in range(steps):
-        logits = forward(torch.tensor([ids]))
-        ids.append(int(logits[0, -1].argmax()))
-    return ids
+def reference(hf_270m):
+    return hf_270m
 
 
 @torch.no_grad()
@@ -101,8 +89,14 @@ def test_logits_match_transformers_past_the_sliding_window(ours, reference):
 
 @torch.no_grad()
 def test_64_greedy_tokens_match_transformers(ours, reference):
+    from gemma3.generate import GenerationConfig, Generator
+    from gemma3.sampling import SamplingParams
+
     model, tokenizer, _ = ours
     prompt = tokenizer.encode("The capital of France is")
-    mine = greedy(lambda x: model(x, logits_to_keep=1).logits, prompt, 64)
-    theirs = greedy(lambda x: reference(x, logits_to_keep=1).logits, prompt, 64)
-    assert mine == theirs
+    mine = Generator(model, tokenizer).generate(
+        prompt, GenerationConfig(max_new_tokens=64, sampling=SamplingParams(temperature=0), stop_token_ids=()))
+    theirs = reference.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                max_new_tokens=64, min_new_tokens=64, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)[0, len(prompt):].tolist()
+    assert mine.token_ids == theirs
