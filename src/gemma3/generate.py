@@ -12,6 +12,7 @@ stores, so it stays masked on every later step and each row generates exactly wh
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -75,8 +76,16 @@ class GenerationResult:
 class Generator:
     """Generation with one model and tokenizer. Stateless between calls except for `ChatSession`'s cache."""
 
-    def __init__(self, model: Gemma3Model, tokenizer, dtype: torch.dtype | None = None):
+    def __init__(self, model: Gemma3Model, tokenizer, dtype: torch.dtype | None = None,
+                 pack_weights: bool | None = None):
         self.model = model.eval()
+        # A second copy of the weights in the layout the CPU kernels stream fastest (model.PackedWeight;
+        # decode 1.5-1.6× faster on the 270M). None = only when that copy takes under 1/4 of the RAM.
+        if pack_weights is None:
+            weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            pack_weights = weight_bytes < os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 4
+        if pack_weights:
+            self.model.pack_weights()
         self.tokenizer = tokenizer
         param = next(model.parameters())
         self.device, self.dtype = param.device, dtype or param.dtype

@@ -112,9 +112,10 @@ class CacheStep:
             v_buf[:, :, start:start + T] = v
             return k_buf[:, :, :start + T], v_buf[:, :, :start + T]
         n = len(self.write_slots)
-        if T == 1:
-            k_buf[:, :, self.write_slots] = k
-            v_buf[:, :, self.write_slots] = v
+        if T == 1:  # a plain slice copy into the one ring slot (an index_put with a slot tensor is slower)
+            slot = start % cache.ring_size
+            k_buf[:, :, slot:slot + 1] = k
+            v_buf[:, :, slot:slot + 1] = v
             filled = min(start + 1, cache.ring_size)
             return k_buf[:, :, :filled], v_buf[:, :, :filled]
         filled = min(start, cache.ring_size)

@@ -48,9 +48,56 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * (1.0 + self.weight.float())).type_as(x)
+        # F.rms_norm computes x̂ · gain in the input's dtype (here fp32): bit-identical to spelling out
+        # x * rsqrt(mean(x²) + eps) * (1 + w), but one call instead of seven (109 norms per decode step).
+        return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + self.weight.float(), self.eps).type_as(x)
+
+
+class PackedWeight:
+    """An inference-only copy of one or more (out, in) weights, concatenated along `out`, in the layout this
+    CPU's matmul kernels stream fastest.
+
+    A batch-1 decode step is a chain of matrix-vector products that read every weight once, so its speed
+    is how fast the kernels stream weights from memory. Measured on the 270M (AMD EPYC, torch 2.13):
+    * fp32: MKL's GEMV reads a transposed (in, out) copy, used as x @ Wᵀ, at ~2× the rate it reads
+      nn.Linear's (out, in) layout (the whole decode step: 1.4× faster); logits move by ~4e-5.
+    * bf16: nn.Linear hands oneDNN a plain weight that it re-packs into its blocked bf16 format on every
+      call; packing once up front makes the decode step 1.6× faster, bit-identical.
+    * fusing q/k/v and gate/up into one matmul each saves three calls per layer (bf16 decode: -5%).
+    The copy doubles the memory of what is packed. It remembers the storage and version of the weights it
+    copied, so once one changes (a training step, a LoRA merge, a new state dict) it stops matching and
+    the plain modules are used again.
+    """
+
+    def __init__(self, *weights: torch.Tensor):
+        ws = [w.detach() for w in weights]
+        self.key = [(w.data_ptr(), w._version) for w in ws]
+        w = torch.cat(ws) if len(ws) > 1 else ws[0]  # (sum of outs, in)
+        self.mkldnn = w.dtype == torch.bfloat16
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 1) if self.mkldnn else w.t().contiguous()
+
+    @staticmethod
+    def supported(weight: torch.Tensor) -> bool:
+        return weight.device.type == "cpu" and (weight.dtype == torch.float32 or (
+            weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()))
+
+    def usable_for(self, *weights: torch.Tensor) -> bool:
+        """True when `weights` are still what was packed and no gradient is wanted (the copy has none)."""
+        return not torch.is_grad_enabled() and [(w.data_ptr(), w._version) for w in weights] == self.key
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mkldnn:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return x @ self.packed
+
+
+def project(x: torch.Tensor, packed: PackedWeight | None, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Each of `linears` applied to x: one matmul over their PackedWeight when there is one that still
+    matches them (plain nn.Linear modules, weights unchanged), else one call per module (e.g. LoRA)."""
+    if (packed is not None and all(type(m) is nn.Linear for m in linears)
+            and packed.usable_for(*(m.weight for m in linears))):
+        return packed(x).split([m.out_features for m in linears], dim=-1)
+    return tuple(m(x) for m in linears)
 
 
 class RotaryEmbedding(nn.Module):
@@ -59,8 +106,13 @@ class RotaryEmbedding(nn.Module):
     Gemma 3 uses two of these: base 10 000 on sliding layers (short range, fine resolution) and base
     1 000 000 on global layers (long range). On 4B/12B/27B the global one also has linear scaling ×8
     (positions / 8) to reach 128K context; the sliding one is never scaled. The tables are computed per
-    call from the positions, in fp32, then cast to the activation dtype as the reference does. Nothing is
-    stored, so a model built on the `meta` device needs no buffers materialised after loading weights.
+    forward (once for all layers of a kind) from the positions, in fp32, then cast to the activation dtype
+    as the reference does. Nothing is stored, so a model built on the `meta` device needs no buffers
+    materialised after loading weights.
+
+    Returns cos and a *signed* sin, both (B, 1, T, hd) to broadcast over heads: rotate_half(x) · sin equals
+    roll(x, hd/2) · [-sin, sin] exactly (negation is exact), and that form lets `apply_rotary` be one roll
+    and three arithmetic ops instead of nine (36 calls per decode step).
     """
 
     def __init__(self, head_dim: int, base: float, scaling_factor: float = 1.0):
@@ -70,20 +122,18 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=positions.device) / self.head_dim
         inv_freq = 1.0 / (self.base**exponent) / self.scaling_factor  # (hd/2,)
-        freqs = positions.clamp(min=0)[..., None].float() * inv_freq  # (B, T, hd/2); padding rotated as pos 0
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        freqs = positions.clamp(min=0)[:, None, :, None].float() * inv_freq  # (B, 1, T, hd/2); padding as pos 0
+        cos, sin = freqs.cos(), freqs.sin()
+        return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)  # (B, 1, T, hd)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, base={self.base:g}, scaling_factor={self.scaling_factor:g}"
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, heads, T, hd); cos/sin: (B, T, hd). x' = x·cos + rotate_half(x)·sin, rotate_half([a, b]) = [-b, a]."""
-    cos, sin = cos[:, None], sin[:, None]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, heads, T, hd); cos/signed_sin: (B, 1, T, hd) from RotaryEmbedding.
+    x' = x·cos + rotate_half(x)·sin with rotate_half([a, b]) = [-b, a], written as x·cos + [b, a]·[-sin, sin]."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -140,12 +190,15 @@ class GroupedQueryAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
         self.q_norm = RMSNorm(hd, config.rms_norm_eps)
         self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+        self.packed_qkv: PackedWeight | None = None  # see Gemma3Model.pack_weights
+        self.packed_o: PackedWeight | None = None
 
     def forward(self, x, cos, sin, mask, cache=None, layer_idx: int = 0):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, hd)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, hd)
+        q, k, v = project(x, self.packed_qkv, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, hd)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, hd)
         q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:  # cached keys are post-norm, post-RoPE; returns every key this step may see
@@ -155,13 +208,18 @@ class GroupedQueryAttention(nn.Module):
         if self.implementation == "eager" or self.softcap is not None or T == 1:
             out = self._eager(q, k, v, mask)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
                                                  enable_gqa=self.num_kv_heads != self.num_heads)
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H·hd)
-        return self.o_proj(out)
+        return project(out, self.packed_o, self.o_proj)[0]
 
     def _eager(self, q, k, v, mask):
-        """Explicit softmax(q·kᵀ·scale + mask)·v, as HF's eager path: fp32 softmax, finfo.min for masked.
+        """Explicit softmax(q·kᵀ·scale + mask)·v: fp32 scores and softmax, finfo.min for masked.
+
+        Scores are computed from fp32 copies of q and k, the precision the fused kernels (SDPA, which HF
+        uses by default) accumulate in; in bf16 that is also 2.5× faster on CPU for a decode step than a
+        bf16 matmul (55 vs 139 µs per layer on the 270M at 600 keys). The probabilities go back to the
+        activation dtype for the product with v, as in the reference.
 
         The G = H / K query heads that share a KV head are stacked along the query axis, so each KV head is
         read once (no repeat of K and V): q (B, H, T, hd) → (B, K, G·T, hd).
@@ -169,11 +227,14 @@ class GroupedQueryAttention(nn.Module):
         B, H, T, hd = q.shape
         G = H // self.num_kv_heads
         q = q.reshape(B, self.num_kv_heads, G * T, hd)  # (B, K, G·T, hd)
-        scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, K, G·T, S)
+        scores = (q.float() @ k.float().transpose(-2, -1)) * self.scale  # (B, K, G·T, S), fp32
         if self.softcap is not None:
             scores = torch.tanh(scores / self.softcap) * self.softcap
-        mask = mask[:, :, None].expand(B, 1, G, T, mask.shape[-1]).reshape(B, 1, G * T, -1)
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        if mask is None:  # plain causal (see Gemma3Model.forward), with as many keys as queries
+            mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()[None, None]  # (1, 1, T, S)
+        if T > 1:  # (B, 1, T, S) → (B, 1, G·T, S); one query's (B, 1, 1, S) row broadcasts as it is
+            mask = mask[:, :, None].expand(B, 1, G, T, mask.shape[-1]).reshape(B, 1, G * T, -1)
+        scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return (probs @ v).view(B, H, T, hd)  # (B, H, T, hd)
 
@@ -188,9 +249,12 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(d, f, bias=False)
         self.up_proj = nn.Linear(d, f, bias=False)
         self.down_proj = nn.Linear(f, d, bias=False)
+        self.packed_gate_up: PackedWeight | None = None  # see Gemma3Model.pack_weights
+        self.packed_down: PackedWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        gate, up = project(x, self.packed_gate_up, self.gate_proj, self.up_proj)
+        return project(F.gelu(gate, approximate="tanh") * up, self.packed_down, self.down_proj)[0]
 
 
 class TransformerBlock(nn.Module):
@@ -237,6 +301,7 @@ class Gemma3Model(nn.Module):
             GLOBAL: RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling_factor),
         })
         self.gradient_checkpointing = False
+        self.head_packed: PackedWeight | None = None  # see pack_weights
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -276,6 +341,12 @@ class Gemma3Model(nn.Module):
         else:
             step = cache.begin(positions)  # stores the new positions, returns masks over what it will hand back
             masks = step.masks
+        # The usual prefill (the sequence's first chunk, no padding, no longer than the window) sees a plain
+        # causal mask on every layer. None says so, and SDPA then takes its is_causal path, which skips the
+        # masked half of the scores (attention in a 512-token prefill: 2× faster, measured on the 270M).
+        if (T > 1 and T <= self.config.sliding_window and (step is None or step.start == 0)
+                and bool((positions == torch.arange(T, device=positions.device)).all())):
+            masks = {SLIDING: None, GLOBAL: None}
 
         for i, layer in enumerate(self.layers):
             cos, sin = rope[layer.layer_type]
@@ -293,7 +364,11 @@ class Gemma3Model(nn.Module):
         return ModelOutput(logits=self._head(x))
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(h, self.embed_tokens.weight)  # tied: the raw embedding, no sqrt(d) here
+        weight = self.embed_tokens.weight  # tied: the raw embedding, no sqrt(d) here
+        if self.head_packed is not None and self.head_packed.usable_for(weight):
+            logits = self.head_packed(h)  # 63% of the bytes a 270M decode step reads
+        else:
+            logits = F.linear(h, weight)
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
@@ -349,6 +424,23 @@ class Gemma3Model(nn.Module):
         real = padding_mask.to(device=input_ids.device).bool()
         counted = start[:, None] + real.long().cumsum(dim=1) - 1
         return torch.where(real, counted, torch.full_like(counted, -1))
+
+    def pack_weights(self) -> None:
+        """Give the projections (q/k/v and gate/up fused) and the output head PackedWeights: on CPU a
+        270M decode step gets 1.4× (fp32) / 1.7× (bf16) faster, for a second copy of the weights in memory.
+        Used only with gradients off; training, LoRA-wrapped modules and changed weights take the plain
+        path. A no-op off CPU or for other dtypes."""
+        if not PackedWeight.supported(self.embed_tokens.weight):
+            return
+
+        def pack(*linears: nn.Module) -> PackedWeight | None:  # not a module LoRA (or anything) wrapped
+            return PackedWeight(*(m.weight for m in linears)) if all(type(m) is nn.Linear for m in linears) else None
+
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.packed_qkv, attn.packed_o = pack(attn.q_proj, attn.k_proj, attn.v_proj), pack(attn.o_proj)
+            mlp.packed_gate_up, mlp.packed_down = pack(mlp.gate_proj, mlp.up_proj), pack(mlp.down_proj)
+        self.head_packed = PackedWeight(self.embed_tokens.weight)
 
     def set_attention_implementation(self, name: str) -> None:
         if name not in ("sdpa", "eager"):
