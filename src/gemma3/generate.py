@@ -128,17 +128,9 @@ class Generator:
         After the iterator ends, `self.last_result` holds the full GenerationResult."""
         config = config or GenerationConfig()
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        streamer = TextStreamer(self.tokenizer, config.stop_strings)
         run = _Run(self, [ids], config)
-        pieces = []
-        for _, _, delta in run.steps([streamer]):
-            if delta:
-                pieces.append(delta)
-                yield delta
-        tail = streamer.finish()
-        if tail:
-            pieces.append(tail)
-            yield tail
+        pieces: list[str] = []
+        yield from run.stream_text(pieces)
         self.last_result = GenerationResult("".join(pieces), run.generated[0], len(ids), run.finish[0], run.timings)
 
 
@@ -163,6 +155,18 @@ class _Run:
         self.finish: list[str | None] = [None] * len(prompt_ids)
         self.timings = Timings()
         self.stop_ids = set(gen.stop_ids(config))
+
+    def stream_text(self, pieces: list[str]) -> Iterator[str]:
+        """The text of a one-prompt run as it becomes final; every piece is also appended to `pieces`."""
+        streamer = TextStreamer(self.gen.tokenizer, self.config.stop_strings)
+        for _, _, delta in self.steps([streamer]):
+            if delta:
+                pieces.append(delta)
+                yield delta
+        tail = streamer.finish()
+        if tail:
+            pieces.append(tail)
+            yield tail
 
     def steps(self, streamers: list[TextStreamer]) -> Iterator[tuple[int, int, str]]:
         """Yield (row, token, text delta) for every generated token of every still-running row."""
@@ -273,18 +277,10 @@ class ChatSession:
         if reuse == 0:
             self.cache.reset()
         config = self.config
-        streamer = TextStreamer(self.gen.tokenizer, config.stop_strings)
         run = _Run(self.gen, [ids], config, cache=self.cache, cached_tokens=reuse)
         run.budget = min(config.max_new_tokens, self.context_length - len(ids))
-        pieces = []
-        for _, _, delta in run.steps([streamer]):
-            if delta:
-                pieces.append(delta)
-                yield delta
-        tail = streamer.finish()
-        if tail:
-            pieces.append(tail)
-            yield tail
+        pieces: list[str] = []
+        yield from run.stream_text(pieces)
         reply = "".join(pieces)
         generated = run.generated[0]
         # the cache holds the prompt and every generated token but the last (sampled, never fed back)

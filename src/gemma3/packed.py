@@ -1,0 +1,59 @@
+"""Inference-only weight packing for CPU decoding: the one piece of this package that is about kernels,
+not about Gemma 3, kept out of model.py so the model reads as the architecture.
+
+`Gemma3Model.pack_weights()` gives each projection (q/k/v and gate/up fused) and the output head a
+`PackedWeight`; the modules call `project(...)`, which uses the packed copy while it still matches the
+module's weights and gradients are off, and the plain nn.Linear otherwise (training, LoRA, new weights).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PackedWeight:
+    """An inference-only copy of one or more (out, in) weights, concatenated along `out`, in the layout this
+    CPU's matmul kernels stream fastest.
+
+    A batch-1 decode step is a chain of matrix-vector products that read every weight once, so its speed
+    is how fast the kernels stream weights from memory. Measured on the 270M (AMD EPYC, torch 2.13):
+    * fp32: MKL's GEMV reads a transposed (in, out) copy, used as x @ Wᵀ, at ~2× the rate it reads
+      nn.Linear's (out, in) layout (the whole decode step: 1.4× faster); logits move by ~4e-5.
+    * bf16: nn.Linear hands oneDNN a plain weight that it re-packs into its blocked bf16 format on every
+      call; packing once up front makes the decode step 1.6× faster, bit-identical.
+    * fusing q/k/v and gate/up into one matmul each saves three calls per layer (bf16 decode: -5%).
+    The copy doubles the memory of what is packed. It remembers the storage and version of the weights it
+    copied, so once one changes (a training step, a LoRA merge, a new state dict) it stops matching and
+    the plain modules are used again.
+    """
+
+    def __init__(self, *weights: torch.Tensor):
+        ws = [w.detach() for w in weights]
+        self.key = [(w.data_ptr(), w._version) for w in ws]
+        w = torch.cat(ws) if len(ws) > 1 else ws[0]  # (sum of outs, in)
+        self.mkldnn = w.dtype == torch.bfloat16
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 1) if self.mkldnn else w.t().contiguous()
+
+    @staticmethod
+    def supported(weight: torch.Tensor) -> bool:
+        return weight.device.type == "cpu" and (weight.dtype == torch.float32 or (
+            weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()))
+
+    def usable_for(self, *weights: torch.Tensor) -> bool:
+        """True when `weights` are still what was packed and no gradient is wanted (the copy has none)."""
+        return not torch.is_grad_enabled() and [(w.data_ptr(), w._version) for w in weights] == self.key
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mkldnn:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return x @ self.packed
+
+
+def project(x: torch.Tensor, packed: PackedWeight | None, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Each of `linears` applied to x: one matmul over their PackedWeight when there is one that still
+    matches them (plain nn.Linear modules, weights unchanged), else one call per module (e.g. LoRA)."""
+    if (packed is not None and all(type(m) is nn.Linear for m in linears)
+            and packed.usable_for(*(m.weight for m in linears))):
+        return packed(x).split([m.out_features for m in linears], dim=-1)
+    return tuple(m(x) for m in linears)
