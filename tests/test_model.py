@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gemma3.config import GLOBAL, SLIDING, Gemma3Config, hybrid_layer_types
 from gemma3.errors import Gemma3Error
@@ -240,3 +241,26 @@ def test_token_ids_out_of_range(bad):
     ids = torch.tensor([[1, 2, bad]])
     with pytest.raises(Gemma3Error, match=r"input_ids contains token id .*outside the vocabulary \[0, 300\)"):
         model(ids)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_chunked_loss_gradients_equal_plain_cross_entropy(softcap):
+    """The chunked loss computes its gradients in the forward pass; they must equal autograd's."""
+    config = small(final_logit_softcapping=softcap)
+    ids = torch.randint(0, config.vocab_size, (2, 21))
+    labels = ids.clone()
+    labels[1, :7] = -100
+    grads = []
+    for chunked in (True, False):
+        model = random_model(config).train()
+        if chunked:
+            loss = model(ids, labels=labels).loss
+        else:
+            logits = model(ids).logits.float()
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, config.vocab_size), labels[:, 1:].reshape(-1),
+                                   ignore_index=-100)
+        (loss * 3.0).backward()  # a non-unit upstream gradient
+        grads.append((loss.detach(), model.embed_tokens.weight.grad.clone(),
+                      model.layers[0].mlp.up_proj.weight.grad.clone()))
+    for ours, plain in zip(*grads):
+        torch.testing.assert_close(ours, plain, atol=1e-5, rtol=1e-4)

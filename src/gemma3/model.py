@@ -235,6 +235,52 @@ class TransformerBlock(nn.Module):
         return x
 
 
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum(cross_entropy(softcap(h @ Wᵀ), targets)), computed chunk by chunk, with its gradients.
+
+    The (N, V) logits of a batch are the largest tensor in training (V = 262 144), so they are never held
+    whole: each chunk's logits are computed, turned into the loss and, right away, into the chunk's
+    gradients for h and W; then they are freed. Computing the gradients in the forward pass costs no more
+    than autograd would (the same three matmuls) and, unlike recomputing the logits in backward, no extra
+    matmul. Gradients are kept for backward, which only scales them by the incoming gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_size: int, softcap: float | None):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(h.dtype)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, targets.numel(), chunk_size):
+            h_c, t_c = h[start:start + chunk_size], targets[start:start + chunk_size]
+            logits = (h_c @ w.t()).float()  # (n, V)
+            if softcap is not None:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            total += F.cross_entropy(logits, t_c, reduction="sum")
+            if need_h or need_w:
+                grad = logits.softmax(dim=-1)  # d(loss)/d(logits) = softmax - one_hot(target)
+                grad[torch.arange(len(t_c), device=grad.device), t_c] -= 1.0
+                if softcap is not None:
+                    grad *= 1.0 - capped * capped
+                grad = grad.to(h.dtype)
+                if need_h:
+                    grad_h[start:start + chunk_size] = grad @ w  # (n, d)
+                if need_w:
+                    grad_w += (grad.t() @ h_c).float()  # (V, d)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        grad_h = None if grad_h is None else grad_h * grad_total.to(grad_h.dtype)
+        grad_w = None if grad_w is None else (grad_w * grad_total).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None
+
+
 @dataclass
 class ModelOutput:
     logits: torch.Tensor | None  # (B, T', V) in the activation dtype; None when a loss was asked for
@@ -327,29 +373,17 @@ class Gemma3Model(nn.Module):
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
-        """Mean next-token cross-entropy from final hidden states, `chunk_size` positions at a time.
-
-        Each chunk's logits are recomputed in the backward pass (activation checkpointing), so peak memory
-        holds one chunk's (chunk, V) fp32 logits instead of the whole batch's: 256 × 262 144 × 4 bytes =
-        256 MiB for Gemma 3's vocabulary, where a (8, 2048) batch would need 16 GiB at once.
-        """
+        """Mean next-token cross-entropy from final hidden states, `chunk_size` positions at a time, so that
+        memory holds one chunk's (chunk, V) fp32 logits instead of the whole batch's: 256 × 262 144 × 4 bytes
+        = 256 MiB for Gemma 3's vocabulary, where a (8, 2048) batch would need 16 GiB at once."""
         targets = labels[:, 1:].reshape(-1)
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         keep = targets != IGNORE_INDEX
         h, targets = h[keep], targets[keep]
         if targets.numel() == 0:
             return hidden.sum() * 0.0  # no target in the batch: a zero that still has a graph
-
-        def chunk_loss(h_chunk: torch.Tensor, t_chunk: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(self._head(h_chunk).float(), t_chunk, reduction="sum")
-
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, targets.numel(), chunk_size):
-            h_c, t_c = h[start:start + chunk_size], targets[start:start + chunk_size]
-            if torch.is_grad_enabled() and h_c.requires_grad:
-                total = total + checkpoint(chunk_loss, h_c, t_c, use_reentrant=False)
-            else:
-                total = total + chunk_loss(h_c, t_c)
+        total = ChunkedLinearCrossEntropy.apply(h, self.embed_tokens.weight, targets, chunk_size,
+                                                self.config.final_logit_softcapping)
         return total / targets.numel()
 
     # ------------------------------------------------------------------ helpers
