@@ -154,6 +154,25 @@ def test_rmsnorm_zero_centred_fp32():
     torch.testing.assert_close(norm(x), 2 * x / x.pow(2).mean().add(1e-6).sqrt())
 
 
+def test_rmsnorm_inference_gain_follows_weight_changes():
+    """Without autograd the fp32 gain (1 + w) is reused between calls; it must never be stale."""
+    norm = RMSNorm(8).to(torch.bfloat16)
+    x = torch.randn(3, 8).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.normal_()
+    trained = norm(x)  # autograd on: computed from the weight directly
+    with torch.inference_mode():
+        assert torch.equal(norm(x), trained)
+        norm.weight.add_(1.0)  # in place: same storage, new version
+        changed = norm(x)
+        assert not torch.equal(changed, trained)
+        norm.load_state_dict({"weight": torch.zeros(8)})  # copied in: new version again
+        assert torch.equal(norm(x), F.rms_norm(x.float(), (8,), eps=1e-6).to(torch.bfloat16))
+    norm.weight = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))  # replaced: new storage
+    with torch.no_grad():
+        assert torch.equal(norm(x), (2 * F.rms_norm(x.float(), (8,), eps=1e-6)).to(torch.bfloat16))
+
+
 def test_attention_mask_window_semantics():
     """Sliding window W: query i sees keys i - W < j <= i (W keys including itself)."""
     pos = torch.arange(6)[None]
