@@ -173,6 +173,27 @@ def test_rmsnorm_inference_gain_follows_weight_changes():
         assert torch.equal(norm(x), (2 * F.rms_norm(x.float(), (8,), eps=1e-6)).to(torch.bfloat16))
 
 
+@torch.no_grad()
+def test_packed_weights_stop_matching_when_weights_change():
+    """A packed copy is used only while the weights are the ones it was made from."""
+    model = random_model(FAMILY["4b-like-gqa-rope-scaling"])
+    ids = torch.randint(0, 300, (1, 12))
+    plain = model(ids).logits
+    model.pack_weights()
+    torch.testing.assert_close(model(ids).logits, plain, atol=1e-5, rtol=1e-5)
+    attn = model.layers[0].self_attn
+    attn.q_proj.weight.mul_(2.0)  # in place: the packed q/k/v copy is stale
+    assert not attn.packed_qkv.usable_for(attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
+    changed = model(ids).logits
+    assert not torch.allclose(changed, plain)
+    attn.q_proj.weight = torch.nn.Parameter(attn.q_proj.weight / 2.0)  # replaced by another tensor
+    assert not attn.packed_qkv.usable_for(attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
+    model.unpack_weights()
+    torch.testing.assert_close(model(ids).logits, plain, atol=1e-5, rtol=1e-5)
+    model.layers[0].self_attn.q_proj.weight.mul_(2.0)
+    torch.testing.assert_close(model(ids).logits, changed, atol=1e-5, rtol=1e-5)
+
+
 def test_attention_mask_window_semantics():
     """Sliding window W: query i sees keys i - W < j <= i (W keys including itself)."""
     pos = torch.arange(6)[None]

@@ -21,7 +21,6 @@ ring-buffer KV cache (gemma3.kv_cache), which hands back key positions alongside
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gemma3.config import GLOBAL, SLIDING, Gemma3Config
 from gemma3.errors import Gemma3Error
-from gemma3.packed import PackedWeight, project
+from gemma3.packed import PackedWeight, WeightState, project
 
 IGNORE_INDEX = -100
 
@@ -48,7 +47,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
-        self._gain: tuple | None = None  # (weight, its storage and version, 1 + w): see gain()
+        self._gain: tuple[WeightState, torch.Tensor] | None = None  # (what it was computed from, 1 + w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # F.rms_norm computes x̂ · gain in the input's dtype (here fp32): bit-identical to spelling out
@@ -61,12 +60,10 @@ class RMSNorm(nn.Module):
         w = self.weight
         if torch.is_grad_enabled() or type(w) not in (nn.Parameter, torch.Tensor):  # e.g. a sharded DTensor
             return 1.0 + w.float()
-        key = (w.data_ptr(), w._version)
-        cached = self._gain
-        if cached is None or cached[0]() is not w or cached[1] != key:
+        if self._gain is None or not self._gain[0].matches((w,)):
             with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable outside inference mode
-                self._gain = cached = (weakref.ref(w), key, 1.0 + w.float())
-        return cached[2]
+                self._gain = (WeightState((w,)), 1.0 + w.float())
+        return self._gain[1]
 
 
 class RotaryEmbedding(nn.Module):

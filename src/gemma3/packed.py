@@ -4,12 +4,30 @@ not about Gemma 3, kept out of model.py so the model reads as the architecture.
 `Gemma3Model.pack_weights()` gives each projection (q/k/v and gate/up fused) and the output head a
 `PackedWeight`; the modules call `project(...)`, which uses the packed copy while it still matches the
 module's weights and gradients are off, and the plain nn.Linear otherwise (training, LoRA, new weights).
+`WeightState` is how a packed copy (and RMSNorm's cached fp32 gain) knows it still matches its weights.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Sequence
+
 import torch
 from torch import nn
+
+
+class WeightState:
+    """What a copy derived from some weights was derived from: those very tensor objects, in that storage,
+    at that in-place version. It stops matching once one of them changes in place (an optimizer step,
+    `load_state_dict`) or is replaced by another tensor, even one whose memory reuses the old address."""
+
+    def __init__(self, weights: Sequence[torch.Tensor]):
+        self.refs = [weakref.ref(w) for w in weights]
+        self.keys = [(w.data_ptr(), w._version) for w in weights]
+
+    def matches(self, weights: Sequence[torch.Tensor]) -> bool:
+        return len(weights) == len(self.refs) and all(
+            ref() is w and key == (w.data_ptr(), w._version) for ref, key, w in zip(self.refs, self.keys, weights))
 
 
 class PackedWeight:
@@ -31,8 +49,8 @@ class PackedWeight:
     """
 
     def __init__(self, *weights: torch.Tensor):
+        self.state = WeightState(weights)
         ws = [w.detach() for w in weights]
-        self.key = [(w.data_ptr(), w._version) for w in ws]
         w = torch.cat(ws) if len(ws) > 1 else ws[0]  # (sum of outs, in)
         self.mkldnn = w.dtype == torch.bfloat16
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 1) if self.mkldnn else w.t().contiguous()
@@ -44,7 +62,7 @@ class PackedWeight:
 
     def usable_for(self, *weights: torch.Tensor) -> bool:
         """True when `weights` are still what was packed and no gradient is wanted (the copy has none)."""
-        return not torch.is_grad_enabled() and [(w.data_ptr(), w._version) for w in weights] == self.key
+        return not torch.is_grad_enabled() and self.state.matches(weights)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.mkldnn:
