@@ -213,12 +213,15 @@ def main() -> None:
     import torch
     import transformers
 
+    from gemma3 import kernels
+
     bandwidth = read_bandwidth(args.threads)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, "
           f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, best of {args.repeats}")
     print(f"read bandwidth ({args.threads} threads, 1 GiB sum): {bandwidth / 1e9:.1f} GB/s; "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default)')}; "
-          f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n")
+          f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"gemma3 kernels: {kernels.status()}\n")
     dtypes = ("float32", "bfloat16") if args.dtype == "both" else (args.dtype,)
     header = (f"| dtype | impl | prefill tok/s | decode tok/s | TTFT s | peak RSS MB | bandwidth limit tok/s "
               f"| BW share |\n|---|---|--:|--:|--:|--:|--:|--:|")

@@ -456,7 +456,7 @@ class Gemma3Model(nn.Module):
             attn, mlp = layer.self_attn, layer.mlp
             attn.packed_qkv, attn.packed_o = pack(attn.q_proj, attn.k_proj, attn.v_proj), pack(attn.o_proj)
             mlp.packed_gate_up, mlp.packed_down = pack(mlp.gate_proj, mlp.up_proj), pack(mlp.down_proj)
-        self.head_packed = PackedWeight(self.embed_tokens.weight)
+        self.head_packed = PackedWeight(self.embed_tokens.weight, gemm_copy=False)
 
     def unpack_weights(self) -> None:
         """Drop the packed copies (and their memory): every projection takes the plain nn.Linear path."""

@@ -1,0 +1,148 @@
+"""Native CPU kernels, built on first use with the system C compiler: today one, the bf16 matrix-vector
+product of a decode step (`linear_bf16.c`, which says why it beats oneDNN there).
+
+Nothing here is needed: without a C compiler, off x86-64, with `GEMMA3_NATIVE_KERNELS=0`, or when the build
+fails, `available()` is False and the model uses torch's own kernels (same results up to the order of
+fp32 additions, a slower bf16 decode). `status()` says which, in one line.
+
+The library is built once per machine (`cc -O3 -march=native -fopenmp`) into
+`$GEMMA3_KERNEL_CACHE` (default `$XDG_CACHE_HOME/gemma3/kernels`, i.e. ~/.cache/gemma3/kernels), named by a
+hash of the source, the flags and the CPU's feature flags, and loaded with ctypes. Its OpenMP calls resolve
+to the runtime torch has already loaded (same soname), so `torch.set_num_threads` sets its threads too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("linear_bf16.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+DISABLE_ENV = "GEMMA3_NATIVE_KERNELS"
+
+
+def cache_dir() -> Path:
+    if os.environ.get("GEMMA3_KERNEL_CACHE"):
+        return Path(os.environ["GEMMA3_KERNEL_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gemma3" / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str) -> Path:
+    """The compiled library for this source, flags and CPU: from the cache, or compiled into it."""
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    directory = cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        probe = tempfile.NamedTemporaryFile(dir=directory, delete=True)
+        probe.close()
+    except OSError:  # no writable cache: build in a private temporary directory, for this process only
+        directory = Path(tempfile.mkdtemp(prefix="gemma3-kernels-"))
+    target = directory / f"linear_bf16-{key}.so"
+    if target.exists():
+        return target
+    fd, partial = tempfile.mkstemp(dir=directory, suffix=".so.partial")
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode != 0:
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            raise RuntimeError(f"{compiler} failed: {lines[-1] if lines else 'exit ' + str(done.returncode)}")
+        os.replace(partial, target)  # atomic: processes building at once (torchrun ranks) never see half a file
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+@functools.cache
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    """(the loaded library, or None; a line saying what was loaded or why not). Tried once per process."""
+    if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, f"disabled by {DISABLE_ENV}"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, f"no native kernel for {platform.machine()}"
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        return None, "no C compiler (cc) found"
+    try:
+        path = _build(compiler)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        log.info("gemma3 native kernels unavailable: %s", e)
+        return None, f"build failed: {e}"
+    lib.gemma3_linear_bf16.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                       ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.gemma3_linear_bf16.restype = None
+    isa = "AVX-512 BF16" if lib.gemma3_kernel_isa() == 512 else "AVX2"
+    return lib, f"native bf16 GEMV ({isa}, {path})"
+
+
+def available() -> bool:
+    return _library()[0] is not None
+
+
+def status() -> str:
+    return _library()[1]
+
+
+class LinearBF16:
+    """x · Wᵀ for a bf16 weight W given as row blocks stacked along its output dimension (e.g. q, k and v),
+    read in place: nothing is copied or concatenated. Handles up to `max_rows` rows of x per call.
+
+    The caller keeps the weights unchanged while this is used (PackedWeight checks that before each call);
+    the blocks are referenced here so their memory stays alive."""
+
+    def __init__(self, weights: Sequence[torch.Tensor]):
+        lib = _library()[0]
+        if lib is None:
+            raise RuntimeError(f"native kernels unavailable: {status()}")
+        self.weights = [w.detach().contiguous() for w in weights]
+        if any(w.dtype != torch.bfloat16 or w.device.type != "cpu" or w.dim() != 2 for w in self.weights):
+            raise ValueError("LinearBF16 takes 2-D bfloat16 CPU weights")
+        self.in_features = self.weights[0].shape[1]
+        if any(w.shape[1] != self.in_features for w in self.weights):
+            raise ValueError("LinearBF16 blocks must share their input size")
+        self.out_features = sum(w.shape[0] for w in self.weights)
+        self.max_rows = lib.gemma3_kernel_max_rows()
+        self._fn = lib.gemma3_linear_bf16
+        self._ptrs = (ctypes.c_void_p * len(self.weights))(*(w.data_ptr() for w in self.weights))
+        self._rows = (ctypes.c_int64 * len(self.weights))(*(w.shape[0] for w in self.weights))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) bf16 with at most max_rows rows → (..., out) bf16."""
+        if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.shape[-1] != self.in_features:
+            raise ValueError(f"LinearBF16 expects bf16 CPU input (..., {self.in_features}), got "
+                             f"{x.dtype} {tuple(x.shape)} on {x.device}")
+        rows = x.numel() // self.in_features
+        if not 1 <= rows <= self.max_rows:
+            raise ValueError(f"LinearBF16 takes 1 to {self.max_rows} rows, got {rows}")
+        x = x.contiguous()
+        y = torch.empty(*x.shape[:-1], self.out_features, dtype=torch.bfloat16)
+        self._fn(len(self.weights), self._ptrs, self._rows, x.data_ptr(), rows, self.in_features, y.data_ptr())
+        return y

@@ -1,0 +1,150 @@
+"""The native bf16 decode kernel (gemma3.kernels): built here, right against an fp32 reference, the same
+on any thread count, and never required (disabled or failing builds fall back to torch's kernels)."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gemma3 import kernels
+from gemma3.config import Gemma3Config
+from gemma3.kernels import LinearBF16
+from gemma3.kv_cache import KVCache
+from gemma3.model import Gemma3Model
+from gemma3.packed import PackedWeight
+
+BUILDABLE = platform.machine().lower() in ("x86_64", "amd64") and shutil.which("cc") is not None
+needs_kernel = pytest.mark.skipif(not BUILDABLE, reason="the native kernel is built on x86-64 with a C compiler")
+
+
+@pytest.fixture
+def fresh_kernels(monkeypatch, tmp_path):
+    """A process-level build state that this test may change, restored afterwards."""
+    monkeypatch.setenv("GEMMA3_KERNEL_CACHE", str(tmp_path / "kernels"))
+    kernels._library.cache_clear()
+    yield monkeypatch
+    kernels._library.cache_clear()
+
+
+@needs_kernel
+def test_kernel_builds_where_a_compiler_exists():
+    assert kernels.available(), kernels.status()
+    assert kernels.status().startswith("native bf16 GEMV")
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+@pytest.mark.parametrize("blocks", [[(7, 64)], [(33, 96), (5, 96), (0, 96), (16, 96)], [(20, 40)], [(300, 1000)]])
+def test_linear_bf16_matches_fp32_reference(rows, blocks):
+    """Blocks stacked along the output (q/k/v without a concatenation), inputs that are not a multiple of
+    the vector width, several rows of x: each output is the fp32 dot product rounded once to bf16."""
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(n, k, generator=g).bfloat16() for n, k in blocks]
+    x = torch.randn(rows, blocks[0][1], generator=g).bfloat16()
+    got = LinearBF16(weights)(x)
+    exact = x.double() @ torch.cat(weights).double().T
+    assert got.shape == (rows, sum(n for n, _ in blocks)) and got.dtype == torch.bfloat16
+    # one rounding to bf16 (half an ulp, 2^-9 relative) plus fp32 summation error
+    torch.testing.assert_close(got.double(), exact, rtol=2**-8, atol=1e-4 * blocks[0][1] ** 0.5)
+
+
+@needs_kernel
+def test_linear_bf16_same_bits_on_any_thread_count_and_batch_shape():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(4099, 640, generator=g).bfloat16()
+    x = torch.randn(1, 1, 640, generator=g).bfloat16()
+    linear, threads = LinearBF16([w]), torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = linear(x)
+        torch.set_num_threads(2)
+        two = linear(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert one.shape == (1, 1, 4099) and torch.equal(one, two)
+    # rows are independent: row 0 of a 3-row call is the 1-row call
+    assert torch.equal(linear(torch.cat([x[0], x[0] * 2, -x[0]]))[0], one.view(-1))
+
+
+@needs_kernel
+def test_linear_bf16_close_to_onednn_and_keeps_nan():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(2048, 640, generator=g).bfloat16()
+    x = torch.randn(1, 640, generator=g).bfloat16()
+    got, ref = LinearBF16([w])(x), F.linear(x, w)
+    assert (got != ref).float().mean() < 0.01  # only the order of fp32 additions differs
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2**-7, atol=1e-2)
+    x[0, 3] = float("nan")
+    assert LinearBF16([w])(x).isnan().all()
+
+
+@needs_kernel
+def test_linear_bf16_rejects_what_it_cannot_take():
+    linear = LinearBF16([torch.zeros(4, 64, dtype=torch.bfloat16)])
+    with pytest.raises(ValueError, match="bf16"):
+        linear(torch.zeros(1, 64))
+    with pytest.raises(ValueError, match="rows"):
+        linear(torch.zeros(linear.max_rows + 1, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="input size"):
+        LinearBF16([torch.zeros(4, 64, dtype=torch.bfloat16), torch.zeros(4, 32, dtype=torch.bfloat16)])
+
+
+def _tiny_bf16_model() -> Gemma3Model:
+    config = Gemma3Config(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=4,
+                          layer_types=("sliding_attention", "full_attention"))
+    torch.manual_seed(0)
+    model = Gemma3Model(config)
+    model.init_weights(torch.Generator().manual_seed(0))
+    return model.to(torch.bfloat16).eval()
+
+
+@torch.inference_mode()
+def _decode_logits(model: Gemma3Model) -> torch.Tensor:
+    ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(3))
+    cache = KVCache(model.config, 1, 16, torch.bfloat16)
+    out = [model(ids[:, :5], cache=cache, logits_to_keep=1).logits]
+    out += [model(ids[:, t:t + 1], cache=cache, logits_to_keep=1).logits for t in range(5, 9)]
+    return torch.cat(out, dim=1).float()
+
+
+def test_decode_without_native_kernel_is_close(fresh_kernels):
+    """Disabled (or unbuildable), every product goes through oneDNN; the decode gives the same logits up to
+    the order of fp32 additions."""
+    model = _tiny_bf16_model()
+    model.pack_weights()
+    native = _decode_logits(model)
+    fresh_kernels.setenv("GEMMA3_NATIVE_KERNELS", "0")
+    kernels._library.cache_clear()
+    assert not kernels.available() and "disabled" in kernels.status()
+    model.pack_weights()
+    assert model.head_packed.rows is None and model.head_packed.packed is not None
+    fallback = _decode_logits(model)
+    torch.testing.assert_close(native, fallback, rtol=0.02, atol=0.02 * fallback.abs().max().item())
+
+
+def test_failed_build_is_reported_not_raised(fresh_kernels):
+    fresh_kernels.setenv("CC", shutil.which("false") or "/bin/false")
+    assert not kernels.available()
+    assert "failed" in kernels.status() or "no native kernel" in kernels.status()
+    w = torch.randn(8, 32).bfloat16()
+    packed = PackedWeight(w)
+    assert packed.rows is None
+    torch.testing.assert_close(packed(torch.ones(1, 32).bfloat16()), F.linear(torch.ones(1, 32).bfloat16(), w))
+
+
+@needs_kernel
+@torch.no_grad()
+def test_head_without_gemm_copy_takes_many_rows():
+    """The packed bf16 head keeps no oneDNN copy when the kernel is there: few rows go to the kernel,
+    a whole window of rows (perplexity) to F.linear; both read the embedding in place."""
+    w = torch.randn(1000, 64).bfloat16()
+    head = PackedWeight(w, gemm_copy=False)
+    assert head.packed is None and head.rows is not None
+    for rows in (1, 5, 40):
+        x = torch.randn(rows, 64).bfloat16()
+        torch.testing.assert_close(head(x).float(), F.linear(x, w).float(), rtol=2**-7, atol=0.05)
