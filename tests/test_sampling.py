@@ -105,6 +105,20 @@ def test_process_logits_order_temperature_before_min_p():
     assert kept(process_logits(logits, hot)) == [[0, 1, 2]]
 
 
+def test_greedy_is_argmax_on_a_full_vocabulary():
+    """The blocked argmax gives torch.argmax's index: the first on ties, the first NaN, -inf rows."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 262_144, generator=g)
+    logits[0, [70_000, 5, 200_000]] = 9.0  # ties across blocks: the first wins
+    logits[1, [3_000, 3_001]] = 9.0  # ties inside a block
+    logits[2, [90_000, 10]] = float("nan")
+    logits[3] = float("-inf")
+    logits[4, 262_143] = 9.0  # the very last id
+    assert greedy(logits).tolist() == logits.argmax(dim=-1).tolist() == [5, 3_000, 10, 0, 262_143]
+    assert torch.equal(greedy(logits.bfloat16()), logits.bfloat16().argmax(dim=-1))
+    assert greedy(logits[:, :1000]).tolist() == logits[:, :1000].argmax(dim=-1).tolist()  # small V: plain argmax
+
+
 def test_greedy_params_apply_only_the_repetition_penalty():
     logits = torch.tensor([[3.0, 2.0, 1.0]])
     params = SamplingParams(temperature=0, repetition_penalty=2.0)

