@@ -33,6 +33,7 @@ from gemma3.errors import Gemma3Error
 from gemma3.packed import PackedWeight, WeightState, project
 
 IGNORE_INDEX = -100
+CAUSAL_QUERY_BLOCK = 128  # queries per SDPA call in an inference prefill (GroupedQueryAttention._causal_in_blocks)
 
 
 class RMSNorm(nn.Module):
@@ -176,6 +177,8 @@ class GroupedQueryAttention(nn.Module):
             out = self._eager(q, k, v, mask)
         elif T == 1:
             out = self._decode(q, k, v, mask)
+        elif mask is None and T >= 2 * CAUSAL_QUERY_BLOCK and not torch.is_grad_enabled():
+            out = self._causal_in_blocks(q, k, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
                                                  enable_gqa=self.num_kv_heads != self.num_heads)
@@ -195,6 +198,30 @@ class GroupedQueryAttention(nn.Module):
         q = q.reshape(B, self.num_kv_heads, H // self.num_kv_heads, hd)  # (B, K, G, hd)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return out.view(B, H, 1, hd)
+
+    def _causal_in_blocks(self, q, k, v):
+        """Plain causal attention (a prefill from position 0), one SDPA call per block of queries, each over
+        the keys up to its last query only.
+
+        PyTorch's CPU flash kernel cuts the keys in blocks of up to 512 and skips a block only when it lies
+        wholly above the diagonal; at T <= 512 there is one block, so it computes the full T × T scores and
+        masks half of them away. Blocks of 128 queries skip most of that upper triangle: a 512-token prefill's
+        attention is ~25% faster (bf16 and fp32, 270M shapes). The same arithmetic per score; the outputs move
+        by rounding only (fp32: 2e-7). Inference only: training keeps the single call and its fused backward.
+        """
+        T = q.shape[2]
+        gqa = self.num_kv_heads != self.num_heads
+        outs = []
+        for start in range(0, T, CAUSAL_QUERY_BLOCK):
+            end = min(T, start + CAUSAL_QUERY_BLOCK)
+            keys = slice(0, end)
+            if start == 0:  # the top-left block is itself plainly causal
+                mask = None
+            else:  # query start + i sees keys j <= start + i
+                mask = torch.ones(end - start, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
+            outs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, keys], v[:, :, keys], attn_mask=mask,
+                                                       is_causal=mask is None, scale=self.scale, enable_gqa=gqa))
+        return torch.cat(outs, dim=2)
 
     def _eager(self, q, k, v, mask):
         """Explicit softmax(q·kᵀ·scale + mask)·v: fp32 scores and softmax, finfo.min for masked.
