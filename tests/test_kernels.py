@@ -1,4 +1,4 @@
-"""The native bf16 decode kernel (gemma3.kernels): built here, right against an fp32 reference, the same
+"""The native decode kernel (gemma3.kernels, bf16 and fp32): built here, right against an fp32 reference, the same
 on any thread count, and never required (disabled or failing builds fall back to torch's kernels)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from gemma3 import kernels
 from gemma3.config import Gemma3Config
-from gemma3.kernels import LinearBF16
+from gemma3.kernels import NativeLinear
 from gemma3.kv_cache import KVCache
 from gemma3.model import Gemma3Model
 from gemma3.packed import PackedWeight
@@ -33,31 +33,34 @@ def fresh_kernels(monkeypatch, tmp_path):
 @needs_kernel
 def test_kernel_builds_where_a_compiler_exists():
     assert kernels.available(), kernels.status()
-    assert kernels.status().startswith("native bf16 GEMV")
+    assert kernels.status().startswith("native GEMV")
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 2, 3, 8])
 @pytest.mark.parametrize("blocks", [[(7, 64)], [(33, 96), (5, 96), (0, 96), (16, 96)], [(20, 40)], [(300, 1000)]])
-def test_linear_bf16_matches_fp32_reference(rows, blocks):
+def test_native_linear_matches_fp64_reference(dtype, rows, blocks):
     """Blocks stacked along the output (q/k/v without a concatenation), inputs that are not a multiple of
-    the vector width, several rows of x: each output is the fp32 dot product rounded once to bf16."""
+    the vector width, several rows of x: each output is the fp32 dot product (rounded once to bf16)."""
     g = torch.Generator().manual_seed(0)
-    weights = [torch.randn(n, k, generator=g).bfloat16() for n, k in blocks]
-    x = torch.randn(rows, blocks[0][1], generator=g).bfloat16()
-    got = LinearBF16(weights)(x)
+    weights = [torch.randn(n, k, generator=g).to(dtype) for n, k in blocks]
+    x = torch.randn(rows, blocks[0][1], generator=g).to(dtype)
+    got = NativeLinear(weights)(x)
     exact = x.double() @ torch.cat(weights).double().T
-    assert got.shape == (rows, sum(n for n, _ in blocks)) and got.dtype == torch.bfloat16
-    # one rounding to bf16 (half an ulp, 2^-9 relative) plus fp32 summation error
-    torch.testing.assert_close(got.double(), exact, rtol=2**-8, atol=1e-4 * blocks[0][1] ** 0.5)
+    assert got.shape == (rows, sum(n for n, _ in blocks)) and got.dtype == dtype
+    if dtype == torch.bfloat16:  # one rounding to bf16 (half an ulp, 2^-9 relative) plus fp32 summation error
+        torch.testing.assert_close(got.double(), exact, rtol=2**-8, atol=1e-4 * blocks[0][1] ** 0.5)
+    else:  # fp32 summation error only
+        torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-6 * blocks[0][1] ** 0.5)
 
 
 @needs_kernel
-def test_linear_bf16_same_bits_on_any_thread_count_and_batch_shape():
+def test_native_linear_same_bits_on_any_thread_count_and_batch_shape():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(4099, 640, generator=g).bfloat16()
     x = torch.randn(1, 1, 640, generator=g).bfloat16()
-    linear, threads = LinearBF16([w]), torch.get_num_threads()
+    linear, threads = NativeLinear([w]), torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = linear(x)
@@ -75,47 +78,50 @@ def test_linear_bf16_close_to_onednn_and_keeps_nan():
     g = torch.Generator().manual_seed(2)
     w = torch.randn(2048, 640, generator=g).bfloat16()
     x = torch.randn(1, 640, generator=g).bfloat16()
-    got, ref = LinearBF16([w])(x), F.linear(x, w)
+    got, ref = NativeLinear([w])(x), F.linear(x, w)
     assert (got != ref).float().mean() < 0.01  # only the order of fp32 additions differs
     torch.testing.assert_close(got.float(), ref.float(), rtol=2**-7, atol=1e-2)
     x[0, 3] = float("nan")
-    assert LinearBF16([w])(x).isnan().all()
+    assert NativeLinear([w])(x).isnan().all()
 
 
 @needs_kernel
-def test_linear_bf16_rejects_what_it_cannot_take():
-    linear = LinearBF16([torch.zeros(4, 64, dtype=torch.bfloat16)])
-    with pytest.raises(ValueError, match="bf16"):
+def test_native_linear_rejects_what_it_cannot_take():
+    linear = NativeLinear([torch.zeros(4, 64, dtype=torch.bfloat16)])
+    with pytest.raises(ValueError, match="bfloat16"):
         linear(torch.zeros(1, 64))
     with pytest.raises(ValueError, match="rows"):
         linear(torch.zeros(linear.max_rows + 1, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="all bfloat16 or all float32"):
+        NativeLinear([torch.zeros(4, 64, dtype=torch.float16)])
     with pytest.raises(ValueError, match="input size"):
-        LinearBF16([torch.zeros(4, 64, dtype=torch.bfloat16), torch.zeros(4, 32, dtype=torch.bfloat16)])
+        NativeLinear([torch.zeros(4, 64, dtype=torch.bfloat16), torch.zeros(4, 32, dtype=torch.bfloat16)])
 
 
-def _tiny_bf16_model() -> Gemma3Model:
+def _tiny_model(dtype: torch.dtype) -> Gemma3Model:
     config = Gemma3Config(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=4,
                           layer_types=("sliding_attention", "full_attention"))
     torch.manual_seed(0)
     model = Gemma3Model(config)
     model.init_weights(torch.Generator().manual_seed(0))
-    return model.to(torch.bfloat16).eval()
+    return model.to(dtype).eval()
 
 
 @torch.inference_mode()
 def _decode_logits(model: Gemma3Model) -> torch.Tensor:
     ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(3))
-    cache = KVCache(model.config, 1, 16, torch.bfloat16)
+    cache = KVCache(model.config, 1, 16, model.embed_tokens.weight.dtype)
     out = [model(ids[:, :5], cache=cache, logits_to_keep=1).logits]
     out += [model(ids[:, t:t + 1], cache=cache, logits_to_keep=1).logits for t in range(5, 9)]
     return torch.cat(out, dim=1).float()
 
 
-def test_decode_without_native_kernel_is_close(fresh_kernels):
-    """Disabled (or unbuildable), every product goes through oneDNN; the decode gives the same logits up to
-    the order of fp32 additions."""
-    model = _tiny_bf16_model()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_without_native_kernel_is_close(fresh_kernels, dtype):
+    """Disabled (or unbuildable), every product goes through oneDNN (bf16) or MKL (fp32); the decode gives
+    the same logits up to the order of fp32 additions."""
+    model = _tiny_model(dtype)
     model.pack_weights()
     native = _decode_logits(model)
     fresh_kernels.setenv("GEMMA3_NATIVE_KERNELS", "0")
@@ -124,7 +130,22 @@ def test_decode_without_native_kernel_is_close(fresh_kernels):
     model.pack_weights()
     assert model.head_packed.rows is None and model.head_packed.packed is not None
     fallback = _decode_logits(model)
-    torch.testing.assert_close(native, fallback, rtol=0.02, atol=0.02 * fallback.abs().max().item())
+    if dtype == torch.bfloat16:
+        torch.testing.assert_close(native, fallback, rtol=0.02, atol=0.02 * fallback.abs().max().item())
+    else:
+        torch.testing.assert_close(native, fallback, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_cache_others_can_write_to_is_not_used(fresh_kernels, tmp_path):
+    """A library loaded from the cache runs as code here: a directory others may write to is skipped (the
+    kernel is built for this process in a private temporary directory instead)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    fresh_kernels.setenv("GEMMA3_KERNEL_CACHE", str(shared))
+    assert kernels.available(), kernels.status()
+    assert str(shared) not in kernels.status() and not list(shared.iterdir())
 
 
 def test_failed_build_is_reported_not_raised(fresh_kernels):

@@ -469,8 +469,9 @@ class Gemma3Model(nn.Module):
         return torch.where(real, counted, torch.full_like(counted, -1))
 
     def pack_weights(self) -> None:
-        """Give the projections (q/k/v and gate/up fused) and the output head PackedWeights: on CPU a
-        270M decode step gets 1.4× (fp32) / 1.7× (bf16) faster, for a second copy of the weights in memory.
+        """Give the projections (q/k/v and gate/up fused) and the output head PackedWeights (see packed.py):
+        on CPU a 270M decode step gets ~2× faster in fp32 and ~2.7× in bf16 (native kernel, measured), for a
+        second copy of the layer weights in memory (not of the head, when the native kernel is there).
         Used only with gradients off; training, LoRA-wrapped modules and changed weights take the plain
         path. A no-op off CPU or for other dtypes."""
         if not PackedWeight.supported(self.embed_tokens.weight):

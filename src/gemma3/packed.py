@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemma3 import kernels
-from gemma3.kernels import LinearBF16
+from gemma3.kernels import NativeLinear
 
 
 class WeightState:
@@ -35,36 +35,37 @@ class WeightState:
 
 
 class PackedWeight:
-    """An inference-only copy of one or more (out, in) weights, concatenated along `out`, in the layout this
-    CPU's matmul kernels stream fastest.
+    """Inference-only ways to apply one or more (out, in) weights, stacked along `out` (q/k/v, gate/up), in
+    whatever form this CPU's kernels read fastest.
 
     A batch-1 decode step is a chain of matrix-vector products that read every weight once, so its speed
     is how fast the kernels stream weights from memory. Measured on the 270M (AMD EPYC, torch 2.13):
-    * fp32: MKL's GEMV reads a transposed (in, out) copy, used as x @ Wᵀ, at ~2× the rate it reads
-      nn.Linear's (out, in) layout (the whole decode step: 1.4× faster); logits move by ~4e-5. Its GEMV
-      (a decode step) and GEMM (a prefill) sum in different orders, so on the real 270M a cached decode
-      and a full forward of the same sequence differ by up to 1.2e-4 over 1,300 steps (5.9e-5 unpacked).
-    * bf16, one token (decode): the native kernel (gemma3.kernels, built on first use with the system C
-      compiler) reads the weights in place, row by row, at ~1.4× oneDNN's rate; the decode step gets
-      ~1.2× faster than with oneDNN on packed weights. No copy: the q/k/v and gate/up blocks are handed to it
-      as they are. When it is unavailable, oneDNN takes these calls too.
-    * bf16, many tokens (prefill): nn.Linear hands oneDNN a plain weight that it re-packs into its blocked
-      bf16 format on every call; packing once up front makes a decode step 1.6× faster, bit-identical.
-    * fusing q/k/v and gate/up into one matmul each saves three calls per layer (bf16 decode: -5%).
-    The copy doubles the memory of what is packed (the bf16 head, 63% of the 270M, keeps none when the
-    native kernel is there: a many-token call on it is rare and goes through F.linear). It remembers the storage and version of the weights it
-    copied, so once one changes (a training step, a LoRA merge, a new state dict) it stops matching and
+    * one token (decode), bf16 or fp32: the native kernel (gemma3.kernels, built on first use with the
+      system C compiler) reads nn.Linear's own weights in place, row by row, with no copy and no
+      concatenation: 1.2-2.4× the rate of oneDNN on packed bf16 weights and of MKL's fp32 GEMV. Without
+      it (no compiler, not x86-64), the copies below take these calls too.
+    * many tokens (prefill), bf16: nn.Linear hands oneDNN a plain weight that it re-packs into its blocked
+      bf16 format on every call; a copy packed once up front is bit-identical and skips that.
+    * many tokens, fp32: MKL reads a transposed (in, out) copy, used as x @ Wᵀ, faster than nn.Linear's
+      layout. Its GEMM and the decode kernels sum in different orders, so on the real 270M a cached decode
+      and a full forward of the same sequence differ by more than with the plain weights (see the README's
+      exactness section for the figures).
+    * fusing q/k/v and gate/up into one product each saves three calls per layer (bf16 decode: -5%).
+    The copy doubles the memory of what is packed. The output head (63% of the 270M) keeps none when the
+    native kernel is there (`gemm_copy=False`): a many-token call on it is rare (perplexity) and goes
+    through F.linear. Each PackedWeight remembers the tensors, storage and version of the weights it was
+    made from, so once one changes (a training step, a LoRA merge, a new state dict) it stops matching and
     the plain modules are used again.
     """
 
     def __init__(self, *weights: torch.Tensor, gemm_copy: bool = True):
-        """`gemm_copy=False` (the output head): keep no copy for many rows when the native kernel can take
-        the few-row calls, and let a many-row call (a perplexity window) go through F.linear instead."""
+        """`gemm_copy=False` (the output head): no copy for many rows when the native kernel takes the
+        few-row calls; a many-row call then goes through F.linear on the weight itself."""
         self.state = WeightState(weights)
         ws = [w.detach() for w in weights]
         self.bf16 = ws[0].dtype == torch.bfloat16
         # one or a few tokens (decode): the native kernel reads the weights in place, if it could be built
-        self.rows = LinearBF16(ws) if self.bf16 and kernels.available() else None
+        self.rows = NativeLinear(ws) if kernels.available() else None
         self.packed = None
         if self.rows is None or gemm_copy or len(ws) > 1:  # many tokens (prefill), or no native kernel
             w = torch.cat(ws) if len(ws) > 1 else ws[0]  # (sum of outs, in)

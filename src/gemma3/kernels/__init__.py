@@ -1,9 +1,9 @@
-"""Native CPU kernels, built on first use with the system C compiler: today one, the bf16 matrix-vector
-product of a decode step (`linear_bf16.c`, which says why it beats oneDNN there).
+"""Native CPU kernels, built on first use with the system C compiler: today one, the matrix-vector product of
+a decode step in bf16 and fp32 (`linear.c`, which says why it beats oneDNN and MKL there).
 
 Nothing here is needed: without a C compiler, off x86-64, with `GEMMA3_NATIVE_KERNELS=0`, or when the build
 fails, `available()` is False and the model uses torch's own kernels (same results up to the order of
-fp32 additions, a slower bf16 decode). `status()` says which, in one line.
+fp32 additions, a slower decode). `status()` says which, in one line.
 
 The library is built once per machine (`cc -O3 -march=native -fopenmp`) into
 `$GEMMA3_KERNEL_CACHE` (default `$XDG_CACHE_HOME/gemma3/kernels`, i.e. ~/.cache/gemma3/kernels), named by a
@@ -29,7 +29,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("linear_bf16.c")
+SOURCE = Path(__file__).with_name("linear.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 DISABLE_ENV = "GEMMA3_NATIVE_KERNELS"
 
@@ -51,6 +51,14 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def _owned_and_private(path: Path) -> bool:
+    """Ours, and writable by nobody else: a library loaded from here runs as code in this process."""
+    if not hasattr(os, "getuid"):
+        return True
+    st = path.stat()
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
 def _build(compiler: str) -> Path:
     """The compiled library for this source, flags and CPU: from the cache, or compiled into it."""
     source = SOURCE.read_bytes()
@@ -60,10 +68,13 @@ def _build(compiler: str) -> Path:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         probe = tempfile.NamedTemporaryFile(dir=directory, delete=True)
         probe.close()
-    except OSError:  # no writable cache: build in a private temporary directory, for this process only
+        private = _owned_and_private(directory)
+    except OSError:
+        private = False
+    if not private:  # unwritable, or others could plant a library there: build for this process only
         directory = Path(tempfile.mkdtemp(prefix="gemma3-kernels-"))
-    target = directory / f"linear_bf16-{key}.so"
-    if target.exists():
+    target = directory / f"linear-{key}.so"
+    if target.exists() and _owned_and_private(target):
         return target
     fd, partial = tempfile.mkstemp(dir=directory, suffix=".so.partial")
     os.close(fd)
@@ -73,6 +84,7 @@ def _build(compiler: str) -> Path:
         if done.returncode != 0:
             lines = (done.stderr or done.stdout).strip().splitlines()
             raise RuntimeError(f"{compiler} failed: {lines[-1] if lines else 'exit ' + str(done.returncode)}")
+        os.chmod(partial, 0o755)
         os.replace(partial, target)  # atomic: processes building at once (torchrun ranks) never see half a file
     finally:
         if os.path.exists(partial):
@@ -96,11 +108,12 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.info("gemma3 native kernels unavailable: %s", e)
         return None, f"build failed: {e}"
-    lib.gemma3_linear_bf16.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                       ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    lib.gemma3_linear_bf16.restype = None
+    for fn in (lib.gemma3_linear_bf16, lib.gemma3_linear_f32):
+        fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        fn.restype = None
     isa = "AVX-512 BF16" if lib.gemma3_kernel_isa() == 512 else "AVX2"
-    return lib, f"native bf16 GEMV ({isa}, {path})"
+    return lib, f"native GEMV ({isa}, {path})"
 
 
 def available() -> bool:
@@ -111,9 +124,9 @@ def status() -> str:
     return _library()[1]
 
 
-class LinearBF16:
-    """x · Wᵀ for a bf16 weight W given as row blocks stacked along its output dimension (e.g. q, k and v),
-    read in place: nothing is copied or concatenated. Handles up to `max_rows` rows of x per call.
+class NativeLinear:
+    """x · Wᵀ for a bf16 or fp32 weight W given as row blocks stacked along its output dimension (e.g. q, k
+    and v), read in place: nothing is copied or concatenated. Takes up to `max_rows` rows of x per call.
 
     The caller keeps the weights unchanged while this is used (PackedWeight checks that before each call);
     the blocks are referenced here so their memory stays alive."""
@@ -123,26 +136,28 @@ class LinearBF16:
         if lib is None:
             raise RuntimeError(f"native kernels unavailable: {status()}")
         self.weights = [w.detach().contiguous() for w in weights]
-        if any(w.dtype != torch.bfloat16 or w.device.type != "cpu" or w.dim() != 2 for w in self.weights):
-            raise ValueError("LinearBF16 takes 2-D bfloat16 CPU weights")
+        self.dtype = self.weights[0].dtype
+        if self.dtype not in (torch.bfloat16, torch.float32) or any(
+                w.dtype != self.dtype or w.device.type != "cpu" or w.dim() != 2 for w in self.weights):
+            raise ValueError("NativeLinear takes 2-D CPU weights, all bfloat16 or all float32")
         self.in_features = self.weights[0].shape[1]
         if any(w.shape[1] != self.in_features for w in self.weights):
-            raise ValueError("LinearBF16 blocks must share their input size")
+            raise ValueError("NativeLinear blocks must share their input size")
         self.out_features = sum(w.shape[0] for w in self.weights)
         self.max_rows = lib.gemma3_kernel_max_rows()
-        self._fn = lib.gemma3_linear_bf16
+        self._fn = lib.gemma3_linear_bf16 if self.dtype == torch.bfloat16 else lib.gemma3_linear_f32
         self._ptrs = (ctypes.c_void_p * len(self.weights))(*(w.data_ptr() for w in self.weights))
         self._rows = (ctypes.c_int64 * len(self.weights))(*(w.shape[0] for w in self.weights))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in) bf16 with at most max_rows rows → (..., out) bf16."""
-        if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.shape[-1] != self.in_features:
-            raise ValueError(f"LinearBF16 expects bf16 CPU input (..., {self.in_features}), got "
+        """x (..., in) with at most max_rows rows, in the weights' dtype → (..., out)."""
+        if x.dtype != self.dtype or x.device.type != "cpu" or x.shape[-1] != self.in_features:
+            raise ValueError(f"NativeLinear expects {self.dtype} CPU input (..., {self.in_features}), got "
                              f"{x.dtype} {tuple(x.shape)} on {x.device}")
         rows = x.numel() // self.in_features
         if not 1 <= rows <= self.max_rows:
-            raise ValueError(f"LinearBF16 takes 1 to {self.max_rows} rows, got {rows}")
+            raise ValueError(f"NativeLinear takes 1 to {self.max_rows} rows, got {rows}")
         x = x.contiguous()
-        y = torch.empty(*x.shape[:-1], self.out_features, dtype=torch.bfloat16)
+        y = torch.empty(*x.shape[:-1], self.out_features, dtype=self.dtype)
         self._fn(len(self.weights), self._ptrs, self._rows, x.data_ptr(), rows, self.in_features, y.data_ptr())
         return y
