@@ -16,6 +16,7 @@ from gemma3.kernels import NativeLinear
 from gemma3.kv_cache import KVCache
 from gemma3.model import Gemma3Model
 from gemma3.packed import PackedWeight
+from reference import random_model
 
 BUILDABLE = platform.machine().lower() in ("x86_64", "amd64") and shutil.which("cc") is not None
 needs_kernel = pytest.mark.skipif(not BUILDABLE, reason="the native kernel is built on x86-64 with a C compiler")
@@ -102,10 +103,7 @@ def _tiny_model(dtype: torch.dtype) -> Gemma3Model:
     config = Gemma3Config(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=4,
                           layer_types=("sliding_attention", "full_attention"))
-    torch.manual_seed(0)
-    model = Gemma3Model(config)
-    model.init_weights(torch.Generator().manual_seed(0))
-    return model.to(dtype).eval()
+    return random_model(config, dtype=dtype)
 
 
 @torch.inference_mode()

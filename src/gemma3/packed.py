@@ -70,7 +70,6 @@ class PackedWeight:
         if self.rows is None or gemm_copy or len(ws) > 1:  # many tokens (prefill), or no native kernel
             w = torch.cat(ws) if len(ws) > 1 else ws[0]  # (sum of outs, in)
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 1) if self.bf16 else w.t().contiguous()
-        self.plain = ws[0] if len(ws) == 1 else None
 
     @staticmethod
     def supported(weight: torch.Tensor) -> bool:
@@ -86,8 +85,8 @@ class PackedWeight:
             n = x.numel() // x.shape[-1]
             if n == 1 or (self.packed is None and n <= self.rows.max_rows):
                 return self.rows(x)
-        if self.packed is None:
-            return F.linear(x, self.plain)
+        if self.packed is None:  # the head without a GEMM copy: its one weight, as the kernel holds it
+            return F.linear(x, self.rows.weights[0])
         if self.bf16:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         return x @ self.packed

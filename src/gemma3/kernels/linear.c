@@ -41,6 +41,13 @@ static inline uint16_t f32_to_bf16(float f) {
   return (uint16_t)(u >> 16);
 }
 
+/* The sum of the 8 lanes of an AVX2 accumulator (both kernels' AVX2 paths). */
+static inline float hsum256(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
 #if defined(__AVX512BF16__)
 #define ISA 512
 #define STEP 32 /* bf16 elements per vector step */
@@ -61,11 +68,7 @@ static inline __m256 widen(const uint16_t *p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 static inline acc_t acc_dot(acc_t a, const uint16_t *w, const uint16_t *x) { return _mm256_fmadd_ps(widen(w), widen(x), a); }
-static inline float acc_sum(acc_t a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
+static inline float acc_sum(acc_t a) { return hsum256(a); }
 #endif
 
 /* out[m] = w · x[m] for one bf16 weight row w (K elements) and M rows of x. */
@@ -106,12 +109,7 @@ typedef __m256 facc_t;
 #define FZERO() _mm256_setzero_ps()
 #define FFMA(a, w, x) _mm256_fmadd_ps(_mm256_loadu_ps(w), _mm256_loadu_ps(x), a)
 #define FADD(a, b) _mm256_add_ps(a, b)
-#define FSUM(a) acc_sum_256(a)
-static inline float acc_sum_256(__m256 a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
+#define FSUM(a) hsum256(a)
 #endif
 
 static void row_dots_f32(const void *wv, const void *xv, int64_t M, int64_t K, float *out) {
