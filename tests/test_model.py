@@ -171,8 +171,10 @@ def test_rmsnorm_zero_centred_fp32():
 
 
 def test_rmsnorm_inference_gain_follows_weight_changes():
-    """Without autograd the fp32 gain (1 + w) is reused between calls; it must never be stale."""
+    """Once kept (pack_weights), the fp32 gain (1 + w) is reused between calls without autograd; it must
+    never be stale."""
     norm = RMSNorm(8).to(torch.bfloat16)
+    norm.keep_gain = True
     x = torch.randn(3, 8).to(torch.bfloat16)
     with torch.no_grad():
         norm.weight.normal_()
@@ -187,6 +189,23 @@ def test_rmsnorm_inference_gain_follows_weight_changes():
     norm.weight = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))  # replaced: new storage
     with torch.no_grad():
         assert torch.equal(norm(x), (2 * F.rms_norm(x.float(), (8,), eps=1e-6)).to(torch.bfloat16))
+
+
+@torch.no_grad()
+def test_norm_gain_is_fresh_unless_the_model_is_packed():
+    """FSDP2 gathers updated weights into the same parameter without bumping its version; a cached gain
+    would then be stale. Only a packed model keeps gains, and unpacking stops it."""
+    model = random_model(FAMILY["1b-like-mqa-trailing-sliding"])
+    norm = model.layers[0].input_layernorm
+    x = torch.randn(2, 64)
+    norm(x)
+    with torch.autograd._unsafe_preserve_version_counter(norm.weight):
+        norm.weight.add_(1.0)  # a write the version check cannot see
+    torch.testing.assert_close(norm.gain(), 1.0 + norm.weight.float(), atol=0, rtol=0)
+    model.pack_weights()
+    assert norm.keep_gain
+    model.unpack_weights()
+    assert not norm.keep_gain and norm._gain is None
 
 
 @torch.no_grad()

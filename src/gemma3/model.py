@@ -48,6 +48,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
+        self.keep_gain = False  # set by Gemma3Model.pack_weights: reuse (1 + w) between inference calls
         self._gain: tuple[WeightState, torch.Tensor] | None = None  # (what it was computed from, 1 + w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,10 +57,13 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self.gain(), self.eps).type_as(x)
 
     def gain(self) -> torch.Tensor:
-        """(1 + w) in fp32. Without autograd it is computed once per version of the weight and reused: a
-        decode step runs 109 norms, and two ops fewer in each is ~0.5 ms of a ~30 ms bf16 step."""
+        """(1 + w) in fp32. Once `keep_gain` is set (Gemma3Model.pack_weights, as Generator does) and without
+        autograd, it is computed once per version of the weight and reused: a decode step runs 109 norms, and
+        two ops fewer in each is ~0.5 ms of a ~30 ms bf16 step. Opt-in, like the packed weights, because the
+        version check cannot see every write: FSDP2 gathers new weights into the same parameter without
+        bumping its version, and an evaluation under no_grad then read a stale gain (measured)."""
         w = self.weight
-        if torch.is_grad_enabled() or type(w) not in (nn.Parameter, torch.Tensor):  # e.g. a sharded DTensor
+        if not self.keep_gain or torch.is_grad_enabled() or type(w) not in (nn.Parameter, torch.Tensor):
             return 1.0 + w.float()
         if self._gain is None or not self._gain[0].matches((w,)):
             with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable outside inference mode
@@ -485,13 +489,20 @@ class Gemma3Model(nn.Module):
             attn.packed_qkv, attn.packed_o = pack(attn.q_proj, attn.k_proj, attn.v_proj), pack(attn.o_proj)
             mlp.packed_gate_up, mlp.packed_down = pack(mlp.gate_proj, mlp.up_proj), pack(mlp.down_proj)
         self.head_packed = PackedWeight(self.embed_tokens.weight, gemm_copy=False)
+        for norm in self.modules():
+            if isinstance(norm, RMSNorm):
+                norm.keep_gain = True
 
     def unpack_weights(self) -> None:
-        """Drop the packed copies (and their memory): every projection takes the plain nn.Linear path."""
+        """Drop the packed copies (and their memory): every projection takes the plain nn.Linear path, and
+        every norm computes its gain afresh."""
         for layer in self.layers:
             layer.self_attn.packed_qkv = layer.self_attn.packed_o = None
             layer.mlp.packed_gate_up = layer.mlp.packed_down = None
         self.head_packed = None
+        for norm in self.modules():
+            if isinstance(norm, RMSNorm):
+                norm.keep_gain, norm._gain = False, None
 
     def set_attention_implementation(self, name: str) -> None:
         if name not in ("sdpa", "eager"):
