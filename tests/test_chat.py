@@ -66,6 +66,11 @@ def hf_tokenizer(official_tokenizer):
     return AutoTokenizer.from_pretrained(str(official_tokenizer))
 
 
+# The official template plus a Jinja comment: the same text, but not recognised as the official template,
+# so it goes through the sandboxed Jinja renderer (the official one itself takes the built-in renderer).
+SANDBOXED = GEMMA3_CHAT_TEMPLATE + "{# rendered by Jinja #}"
+
+
 def hf_render(hf_tokenizer, messages, add_generation_prompt):
     return hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
@@ -86,7 +91,7 @@ def test_matches_transformers(hf_tokenizer, name, add_generation_prompt):
     messages = CONVERSATIONS[name]
     expected = hf_render(hf_tokenizer, messages, add_generation_prompt)
     assert render_chat(messages, add_generation_prompt) == expected
-    assert render_chat(messages, add_generation_prompt, template=GEMMA3_CHAT_TEMPLATE) == expected
+    assert render_chat(messages, add_generation_prompt, template=SANDBOXED) == expected
 
 
 @pytest.mark.parametrize("name", INVALID_EVERYWHERE)
@@ -97,14 +102,14 @@ def test_invalid_conversations_fail_everywhere(hf_tokenizer, name):
     with pytest.raises(Gemma3Error):
         render_chat(messages)
     with pytest.raises(Gemma3Error):
-        render_chat(messages, template=GEMMA3_CHAT_TEMPLATE)
+        render_chat(messages, template=SANDBOXED)
 
 
 def test_alternation_error_message():
     with pytest.raises(Gemma3Error, match=r"roles must alternate user/model/user/model\.\.\. \(message 1 is 'user'\)"):
         render_chat(INVALID_EVERYWHERE["two user turns"])
     with pytest.raises(Gemma3Error, match="chat template: Conversation roles must alternate"):
-        render_chat(INVALID_EVERYWHERE["two user turns"], template=GEMMA3_CHAT_TEMPLATE)
+        render_chat(INVALID_EVERYWHERE["two user turns"], template=SANDBOXED)
 
 
 @pytest.mark.parametrize(
@@ -175,4 +180,64 @@ def test_template_errors_become_gemma3_errors():
     with pytest.raises(Gemma3Error, match="chat template"):
         render_chat(MESSAGES, template="{% if %}")
     with pytest.raises(Gemma3Error, match="only strings, numbers"):
-        render_chat([{"role": "user", "content": object()}], template=GEMMA3_CHAT_TEMPLATE)
+        render_chat([{"role": "user", "content": object()}], template=SANDBOXED)
+
+
+# --- bounds on a checkpoint's template (docs/security.md): time, memory, output ------------------------------------
+
+def test_official_template_takes_the_builtin_renderer():
+    messages = CONVERSATIONS[next(iter(CONVERSATIONS))]
+    assert render_chat(messages, template=GEMMA3_CHAT_TEMPLATE) == render_chat(messages) == \
+        render_chat(messages, template=SANDBOXED)
+
+
+@pytest.mark.parametrize(("template", "match"), [
+    # hours of nested loops: stopped by the time limit, and the worker is killed
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "took longer than"),
+    # a string doubled 40 times (a terabyte): the worker's address space is limited
+    ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+     "memory"),
+    ("{{ 'x' * 10**10 }}", "memory"),
+    ("{{ '%0999999999d' % 1 }}", "memory"),
+    # many small pieces: the output cap
+    ("{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}", "rendered more than"),
+])
+def test_runaway_templates_fail_fast_with_bounded_memory(template, match):
+    import resource
+    import time
+
+    from gemma3.chat import TEMPLATE_SECONDS, ChatTemplate
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.monotonic()
+    with pytest.raises(Gemma3Error, match=match) as info:
+        render_chat(MESSAGES, template=ChatTemplate(template, "ckpt/tokenizer_config.json"))
+    assert time.monotonic() - start < TEMPLATE_SECONDS + 3
+    assert str(info.value).startswith("ckpt/tokenizer_config.json: chat template") and "\n" not in str(info.value)
+    # this process never held the rendering: its peak RSS did not grow by more than a little
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 64 * 1024  # KiB
+    # and the worker comes back for the next rendering
+    assert render_chat(MESSAGES, template="{{ messages[0]['content'] }}!") == "Hi <b>!"
+
+
+def test_template_worker_memory_is_capped():
+    """The child's own peak memory stays under its limit while failing a runaway template (measured in a fresh
+    process, whose only child is the template worker)."""
+    import subprocess
+    import sys
+
+    from gemma3 import template_worker
+
+    script = (
+        "import resource\n"
+        "from gemma3.chat import render_chat, _TEMPLATES\n"
+        "from gemma3.errors import Gemma3Error\n"
+        "try:\n"
+        "    render_chat([{'role': 'user', 'content': 'Hi'}], template=\"{{ 'x' * 10**10 }}\")\n"
+        "except Gemma3Error as e:\n"
+        "    print(e)\n"
+        "_TEMPLATES.close()\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60).stdout.split("\n")
+    assert "used more than its 512 MiB of memory" in out[0]
+    assert 0 < int(out[1]) < template_worker.MEMORY_BYTES

@@ -6,7 +6,11 @@ Two renderers, one output:
   conversation and says what is wrong;
 * a checkpoint's own Jinja chat template, run in jinja2's `ImmutableSandboxedEnvironment` set up as
   transformers' `apply_chat_template` does (transformers/utils/chat_template_utils.py,
-  `_cached_compile_jinja_template`): a template shipped with a downloaded model is untrusted code.
+  `_cached_compile_jinja_template`): a template shipped with a downloaded model is untrusted code. The
+  sandbox stops attribute escapes; time and memory are bounded by rendering in a child process
+  (gemma3.template_worker) that is killed after `TEMPLATE_SECONDS` and limited to 512 MiB, with the output
+  capped at `TEMPLATE_MAX_CHARS`. Errors name the file the template came from (`ChatTemplate.origin`).
+  The official Gemma 3 template itself is rendered by the built-in renderer, which gives the same text.
 
 The Gemma 3 format, for [system, user, assistant] and a generation prompt:
 
@@ -20,17 +24,20 @@ The `<bos>` is part of the prompt, so encode it without adding another (spec pit
 
 from __future__ import annotations
 
+import atexit
+import importlib.util
 import json
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Mapping, Sequence
-from datetime import datetime
-from functools import lru_cache
+from dataclasses import dataclass
 from typing import Any
 
-import jinja2
-import jinja2.ext
-import jinja2.utils
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
+from gemma3 import template_worker as worker
 from gemma3.errors import Gemma3Error
 
 # The official Gemma 3 IT template, verbatim from google/gemma-3-*-it tokenizer_config.json ("chat_template"):
@@ -102,7 +109,8 @@ _TURN_ROLE = {"user": "user", "assistant": "model", "model": "model"}
 
 
 def render_chat(
-    messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, template: str | None = None
+    messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+    template: str | ChatTemplate | None = None,
 ) -> str:
     """Render `messages` ([{"role": ..., "content": ...}, ...]) as a Gemma 3 prompt string, starting with
     `<bos>`. `content` is a string or a list of {"type": "text", "text": ...} parts. With `template`, the
@@ -164,17 +172,36 @@ def _text_parts(content: Any, index: int) -> list[str]:
     return texts
 
 
-# --- a checkpoint's Jinja template, sandboxed -------------------------------------------------------------------
+# --- a checkpoint's Jinja template, sandboxed and bounded ------------------------------------------------------
 
-def _render_template(template: str, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> str:
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A chat template and where it came from (the file named in every error about it)."""
+
+    text: str
+    origin: str | None = None  # e.g. "DIR/tokenizer_config.json"; None for a template passed as a string
+
+    @property
+    def where(self) -> str:
+        return "chat template" if self.origin is None else f"{self.origin}: chat template"
+
+
+# Bounds on one rendering of a checkpoint's template (docs/security.md): a chat prompt is a few KB.
+TEMPLATE_SECONDS = 2.0
+TEMPLATE_MAX_CHARS = 4 << 20
+
+
+def _render_template(template: str | ChatTemplate, messages: Sequence[Mapping[str, Any]],
+                     add_generation_prompt: bool) -> str:
+    if not isinstance(template, ChatTemplate):
+        template = ChatTemplate(template)
+    if template.text == GEMMA3_CHAT_TEMPLATE:  # the official template: the built-in renderer is the same text
+        return _render_gemma3(messages, add_generation_prompt)
     # Like transformers: the template sees only plain JSON-like data, and message keys set to None are dropped
     # (OpenAI clients send content=None; many templates would print "None").
     chat = [{key: _plain(value) for key, value in message.items() if value is not None} for message in messages]
-    try:
-        return _compile(template).render(messages=chat, add_generation_prompt=add_generation_prompt,
-                                         tools=None, documents=None, **TEMPLATE_TOKENS)
-    except (jinja2.TemplateError, TypeError, ValueError) as e:
-        raise Gemma3Error(f"chat template: {e}") from e
+    variables = {"tools": None, "documents": None, **TEMPLATE_TOKENS}
+    return _TEMPLATES.render(template, chat, add_generation_prompt, variables)
 
 
 def _plain(value: Any) -> Any:
@@ -189,42 +216,107 @@ def _plain(value: Any) -> Any:
     raise Gemma3Error(f"chat messages may hold only strings, numbers, lists and dicts, got {type(value).__name__}")
 
 
-@lru_cache(maxsize=8)
-def _compile(template: str) -> jinja2.Template:
-    """Compile in the environment transformers uses, so templates written for it render the same here."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    env.globals["dict"] = lambda *args, **kwargs: dict(*args, **kwargs)  # the function, not the `dict` type
-    env.globals["namespace"] = _Namespace
-    return env.from_string(template)
+class _TemplateProcess:
+    """The parent's side of gemma3.template_worker: one child process, started on first use, killed and
+    restarted when a rendering overruns `TEMPLATE_SECONDS`. One rendering at a time (a lock), so a server's
+    threads can share it. Where no child can be started (no `resource` module or no fork: not Linux/macOS),
+    templates render in-process with the output cap but no time or memory bound."""
 
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.proc: subprocess.Popen | None = None
 
-def _raise_exception(message: str):
-    raise jinja2.TemplateError(message)
+    def render(self, template: ChatTemplate, messages: list, add_generation_prompt: bool, variables: dict) -> str:
+        request = {"template": template.text, "messages": messages, "add_generation_prompt": add_generation_prompt,
+                   "variables": variables, "max_output": TEMPLATE_MAX_CHARS}
+        with self.lock:
+            if not _CAN_FORK:
+                return self._in_process(template, request)
+            try:
+                reply = self._ask(request)
+            except _Overrun as e:
+                self._stop()
+                raise Gemma3Error(f"{template.where} {e}") from None
+        if "error" in reply:
+            raise Gemma3Error(f"{template.where}: {reply['error']}")
+        return reply["text"]
 
+    def _start(self) -> None:
+        # The worker runs as a plain script, with the parent's interpreter and import path, minus the
+        # directory it starts in (sys.path[0]), so nothing there can shadow what it imports.
+        code = "import runpy, sys; sys.path.pop(0); runpy.run_path(sys.argv[1], run_name='__main__')"
+        self.proc = subprocess.Popen([sys.executable, "-c", code, worker.__file__], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, close_fds=True)
+        ready = self._receive(deadline=time.monotonic() + 30)  # a cold interpreter on a busy machine
+        if ready != {"ready": True}:
+            raise _Overrun("worker did not start")
 
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    """transformers' `tojson`: Jinja's own escapes HTML characters, which would change the prompt."""
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    def _ask(self, request: dict) -> dict:
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        data = json.dumps(request, ensure_ascii=False).encode("utf-8")
+        try:
+            self.proc.stdin.write(worker._HEADER.pack(len(data)) + data)
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise _Overrun("renderer stopped unexpectedly") from None
+        return self._receive(deadline=time.monotonic() + TEMPLATE_SECONDS)
 
+    def _receive(self, deadline: float) -> dict:
+        header = self._read_exactly(worker._HEADER.size, deadline)
+        (n,) = worker._HEADER.unpack(header)
+        if n > 8 * TEMPLATE_MAX_CHARS + 4096:  # JSON of the longest text allowed, escapes included
+            raise _Overrun("sent an oversized reply")
+        return json.loads(self._read_exactly(n, deadline).decode("utf-8"))
 
-class _Namespace(jinja2.utils.Namespace):
-    """Jinja's `namespace()` minus underscore-prefixed names, which could shadow CPython internals."""
+    def _read_exactly(self, n: int, deadline: float) -> bytes:
+        fd, out = self.proc.stdout.fileno(), bytearray()
+        while len(out) < n:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise _Overrun(f"took longer than {TEMPLATE_SECONDS:g} s to render (a loop without end?); stopped")
+            chunk = os.read(fd, min(n - len(out), 1 << 20))
+            if not chunk:
+                raise _Overrun(f"stopped the renderer (it used more than {worker.MEMORY_BYTES >> 20} MiB of "
+                               "memory, or crashed)")
+            out += chunk
+        return bytes(out)
 
-    def __init__(*args, **kwargs):  # noqa: N805 — Jinja's signature trick, so namespace(self=...) works
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            _Namespace._check(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
+    def _stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            for pipe in (self.proc.stdin, self.proc.stdout):
+                pipe.close()
+            self.proc = None
 
-    def __setitem__(self, name, value):
-        _Namespace._check(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
+    def close(self) -> None:
+        with self.lock:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.stdin.close()  # the worker exits at the end of its input
+                try:
+                    self.proc.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    pass
+            self._stop()
 
     @staticmethod
-    def _check(name):
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} starts with an underscore")
+    def _in_process(template: ChatTemplate, request: dict) -> str:
+        global _ENV
+        if _ENV is None:
+            _ENV = worker.make_environment()
+        try:
+            return worker.render(_ENV, request["template"], request["messages"], request["add_generation_prompt"],
+                                 request["variables"], request["max_output"])
+        except Exception as e:
+            raise Gemma3Error(f"{template.where}: {worker.describe(e)}") from None
+
+
+class _Overrun(Exception):
+    pass
+
+
+_CAN_FORK = hasattr(os, "fork") and importlib.util.find_spec("resource") is not None
+_ENV = None
+_TEMPLATES = _TemplateProcess()
+atexit.register(_TEMPLATES.close)
