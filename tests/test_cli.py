@@ -10,10 +10,7 @@ import pytest
 import torch
 
 from gemma3.cli import main
-from gemma3.config import Gemma3Config, hybrid_layer_types
 from gemma3.tokenizer import Tokenizer
-from gemma3.weights.hf import save_hf
-from reference import random_model
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -22,15 +19,9 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, official_tokenizer):
-    """A small random Gemma 3 with the real tokenizer and a 64-token context."""
-    config = Gemma3Config(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                          head_dim=8, sliding_window=8, layer_types=hybrid_layer_types(2), max_position_embeddings=64)
-    directory = tmp_path_factory.mktemp("tiny")
-    save_hf(directory, config, random_model(config).state_dict(), dtype=torch.float32,
-            tokenizer_json=official_tokenizer / "tokenizer.json")
-    return directory
+@pytest.fixture
+def tiny_dir(tiny_hf_dir):
+    return tiny_hf_dir
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -94,7 +85,8 @@ def test_chat_message_longer_than_context_keeps_session(capsys, monkeypatch, tin
     monkeypatch.setattr("sys.stdin", io.StringIO("word " * 80 + "\nshort one\n"))
     code, out, err = run(capsys, "chat", "-m", str(tiny_dir), "-n", "4", "--temperature", "0", "--context", "64",
                          "--quiet")
-    assert code == 0 and "error: this message needs" in err and len(out.splitlines()) == 1
+    # the session goes on after the failed turn; with piped input the exit status then says a turn failed
+    assert code == 2 and "error: this message needs" in err and len(out.splitlines()) == 1
 
 
 def test_perplexity(capsys, tmp_path, tiny_dir):
@@ -111,3 +103,112 @@ def test_perplexity(capsys, tmp_path, tiny_dir):
     empty.write_text("")
     code, _, err = run(capsys, "perplexity", str(empty), "-m", str(tiny_dir))
     assert code == 2 and "the file is empty" in err
+
+
+# ------------------------------------------------------------------- inputs that ended in a traceback before
+def one_line(code: int, err: str, needle: str) -> None:
+    lines = err.strip().splitlines()
+    assert code == 2 and "Traceback" not in err and len(lines) == 1 and needle in lines[0], err
+
+
+def test_invalid_utf8_prompt_everywhere(capsys, monkeypatch, tiny_dir, tmp_path):
+    surrogate = b"caf\xe9 au lait".decode("utf-8", "surrogateescape")  # how Python hands over such argv bytes
+    one_line(*run(capsys, "generate", "-m", str(tiny_dir), surrogate, "--quiet")[::2], "not UTF-8")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"line one\ncaf\xe9\n")
+    one_line(*run(capsys, "generate", "-m", str(tiny_dir), "-f", str(bad), "--quiet")[::2],
+             "bad.txt: not UTF-8 text (invalid byte 0xe9 at byte 12, line 2)")
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9")))
+    one_line(*run(capsys, "generate", "-m", str(tiny_dir), "--quiet")[::2], "stdin: not UTF-8")
+
+
+@pytest.mark.parametrize("source", ["file", "stdin"])
+def test_unbounded_prompt_is_read_with_a_cap(capsys, monkeypatch, tiny_dir, source):
+    import time
+
+    start = time.monotonic()
+    if source == "stdin":
+        with open("/dev/zero") as zero:
+            monkeypatch.setattr("sys.stdin", zero)
+            code, _, err = run(capsys, "generate", "-m", str(tiny_dir), "--quiet")
+    else:
+        code, _, err = run(capsys, "generate", "-m", str(tiny_dir), "-f", "/dev/zero", "--quiet")
+    one_line(code, err, "more than 8 MiB of text")
+    assert time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64), "99999999999999999999999"])
+def test_seed_out_of_range(capsys, seed):
+    one_line(*run(capsys, "generate", "Hi", "--seed", seed)[::2], "--seed must be in [0, 2**64 - 1]")
+
+
+def test_whitespace_only_prompt_is_rejected(capsys):
+    one_line(*run(capsys, "generate", " \n\t ")[::2], "the prompt is only whitespace")
+
+
+def test_non_finite_weights_give_a_clear_error(capsys, tmp_path, official_tokenizer):
+    from gemma3.config import Gemma3Config, hybrid_layer_types
+    from gemma3.weights.hf import save_hf
+    from reference import random_model
+
+    config = Gemma3Config(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          head_dim=8, sliding_window=8, layer_types=hybrid_layer_types(2), max_position_embeddings=64)
+    state = random_model(config).state_dict()
+    state["layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_hf(tmp_path / "nan", config, state, dtype=torch.float32, tokenizer_json=official_tokenizer / "tokenizer.json")
+    for flags in (["--temperature", "0"], ["--temperature", "0.8"]):
+        code, out, err = run(capsys, "generate", "-m", str(tmp_path / "nan"), "Hi", "-n", "4", "--quiet", *flags)
+        one_line(code, err, "non-finite logits (NaN or inf)")
+
+
+def test_kv_cache_is_checked_against_memory_before_allocating(capsys, tmp_path, official_tokenizer):
+    """An absurd context_length times -n: the cache would need 64 GiB; an error, not an out-of-memory kill."""
+    from gemma3.config import GLOBAL, SLIDING, Gemma3Config
+    from gemma3.weights.hf import save_hf
+    from reference import random_model
+
+    config = Gemma3Config(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          head_dim=8, sliding_window=8, layer_types=(SLIDING, GLOBAL), max_position_embeddings=2**30)
+    save_hf(tmp_path / "huge", config, random_model(config).state_dict(), dtype=torch.float32,
+            tokenizer_json=official_tokenizer / "tokenizer.json")
+    code, _, err = run(capsys, "generate", "-m", str(tmp_path / "huge"), "Hi", "-n", str(2**30), "--quiet")
+    one_line(code, err, "KV cache for 1 x 1,073,741,824 tokens needs")
+
+
+def test_threads_above_the_cores_are_capped(capsys, tiny_dir):
+    code, out, err = run(capsys, "generate", "-m", str(tiny_dir), "Hi", "-n", "2", "-t", "4096", "--quiet")
+    assert code == 0 and "warning: --threads 4096 is more than the" in err and torch.get_num_threads() <= 4096
+
+
+def test_chat_goes_on_after_a_bad_line_and_says_so_in_its_status(capsys, monkeypatch, tiny_dir):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"Hello\ncaf\xe9\nAgain\n")))
+    code, out, err = run(capsys, "chat", "-m", str(tiny_dir), "-n", "3", "--temperature", "0", "--context", "64",
+                         "--quiet")
+    assert code == 2 and len(out.splitlines()) == 2 and "error: stdin: not UTF-8" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "{}", "\"text\"", "null"])
+def test_config_json_must_be_a_non_empty_object(capsys, tmp_path, tiny_dir, content):
+    import shutil
+
+    shutil.copytree(tiny_dir, tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(content)
+    code, _, err = run(capsys, "info", "-m", str(tmp_path / "m"))
+    one_line(code, err, "config.json")
+    assert "expected a JSON object" in err or "the config is empty" in err
+
+
+def test_device_flag(capsys, tiny_dir):
+    one_line(*run(capsys, "generate", "-m", str(tiny_dir), "Hi", "--device", "tpu:3")[::2], "--device")
+    one_line(*run(capsys, "generate", "-m", str(tiny_dir), "Hi", "--device", "nonsense")[::2], "not a device")
+    if not torch.cuda.is_available():
+        one_line(*run(capsys, "generate", "-m", str(tiny_dir), "Hi", "--device", "cuda")[::2], "CUDA is not available")
+    code, _, _ = run(capsys, "generate", "-m", str(tiny_dir), "Hi", "-n", "2", "--device", "cpu", "--quiet")
+    assert code == 0
+
+
+def test_chat_banner_says_the_embedded_model_is_the_base(capsys):
+    from gemma3.cli import build_parser
+
+    help_text = [a for a in build_parser()._subparsers._group_actions[0].choices["chat"].format_help().split("\n")]
+    assert "pretrained base model" in " ".join(help_text) and "gemma-3-270m-it" in " ".join(help_text)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gemma3.cli.weights import convert, model_info
+from gemma3.cli.weights import model_info
+from gemma3.weights.convert import convert
 from gemma3.config import PRESETS
 from gemma3.loading import load
 from gemma3.weights.gguf import GGUFFile
@@ -75,3 +76,45 @@ def test_info_numbers():
     assert kv["per_token_global_layers"] == 3 * 2 * 256 * 2 and kv["per_token_sliding_layers"] == 15 * 2 * 256 * 2
     assert kv["full_context"] == (3 * 32768 + 15 * 512) * 2 * 256 * 2
     assert model_info(PRESETS["27b"])["parameters"]["total"] == 27_009_346_304
+
+
+def test_gguf_export_carries_the_chat_template_and_a_model_name(tiny_hf_dir, tmp_path):
+    from gemma3.chat import GEMMA3_CHAT_TEMPLATE
+
+    path = convert(str(tiny_hf_dir), tmp_path / "tiny.gguf", to="gguf", gguf_type="F32", progress=False)
+    metadata = GGUFFile.open(path).metadata
+    assert metadata["tokenizer.chat_template"] == GEMMA3_CHAT_TEMPLATE  # what the HF export carries too
+    assert metadata["general.name"] == "Gemma 3 (custom)"  # never the local path it came from
+    assert str(tmp_path) not in metadata["general.name"]
+
+
+def test_gguf_export_of_the_embedded_model_names_it():
+    from gemma3.weights.convert import model_name
+
+    assert model_name(PRESETS["270m"]) == "Gemma 3 270M"
+    assert model_name(PRESETS["270m"], {"general.name": "Gemma 3 270m"}) == "Gemma 3 270m"
+
+
+def test_llama_cpp_chat_gets_the_same_prompt_tokens_as_ours(tiny_hf_dir, tmp_path):
+    """llama.cpp's chat completion on our exported GGUF formats the conversation with the template we wrote
+    (before, without tokenizer.chat_template, it fell back to another format and answered junk)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it builds for 10-25 "
+                                                        "min, so CI leaves it out; the benchmarks install it)")
+    from gemma3.chat import render_chat
+    from gemma3.tokenizer import Tokenizer
+
+    path = convert(str(tiny_hf_dir), tmp_path / "tiny.gguf", to="gguf", gguf_type="F32", progress=False)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False, n_threads=1)
+    seen = []
+    generate = llm.generate
+
+    def recording(tokens, *args, **kwargs):
+        seen.append(list(tokens))
+        return generate(tokens, *args, **kwargs)
+
+    llm.generate = recording
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 2+2?"}]
+    llm.create_chat_completion(messages=messages, max_tokens=1, temperature=0)
+    ours = Tokenizer.from_dir(tiny_hf_dir).encode(render_chat(messages), add_bos=False)
+    assert seen and seen[0] == ours

@@ -94,6 +94,11 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, tok):
     wrong.write_text('{"content": 1}\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"wrong\.jsonl:1: expected a 'text' string"):
         TokenFile.build([str(wrong)], tok, tmp_path / "cache", progress=False)
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not UTF-8 \(invalid byte 0xe9 at column 14\)"):
+        TokenFile.build([str(latin1)], tok, tmp_path / "cache", progress=False)
+    assert not list((tmp_path / "cache").glob("*.tmp-*"))  # a failed tokenization leaves no temporary files
 
 
 def test_empty_dataset_is_an_error(tmp_path, tok):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -87,9 +88,12 @@ def test_two_processes_match_one_process(single, strategy):
 
 def test_fsdp_resume_continues_the_curve(single):
     """An FSDP run resumed from its step-2 checkpoint reproduces the uninterrupted run's last steps."""
-    cfg = settings(single, "fsdp_resume", batch_size=2, distributed="fsdp", steps=2)
+    cfg = settings(single, "fsdp_resume", batch_size=2, distributed="fsdp")
     torchrun(single, cfg)
-    torchrun(single, {**cfg, "steps": 4, "resume": True})
+    run = single / "fsdp_resume" / ckpt.CHECKPOINTS  # as if it had died after saving step 2
+    shutil.rmtree(run / "step-00000004")
+    (run / ckpt.LATEST).write_text("step-00000002\n", encoding="utf-8")
+    torchrun(single, {**cfg, "resume": True})
     train_ref, _ = losses(single / "single")
     train_got, _ = losses(single / "fsdp_resume")
     assert train_got == pytest.approx(train_ref, abs=1e-4)

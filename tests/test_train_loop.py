@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,7 @@ from gemma3.errors import CheckpointError
 from gemma3.train import TrainConfig, TrainingError, train
 from gemma3.train import checkpoint as ckpt
 from gemma3.train.data import DataError
+from gemma3.train.trainer import lr_at
 from test_train_support import TINY_ARCH, tiny_tokenizer_file, write_corpus
 
 torch.set_num_threads(2)
@@ -178,6 +180,95 @@ def test_cli_train_and_one_line_errors(tmp_path, capsys):
     assert summary["step"] == 2 and summary["checkpoint"].endswith("step-00000002")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{oops\n', encoding="utf-8")
-    assert main(["train", str(bad), *args[1:]]) == 2
+    assert main(["train", str(bad), *args[1:3], "--overwrite", *args[3:]]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "bad.jsonl:2: malformed JSON" in err
+
+
+# ------------------------------------------------------------------------------- resuming as people expect
+def cli_args(tmp_path: Path, out: str = "cli") -> list[str]:
+    corpus = tmp_path / "corpus"
+    if not corpus.exists():
+        write_corpus(corpus)
+    return [str(corpus), "-o", str(tmp_path / out), "--init", "270m", "--tokenizer", str(tiny_tokenizer_file(tmp_path)),
+            "--vocab-size", "128", "--hidden-size", "32", "--intermediate-size", "64", "--num-hidden-layers", "2",
+            "--num-attention-heads", "2", "--num-key-value-heads", "1", "--head-dim", "16", "--sliding-window", "8",
+            "--layer-pattern", "SG", "--max-position-embeddings", "256", "--seq-len", "32", "--batch-size", "4",
+            "--lr", "1e-2", "--warmup-steps", "2", "--eval-every", "0", "--sample-every", "0", "--save-every", "2",
+            "--data-cache", str(tmp_path / "cache"), "--quiet"]
+
+
+def test_resume_alone_reads_everything_from_the_checkpoint(tmp_path, capsys, monkeypatch):
+    """`gemma3 train --resume -o RUN` with nothing else: model, data and flags come from the checkpoint, even
+    from another working directory, and the run continues exactly."""
+    from gemma3.cli import main
+
+    assert main(["train", *cli_args(tmp_path, "full"), "--steps", "6"]) == 0
+    assert main(["train", *cli_args(tmp_path, "part"), "--steps", "6"]) == 0
+    part = tmp_path / "part" / "checkpoints"
+    shutil.rmtree(part / "step-00000006")  # as if it had died after saving step 4
+    shutil.rmtree(part / "step-00000004")
+    (part / "latest").write_text("step-00000002\n")
+    monkeypatch.chdir(tmp_path / "corpus")
+    assert main(["train", "--resume", "-o", str(tmp_path / "part"), "--quiet"]) == 0
+    capsys.readouterr()
+
+    def train_losses(run):
+        return [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert train_losses(tmp_path / "part") == pytest.approx(train_losses(tmp_path / "full"), abs=1e-6)
+    # --resume PATH alone: the run directory of PATH is where it goes on
+    assert main(["train", "--resume", str(tmp_path / "part"), "--steps", "7", "--quiet"]) == 0
+    assert ckpt.latest_checkpoint(tmp_path / "part").name == "step-00000007"
+
+
+@pytest.mark.parametrize(("flag", "name"), [
+    (["--seq-len", "16"], "--seq-len"), (["--seed", "5"], "--seed"), (["--hidden-size", "48"], "architecture"),
+    (["--lora"], "--lora"), (["--val-fraction", "0.5"], "--val-fraction")])
+def test_resume_flag_that_contradicts_the_checkpoint_names_it(tmp_path, capsys, flag, name):
+    from gemma3.cli import main
+
+    assert main(["train", *cli_args(tmp_path), "--steps", "2"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", "-o", str(tmp_path / "cli"), *flag]) == 2
+    err = capsys.readouterr().err.strip()
+    assert name in err and "the run was trained with" in err and len(err.splitlines()) == 1
+
+
+def test_raising_steps_on_resume_keeps_the_learning_rate_continuous(tmp_path):
+    """A run of 8 steps resumed to 16: the rate goes on from where it was (no jump back up the cosine) and
+    reaches the floor at the new last step."""
+    first = train(config(tmp_path, steps=8, save_every=4, eval_every=0, sample_every=0))
+    assert first.step == 8
+    train(config(tmp_path, steps=16, save_every=4, eval_every=0, sample_every=0, resume=True))
+    rates = [json.loads(l)["lr"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"lr"' in l]
+    assert len(rates) == 16
+    cfg = config(tmp_path, steps=8)
+    assert rates[:8] == pytest.approx([lr_at(s, cfg) for s in range(8)])
+    floor = cfg.lr * cfg.min_lr_ratio
+    assert rates[8] == pytest.approx(lr_at(8, cfg)) == pytest.approx(floor)  # where the 8-step schedule ended
+    assert max(rates[8:]) <= rates[7] + 1e-12  # never back up
+    # and the same rule mid-curve: stop at 4 of 8, go on to 12 from the rate step 4 had
+    train(config(tmp_path, "mid", steps=4, save_every=4, eval_every=0, sample_every=0))
+    state = json.loads((tmp_path / "mid" / "checkpoints" / "step-00000004" / "train_state.json").read_text())
+    state["train_config"]["steps"] = 8  # as if the run had been planned for 8 steps and stopped at 4
+    (tmp_path / "mid" / "checkpoints" / "step-00000004" / "train_state.json").write_text(json.dumps(state))
+    train(config(tmp_path, "mid", steps=12, save_every=4, eval_every=0, sample_every=0, resume=True))
+    mid = [json.loads(l)["lr"] for l in (tmp_path / "mid" / "metrics.jsonl").read_text().splitlines() if '"lr"' in l]
+    planned = config(tmp_path, steps=8)
+    assert mid[4] == pytest.approx(lr_at(4, planned))
+    # a cosine from there to the floor at the new last step (12; the last step run is 11)
+    import math
+    assert mid[11] == pytest.approx(floor + (mid[4] - floor) * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert all(a >= b - 1e-12 for a, b in zip(mid[4:], mid[5:]))
+
+
+def test_run_directory_is_a_model_source(tmp_path):
+    from gemma3.loading import load
+
+    train(config(tmp_path, steps=2, eval_every=0, save_every=2, sample_every=0))
+    model, tokenizer, cfg = load(str(tmp_path / "run"), progress=False)
+    saved = ckpt.read_model_state(ckpt.latest_checkpoint(tmp_path / "run"))
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    config_json = json.loads((ckpt.latest_checkpoint(tmp_path / "run") / "config.json").read_text())
+    assert config_json["dtype"] == "float32"  # what the weights beside it are

@@ -62,20 +62,49 @@ def test_merged_model_equals_base_plus_adapter_and_adapter_round_trips(tmp_path)
 def test_merge_lora_command_writes_a_model_source(tmp_path):
     pytest.importorskip("gemma3.weights.hf")
     from gemma3.loading import load
-    from gemma3.tokenizer import Tokenizer
-    from gemma3.train.checkpoint import write_model_dir
     from gemma3.train.lora import merge_lora
+    from gemma3.weights.hf import save_hf
 
     settings = LoraSettings(r=2, alpha=4, targets=("q_proj", "o_proj"))
     base, model = adapted(settings)
-    tok = Tokenizer.from_file(tiny_tokenizer_file(tmp_path))
-    write_model_dir(tmp_path / "base", base.config, base.state_dict(), tok)
+    save_hf(tmp_path / "base", base.config, base.state_dict(), torch.float32,
+            tokenizer_json=tiny_tokenizer_file(tmp_path))
     write_adapter(tmp_path / "adapter", model.state_dict(), settings, str(tmp_path / "base"))
     merge_lora(str(tmp_path / "base"), tmp_path / "adapter", tmp_path / "merged", progress=False)
     merged, _, _ = load(str(tmp_path / "merged"), progress=False)
     ids = torch.randint(0, 128, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    # applied at load time instead (--lora), and with the adapter itself as the source: the same weights
+    for loaded in (load(str(tmp_path / "base"), lora=tmp_path / "adapter", progress=False)[0],
+                   load(str(tmp_path / "adapter"), progress=False)[0]):
+        for name, tensor in merged.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_lora_flag_on_generate_equals_the_merged_model(tmp_path, capsys):
+    from gemma3.cli import main
+    from gemma3.train.lora import merge_lora
+    from gemma3.weights.hf import save_hf
+
+    settings = LoraSettings(r=2, alpha=4, targets=("q_proj", "v_proj"))
+    base, model = adapted(settings)
+    save_hf(tmp_path / "base", base.config, base.state_dict(), torch.float32,
+            tokenizer_json=tiny_tokenizer_file(tmp_path))
+    write_adapter(tmp_path / "adapter", model.state_dict(), settings, str(tmp_path / "base"))
+    merge_lora(str(tmp_path / "base"), tmp_path / "adapter", tmp_path / "merged", progress=False)
+
+    def greedy(*model_args):
+        assert main(["generate", "Once upon a time", "-n", "12", "--temperature", "0", "--json", "--quiet",
+                     *model_args]) == 0
+        return json.loads(capsys.readouterr().out)["token_ids"]
+
+    merged = greedy("-m", str(tmp_path / "merged"))
+    assert greedy("-m", str(tmp_path / "base"), "--lora", str(tmp_path / "adapter")) == merged
+    assert greedy("-m", str(tmp_path / "adapter")) == merged
+    assert greedy("-m", str(tmp_path / "base")) != merged
+    assert main(["generate", "Hi", "-m", str(tmp_path / "adapter"), "--lora", str(tmp_path / "adapter")]) == 2
+    assert "is itself a LoRA adapter" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -27,8 +27,16 @@ GLOBAL = "full_attention"
 LAYER_TYPES = (SLIDING, GLOBAL)
 
 
+# Bounds on a config's sizes, far past any real model (the 27B: 62 layers, d 5376, 131 072 positions), so
+# that a hostile config.json or flag is an error rather than a tuple of 2^40 layer names or an int overflow.
+MAX_LAYERS = 10_000
+MAX_SIZE = 2**31 - 1
+
+
 def hybrid_layer_types(num_layers: int, pattern: int = 6) -> tuple[str, ...]:
     """Gemma 3's 5 : 1 hybrid: layer i is global iff (i + 1) % pattern == 0 (first global is layer 5)."""
+    if isinstance(num_layers, int) and num_layers > MAX_LAYERS:
+        raise ConfigError(f"num_hidden_layers must be at most {MAX_LAYERS:,}, got {num_layers:,}")
     return tuple(GLOBAL if (i + 1) % pattern == 0 else SLIDING for i in range(num_layers))
 
 
@@ -75,6 +83,9 @@ class Gemma3Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            if value > (MAX_LAYERS if name == "num_hidden_layers" else MAX_SIZE):
+                raise ConfigError(f"{name} must be at most {MAX_LAYERS if name == 'num_hidden_layers' else MAX_SIZE:,}, "
+                                  f"got {value:,}")
         for name in ("query_pre_attn_scalar", "rope_theta", "rope_local_base_freq", "rope_scaling_factor",
                      "rms_norm_eps", "initializer_range"):
             value = getattr(self, name)
@@ -154,8 +165,9 @@ class Gemma3Config:
         return cls(**data)
 
     # ------------------------------------------------------------------ HF config.json
-    def to_hf_dict(self) -> dict[str, Any]:
-        """A transformers-5 `Gemma3ForCausalLM` config.json (model_type gemma3_text, v5 rope_parameters)."""
+    def to_hf_dict(self, dtype: str = "bfloat16") -> dict[str, Any]:
+        """A transformers-5 `Gemma3ForCausalLM` config.json (model_type gemma3_text, v5 rope_parameters);
+        `dtype` is what the weights beside it are stored in."""
         full_rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling_factor != 1.0:
             full_rope = {"rope_type": "linear", "factor": self.rope_scaling_factor, "rope_theta": self.rope_theta}
@@ -189,7 +201,7 @@ class Gemma3Config:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_id),
             "use_cache": True,
-            "dtype": "bfloat16",
+            "dtype": dtype,
         }
 
     @classmethod
@@ -292,7 +304,11 @@ class Gemma3Config:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ConfigError(f"{path}: cannot read config: {e}") from None
-        if isinstance(data, dict) and ("model_type" in data or "text_config" in data or "architectures" in data):
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object of config fields, got {type(data).__name__}")
+        if not data:
+            raise ConfigError(f"{path}: the config is empty (an empty object would silently mean the 270M)")
+        if "model_type" in data or "text_config" in data or "architectures" in data:
             return cls.from_hf_dict(data, where=str(path))
         try:
             return cls.from_dict(data)
@@ -301,9 +317,10 @@ class Gemma3Config:
         except TypeError as e:
             raise ConfigError(f"{path}: {e}") from None
 
-    def save_hf(self, directory: str | Path) -> Path:
+    def save_hf(self, directory: str | Path, dtype: str = "bfloat16") -> Path:
+        """Write config.json into `directory`; `dtype` names the weights' dtype (config.json's "dtype")."""
         path = Path(directory) / "config.json"
-        path.write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n", encoding="utf-8")
+        path.write_text(json.dumps(self.to_hf_dict(dtype), indent=2) + "\n", encoding="utf-8")
         return path
 
 

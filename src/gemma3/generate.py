@@ -73,6 +73,15 @@ class GenerationResult:
     timings: Timings
 
 
+def check_finite(logits: torch.Tensor, generated: int) -> None:
+    """Stop with a clear error when the model's logits hold NaN or inf (sampling would fail on them, and an
+    argmax would pick garbage). One sum is the check: ~10 µs over 262 144 logits, and non-finite iff any is."""
+    if not bool(torch.isfinite(logits.sum(dtype=torch.float32))):
+        raise Gemma3Error(f"the model produced non-finite logits (NaN or inf) after {generated} generated token(s): "
+                          "its weights are probably non-finite (a corrupt or overflowed checkpoint), or the "
+                          "dtype cannot hold its activations (Gemma 3 needs bfloat16 or float32, never float16)")
+
+
 class Generator:
     """Generation with one model and tokenizer. Stateless between calls except for `ChatSession`'s cache."""
 
@@ -100,8 +109,8 @@ class Generator:
         return tuple(dict.fromkeys((*self.model.config.eos_token_id, *DEFAULT_STOP_IDS)))
 
     def encode(self, prompt: str, add_bos: bool = True) -> list[int]:
-        if not isinstance(prompt, str) or not prompt:
-            raise Gemma3Error("the prompt is empty")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise Gemma3Error("the prompt is empty" if not prompt else "the prompt is only whitespace")
         return self.tokenizer.encode(prompt, add_bos=add_bos and not prompt.startswith("<bos>"))
 
     # ------------------------------------------------------------------ public API
@@ -195,13 +204,19 @@ class _Run:
                 chunk = slice(s, min(T, s + cfg.prefill_chunk))
                 logits = model(ids[:, chunk].to(device), padding_mask=mask[:, chunk].to(device),
                                cache=self.cache, logits_to_keep=1).logits[:, -1]
+            check_finite(logits, 0)
             self.timings.prefill_tokens = int(mask[:, start:].sum())
             self.timings.prefill_s = time.perf_counter() - t0
 
             t1 = time.perf_counter()
             running = [True] * B
+            # Embedding rows past the tokenizer's vocabulary (the 4B-27B's 64 padding rows) are no tokens.
+            vocab = len(gen.tokenizer) if hasattr(gen.tokenizer, "__len__") else None
             for step in range(self.budget):
-                token = next_token(logits.float(), cfg.sampling, history.to(device), generator).cpu()
+                logits = logits.float()
+                if vocab is not None and logits.shape[-1] > vocab:
+                    logits[:, vocab:] = -float("inf")
+                token = next_token(logits, cfg.sampling, history.to(device), generator).cpu()
                 history = torch.cat([history, token[:, None]], dim=1)
                 for r in range(B):
                     if not running[r]:
@@ -220,6 +235,7 @@ class _Run:
                 if step + 1 == self.budget:  # the context is full before max_new_tokens
                     break
                 logits = model(token[:, None].to(device), cache=self.cache, logits_to_keep=1).logits[:, -1]
+                check_finite(logits, step + 1)
             self.timings.decode_s = time.perf_counter() - t1
         for r in range(B):
             if self.finish[r] is None:

@@ -20,6 +20,8 @@ One forward over T new tokens is one `CacheStep`:
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from gemma3.config import GLOBAL, SLIDING, Gemma3Config
@@ -27,11 +29,47 @@ from gemma3.errors import Gemma3Error
 from gemma3.model import attention_mask
 
 
+def cache_bytes(config: Gemma3Config, batch_size: int, max_seq_len: int, dtype: torch.dtype) -> int:
+    """What a KVCache of this shape allocates: keys and values of every layer, plus the slot positions."""
+    ring = min(config.sliding_window, max_seq_len)
+    slots = sum(max_seq_len if kind == GLOBAL else ring for kind in config.layer_types)
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * batch_size * config.num_key_value_heads * config.head_dim * slots * element \
+        + 8 * batch_size * (max_seq_len + ring + 1)
+
+
+def available_memory(device: torch.device | str) -> int | None:
+    """Bytes that can still be allocated on `device` (None where that cannot be told)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 class KVCache:
     def __init__(self, config: Gemma3Config, batch_size: int, max_seq_len: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         if max_seq_len <= 0 or batch_size <= 0:
             raise Gemma3Error(f"KV cache needs batch_size > 0 and max_seq_len > 0, got {batch_size}, {max_seq_len}")
+        # Checked before allocating: a config's context_length can be anything, and an allocation the machine
+        # cannot hold ends in an out-of-memory kill, not an error.
+        need, free = cache_bytes(config, batch_size, max_seq_len, dtype), available_memory(device)
+        if free is not None and need > free:
+            raise Gemma3Error(f"a KV cache for {batch_size} x {max_seq_len:,} tokens needs {need / 2**30:.1f} GiB, "
+                              f"more than the {free / 2**30:.1f} GiB free on {torch.device(device)}; generate "
+                              "fewer tokens (-n) or use a shorter --context")
         self.config, self.batch_size, self.max_seq_len = config, batch_size, max_seq_len
         self.ring_size = min(config.sliding_window, max_seq_len)
         K, hd = config.num_key_value_heads, config.head_dim

@@ -7,8 +7,15 @@ A source is one of:
 * a ``.gguf`` file (or a directory holding exactly one, with no config.json);
 * a directory with ``config.json`` + safetensors: an HF checkpoint, the output of `gemma3 convert`, or a
   training checkpoint;
+* a `gemma3 train` run directory: its latest checkpoint;
+* a LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``, PEFT's or a LoRA
+  run's checkpoint): the base model its config names (none: the embedded 270M) with the adapter folded in;
 * a Hugging Face Hub id such as ``google/gemma-3-270m`` (needs the `hub` extra), used only when no local
   file or directory of that name exists.
+
+Any source can also take a LoRA adapter at load time (`lora=`, the CLI's ``--lora ADAPTER``): it is
+folded into the weights in memory, W + (alpha / r)·B·A in fp32, exactly what `gemma3 merge-lora` writes,
+and the files are left as they are.
 
 The model is built on the meta device (no allocation) and takes the loaded tensors as they are
 (`load_state_dict(assign=True)`), so weights are materialised once.
@@ -16,6 +23,7 @@ The model is built on the meta device (no allocation) and takes the loaded tenso
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,14 +33,14 @@ from typing import Literal
 import torch
 
 from gemma3.config import Gemma3Config
-from gemma3.errors import CheckpointError
+from gemma3.errors import CheckpointError, Gemma3Error
 
 EMBEDDED = "embedded Gemma 3 270M (Q4_K_M GGUF)"
 
 
 @dataclass(frozen=True)
 class ResolvedSource:
-    kind: Literal["gguf", "hf"]
+    kind: Literal["gguf", "hf", "lora"]
     path: Path
     description: str  # what to tell the user ("embedded Gemma 3 270M ...", the path, the hub id)
 
@@ -63,13 +71,24 @@ def resolve_source(source: str | Path | None) -> ResolvedSource:
             return resolve_source(path.parent)
         raise CheckpointError(f"{path}: not a GGUF file (pass a .gguf file or a checkpoint directory)")
     if path.is_dir():
+        from gemma3.train.checkpoint import CHECKPOINTS, latest_checkpoint
+        from gemma3.train.lora import is_adapter_dir
+
         if is_hf_dir(path):
             return ResolvedSource("hf", path, str(path))
+        if is_adapter_dir(path):
+            return ResolvedSource("lora", path, str(path))
+        if (path / CHECKPOINTS).is_dir():  # a training run: its newest checkpoint
+            latest = latest_checkpoint(path)
+            if latest is None:
+                raise CheckpointError(f"{path}: a training run without a complete checkpoint yet")
+            return resolve_source(latest)
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / CONFIG).exists() and len(ggufs) == 1:
             return ResolvedSource("gguf", ggufs[0], str(ggufs[0]))
         raise CheckpointError(f"{path}: not a checkpoint directory (expected config.json with "
-                              "model.safetensors or model.safetensors.index.json, or a single .gguf file)")
+                              "model.safetensors or model.safetensors.index.json, a LoRA adapter, a training "
+                              "run, or a single .gguf file)")
     if isinstance(source, str) and looks_like_hub_id(source):
         directory = download(source)
         if not is_hf_dir(directory):
@@ -91,22 +110,61 @@ def progress_bar(enabled: bool, description: str):
     return wrap
 
 
-def load_weights(source: str | Path | None = None, dtype: torch.dtype = torch.float32, progress: bool = True
+def resolve_model(source: str | Path | None, lora: str | Path | None = None
+                  ) -> tuple[ResolvedSource, Path | None]:
+    """(the source of the base weights, the LoRA adapter to fold in or None) for `source` and `lora`."""
+    from gemma3.train.lora import adapter_base, is_adapter_dir
+
+    resolved = resolve_source(source)
+    if lora is not None:
+        lora = Path(lora).expanduser()
+        if not is_adapter_dir(lora):
+            raise CheckpointError(f"--lora {lora}: not a LoRA adapter directory (adapter_config.json + "
+                                  "adapter_model.safetensors)")
+    if resolved.kind != "lora":
+        return resolved, lora
+    if lora is not None:
+        raise CheckpointError(f"{resolved.path} is itself a LoRA adapter; give its base model with -m and the "
+                              "adapter with --lora (or merge one of them first with gemma3 merge-lora)")
+    base = adapter_base(resolved.path)
+    try:
+        base_resolved = resolve_source(base)
+    except CheckpointError as e:
+        raise CheckpointError(f"{resolved.path}: its base model {base!r} cannot be used ({e}); give the base "
+                              f"with -m BASE --lora {resolved.path}") from None
+    if base_resolved.kind == "lora":
+        raise CheckpointError(f"{resolved.path}: its base model {base} is another LoRA adapter")
+    return base_resolved, resolved.path
+
+
+def load_weights(source: str | Path | None = None, dtype: torch.dtype = torch.float32, progress: bool = True,
+                 lora: str | Path | None = None
                  ) -> tuple[Gemma3Config, dict[str, torch.Tensor], ResolvedSource, dict | None]:
-    """(config, state dict, resolved source, GGUF metadata or None) without building a model.
+    """(config, state dict, resolved source of the base weights, GGUF metadata or None) without building a
+    model. With an adapter (`lora`, or a source that is one) the weights are read in fp32, the adapter is
+    folded in, and only then are they cast to `dtype`, as `gemma3 merge-lora` does.
 
     `gemma3 convert` and `gemma3 info` use this directly; `load` adds the model and the tokenizer.
     """
     from gemma3.weights.gguf import load_gguf
     from gemma3.weights.hf import load_hf
 
-    resolved = resolve_source(source)
+    resolved, adapter = resolve_model(source, lora)
     bar = progress_bar(progress, f"loading {resolved.path.name}")
+    read_dtype = torch.float32 if adapter is not None else dtype
+    metadata = None
     if resolved.kind == "gguf":
-        config, state, gguf = load_gguf(resolved.path, dtype, bar)
-        return config, state, resolved, gguf.metadata
-    config, state = load_hf(resolved.path, dtype, bar)
-    return config, state, resolved, None
+        config, state, gguf = load_gguf(resolved.path, read_dtype, bar)
+        metadata = gguf.metadata
+    else:
+        config, state = load_hf(resolved.path, read_dtype, bar)
+    if adapter is not None:
+        from gemma3.train.lora import merge_adapter
+
+        merge_adapter(state, adapter)
+        state = {name: tensor.to(dtype) for name, tensor in state.items()}
+        resolved = dataclasses.replace(resolved, description=f"{resolved.description} + LoRA {adapter}")
+    return config, state, resolved, metadata
 
 
 def load_tokenizer(resolved: ResolvedSource, gguf_metadata: dict | None = None):
@@ -122,6 +180,56 @@ def load_tokenizer(resolved: ResolvedSource, gguf_metadata: dict | None = None):
     return None
 
 
+def chat_template_of(resolved: ResolvedSource, gguf_metadata: dict | None = None):
+    """The checkpoint's own chat template as a `gemma3.chat.ChatTemplate` naming its file, if it ships one
+    (GGUF metadata, chat_template.jinja, or tokenizer_config.json); None means the built-in Gemma 3 format."""
+    import json
+
+    from gemma3.chat import ChatTemplate
+
+    if resolved.kind == "gguf":
+        template = (gguf_metadata or {}).get("tokenizer.chat_template")
+        return ChatTemplate(template, f"{resolved.path} (tokenizer.chat_template)") \
+            if isinstance(template, str) and template else None
+    jinja = resolved.path / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            return ChatTemplate(jinja.read_text(encoding="utf-8"), str(jinja))
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{jinja}: cannot read the chat template ({e})") from None
+    config = resolved.path / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{config}: not a valid JSON object") from None
+        template = data.get("chat_template") if isinstance(data, dict) else None
+        if isinstance(template, list):  # transformers also accepts [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        return ChatTemplate(template, str(config)) if isinstance(template, str) and template else None
+    return None
+
+
+def resolve_device(spec: str) -> torch.device:
+    """A --device value: cpu, cuda, cuda:N or auto (CUDA when there is one); an unusable device is an error,
+    never a silent fallback."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError):
+        raise Gemma3Error(f"--device {spec!r}: not a device (cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise Gemma3Error(f"--device {spec}: CUDA is not available here (no GPU, or a CPU-only torch build)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise Gemma3Error(f"--device {spec}: there are {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise Gemma3Error(f"--device {spec}: only cpu and cuda are supported")
+    return device
+
+
 def build_model(config: Gemma3Config, state: dict[str, torch.Tensor], device: str | torch.device = "cpu"):
     """A Gemma3Model in eval mode holding exactly `state` (already checked against `config`)."""
     from gemma3.model import Gemma3Model
@@ -135,13 +243,14 @@ def build_model(config: Gemma3Config, state: dict[str, torch.Tensor], device: st
 
 
 def load(source: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         progress: bool = True):
+         progress: bool = True, lora: str | Path | None = None):
     """Load a model and its tokenizer: ``model, tokenizer, config = gemma3.load("google/gemma-3-270m")``.
 
-    `source`: None (the embedded 270M), a .gguf file, a checkpoint directory or a Hub id. The tokenizer
-    is None only for a checkpoint directory without tokenizer files.
+    `source`: None (the embedded 270M), a .gguf file, a checkpoint or run directory, a LoRA adapter or a
+    Hub id; `lora`: an adapter folded into the weights in memory. The tokenizer is None only for a
+    checkpoint directory without tokenizer files.
     """
-    config, state, resolved, metadata = load_weights(source, dtype, progress)
+    config, state, resolved, metadata = load_weights(source, dtype, progress, lora)
     model = build_model(config, state, device)
     tokenizer = load_tokenizer(resolved, metadata)
     return model, tokenizer, config

@@ -67,14 +67,19 @@ class PackedWeight:
         # one or a few tokens (decode): the native kernel reads the weights in place, if it could be built
         self.rows = NativeLinear(ws) if kernels.available() else None
         self.packed = None
+        # oneDNN's packed bf16 layout needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; elsewhere (an AVX2-only CPU)
+        # a bf16 prefill goes through F.linear on the fused weight, which torch supports everywhere
+        self.onednn = self.bf16 and _onednn_bf16()
         if self.rows is None or gemm_copy or len(ws) > 1:  # many tokens (prefill), or no native kernel
             w = torch.cat(ws) if len(ws) > 1 else ws[0]  # (sum of outs, in)
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 1) if self.bf16 else w.t().contiguous()
+            if self.onednn:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+            else:
+                self.packed = w if self.bf16 else w.t().contiguous()
 
     @staticmethod
     def supported(weight: torch.Tensor) -> bool:
-        return weight.device.type == "cpu" and (weight.dtype == torch.float32 or (
-            weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()))
+        return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
 
     def usable_for(self, *weights: torch.Tensor) -> bool:
         """True when `weights` are still what was packed and no gradient is wanted (the copy has none)."""
@@ -87,9 +92,18 @@ class PackedWeight:
                 return self.rows(x)
         if self.packed is None:  # the head without a GEMM copy: its one weight, as the kernel holds it
             return F.linear(x, self.rows.weights[0])
-        if self.bf16:
+        if self.onednn:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        if self.bf16:
+            return F.linear(x, self.packed)
         return x @ self.packed
+
+
+def _onednn_bf16() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def project(x: torch.Tensor, packed: PackedWeight | None, *linears: nn.Module) -> tuple[torch.Tensor, ...]:

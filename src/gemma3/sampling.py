@@ -26,6 +26,12 @@ from gemma3.errors import Gemma3Error
 # Below this a positive temperature can overflow float32 (logit / T = inf, then softmax gives NaN);
 # anything that cold is greedy in practice, so ask for 0 instead.
 MIN_TEMPERATURE = 1e-5
+# Above this the float32 division overflows nothing yet, but the distribution is flat over what top-k/top-p
+# keep; far above it (past float32's range) -inf / T becomes NaN.
+MAX_TEMPERATURE = 1e4
+# The same for the repetition penalty, which divides (or multiplies) logits: outside [1e-3, 1e3] a logit can
+# overflow, and no such penalty means anything a milder one does not.
+MIN_PENALTY, MAX_PENALTY = 1e-3, 1e3
 
 
 @dataclass(frozen=True)
@@ -62,16 +68,18 @@ class SamplingParams:
             raise Gemma3Error(f"top_k must be an integer, got {self.top_k!r}")
         if self.temperature < 0:
             raise Gemma3Error(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
-        if 0 < self.temperature < MIN_TEMPERATURE:
-            raise Gemma3Error(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE or self.temperature > MAX_TEMPERATURE:
+            raise Gemma3Error(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
+                              f"got {self.temperature}")
         if self.top_k < 0:
             raise Gemma3Error(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise Gemma3Error(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p <= 1:
             raise Gemma3Error(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise Gemma3Error(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}")
+        if not MIN_PENALTY <= self.repetition_penalty <= MAX_PENALTY:
+            raise Gemma3Error(f"repetition_penalty must be in [{MIN_PENALTY:g}, {MAX_PENALTY:g}] (1 disables it), "
+                              f"got {self.repetition_penalty}")
 
 
 def apply_repetition_penalty(logits: torch.Tensor, prev_ids: torch.Tensor, penalty: float) -> torch.Tensor:

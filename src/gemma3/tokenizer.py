@@ -79,8 +79,13 @@ class Tokenizer:
     # ------------------------------------------------------------------------------------------- sources
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
-        """Load an HF `tokenizer.json` unchanged."""
+        """Load an HF `tokenizer.json` unchanged (a regular file of at most 512 MiB: the official one is 33 MB,
+        and a device such as /dev/zero would be read without end)."""
         path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: cannot load tokenizer.json (no such regular file)")
+        if path.stat().st_size > 512 << 20:
+            raise CheckpointError(f"{path}: {path.stat().st_size / 2**20:.0f} MiB is too large for a tokenizer.json")
         try:
             backend = _Backend.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for both I/O and parse errors
@@ -136,10 +141,15 @@ class Tokenizer:
         """Write `tokenizer.json` (HF's pretty layout; byte-identical to the official file for Gemma 3).
 
         Written to a temporary file and renamed, so an interrupted save never leaves a truncated file."""
+        from gemma3.files import temp_path
+
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(self._backend.to_str(pretty=True).encode("utf-8"))  # no newline translation
-        os.replace(tmp, path)
+        tmp = temp_path(path)
+        try:
+            tmp.write_bytes(self._backend.to_str(pretty=True).encode("utf-8"))  # no newline translation
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     # -------------------------------------------------------------------------------------- text <-> ids
     def encode(self, text: str, add_bos: bool = True) -> list[int]:

@@ -19,8 +19,15 @@ COMMAND_MODULES = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (what is wrong, and where to read more), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gemma3",
         description="Gemma 3 text models in clean PyTorch: generate, chat, convert, inspect and train.",
         epilog="With no -m/--model, commands use the embedded Gemma 3 270M (a PyPI package, no download). "
@@ -58,10 +65,21 @@ def main(argv: list[str] | None = None) -> int:
     except Gemma3Error as e:
         print(f"gemma3 {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
     except BrokenPipeError:  # `gemma3 generate ... | head`
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except OSError as e:  # the file system said no: permissions, a full disk, a path that is not what it seems
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"gemma3 {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:  # torch reports a failed allocation as a RuntimeError
+        text = str(e)
+        if not isinstance(e, MemoryError) and "out of memory" not in text and "can't allocate memory" not in text:
+            raise
+        print(f"gemma3 {args.command}: error: not enough memory ({text.splitlines()[0] if text else 'MemoryError'})",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130

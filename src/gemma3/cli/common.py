@@ -3,29 +3,36 @@
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from gemma3.errors import Gemma3Error
+from gemma3.files import PROMPT_BYTES, check_text, read_stdin, read_text_file
+from gemma3.loading import resolve_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed's range
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("-m", "--model", metavar="SOURCE", default=None,
-                       help="a .gguf file, a checkpoint directory (config.json + safetensors) or a Hub id such as "
-                            "google/gemma-3-270m (default: the embedded Gemma 3 270M, no download)")
-    group.add_argument("--dtype", choices=list(DTYPES), default="float32",
-                       help="compute dtype (default: float32). Never float16: Gemma 3's residual stream "
-                            "exceeds its range")
+                       help="a .gguf file, a checkpoint or training-run directory, a LoRA adapter directory, or a "
+                            "Hub id such as google/gemma-3-270m (default: the embedded Gemma 3 270M, no download)")
+    group.add_argument("--lora", metavar="ADAPTER", default=None,
+                       help="a LoRA adapter directory (PEFT's files, or a LoRA run's checkpoint) folded into the "
+                            "weights in memory; the files are not changed")
+    group.add_argument("--dtype", choices=list(DTYPES), default=None,
+                       help="compute dtype (default: float32 on CPU, bfloat16 on CUDA). Never float16: Gemma 3's "
+                            "residual stream exceeds its range")
+    group.add_argument("--device", default="auto", metavar="DEVICE",
+                       help="cpu, cuda, cuda:N, or auto = CUDA when available (default: auto)")
     group.add_argument("-t", "--threads", type=int, default=None, metavar="N",
-                       help="CPU threads for torch (default: torch's choice)")
+                       help="CPU threads for torch, at most the cores available (default: torch's choice)")
     group.add_argument("--quiet", action="store_true", help="no progress bars or status lines on stderr")
 
 
@@ -33,63 +40,70 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 class Loaded:
     model: torch.nn.Module
     tokenizer: object
-    chat_template: str | None
+    chat_template: object | None  # gemma3.chat.ChatTemplate, or None for the built-in Gemma 3 format
     load_s: float
     description: str
 
 
-def load_from_args(args: argparse.Namespace) -> Loaded:
-    from gemma3.loading import build_model, load_tokenizer, load_weights
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise Gemma3Error(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+
+def set_threads(threads: int | None) -> None:
+    """--threads: at least 1, at most the cores this process may run on (more only slows a CPU run down)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise Gemma3Error(f"--threads must be >= 1, got {threads}")
+    cores = available_cores()
+    if threads > cores:
+        print(f"warning: --threads {threads} is more than the {cores} cores available; using {cores}", file=sys.stderr)
+        threads = cores
+    torch.set_num_threads(threads)
+
+
+def compute_setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype from the flags: CUDA computes in bf16 by default, the CPU in fp32."""
+    device = resolve_device(args.device)
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    return device, DTYPES[dtype]
+
+
+def load_from_args(args: argparse.Namespace) -> Loaded:
+    from gemma3.loading import build_model, chat_template_of, load_tokenizer, load_weights
+
+    device, dtype = compute_setup(args)
+    set_threads(args.threads)
     start = time.perf_counter()
-    config, state, resolved, metadata = load_weights(args.model, DTYPES[args.dtype], progress=not args.quiet)
-    model = build_model(config, state)
+    config, state, resolved, metadata = load_weights(args.model, dtype, progress=not args.quiet, lora=args.lora)
+    model = build_model(config, state, device)
     tokenizer = load_tokenizer(resolved, metadata)
     if tokenizer is None:
         raise Gemma3Error(f"{resolved.path}: no tokenizer.json or tokenizer.model next to the weights")
-    template = chat_template_of(resolved.path if resolved.kind == "hf" else None, metadata)
+    template = chat_template_of(resolved, metadata)
     return Loaded(model, tokenizer, template, time.perf_counter() - start, resolved.description)
 
 
-def chat_template_of(directory: Path | None, gguf_metadata: dict | None) -> str | None:
-    """The checkpoint's own chat template, if it ships one (GGUF metadata, chat_template.jinja, or
-    tokenizer_config.json); None means the built-in Gemma 3 format is used."""
-    if gguf_metadata is not None:
-        template = gguf_metadata.get("tokenizer.chat_template")
-        return template if isinstance(template, str) and template else None
-    if directory is None:
-        return None
-    jinja = directory / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    config = directory / "tokenizer_config.json"
-    if config.is_file():
-        try:
-            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            raise Gemma3Error(f"{config}: not a valid JSON object") from None
-        return template if isinstance(template, str) and template else None
-    return None
+def check_seed(seed: int | None) -> int | None:
+    if seed is not None and not 0 <= seed <= SEED_MAX:
+        raise Gemma3Error(f"--seed must be in [0, 2**64 - 1], got {seed}")
+    return seed
 
 
-def read_text_arg(text: str | None, file: str | None, what: str) -> str:
-    """The text given on the command line, in a file (-f), or piped on stdin."""
+def read_text_arg(text: str | None, file: str | None, what: str, cap: int = PROMPT_BYTES) -> str:
+    """The text given on the command line, in a file (-f), or piped on stdin: UTF-8, at most `cap` bytes."""
     if text is not None and file is not None:
         raise Gemma3Error(f"give the {what} either as an argument or with -f, not both")
     if file is not None:
-        try:
-            return Path(file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise Gemma3Error(f"{file}: cannot read {what}: {e}") from None
+        return read_text_file(file, cap, what)
     if text is not None:
-        return text
+        return check_text(text, f"the {what} argument")
     if sys.stdin is None or sys.stdin.isatty():
         raise Gemma3Error(f"no {what}: pass it as an argument, with -f FILE, or on stdin")
-    return sys.stdin.read()
+    return read_stdin(cap, what)
 
 
 def status(args: argparse.Namespace, message: str) -> None:

@@ -6,8 +6,12 @@ import argparse
 import json
 import sys
 
-from gemma3.cli.common import add_model_args, load_from_args, read_text_arg, status
+from gemma3.cli.common import add_model_args, check_seed, compute_setup, load_from_args, read_text_arg, status
 from gemma3.errors import Gemma3Error
+from gemma3.files import TEXT_BYTES, LineReader, LineTooLong, check_text
+
+EMBEDDED_IS_BASE = ("the embedded Gemma 3 270M is the pretrained base model, not instruction-tuned: for a chat model "
+                    "run -m google/gemma-3-270m-it (or a local directory of it)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Chat with the model using its chat template (the built-in Gemma 3 format if the checkpoint "
                     "has none). Commands: /reset starts over, /exit quits. The KV cache is kept across turns, "
                     "so each turn only processes its new tokens; when the context fills up the oldest turns "
-                    "are dropped.")
+                    "are dropped. With piped input, the exit status is 2 if any turn failed.",
+        epilog=f"note: {EMBEDDED_IS_BASE}.")
     c.add_argument("--system", help="a system prompt (Gemma 3 folds it into the first user turn)")
     c.add_argument("--context", type=int, default=8192, metavar="N",
                    help="context length in tokens for the conversation (default: 8192)")
@@ -76,18 +81,27 @@ def generation_config(args: argparse.Namespace):
                                 min_p=args.min_p, repetition_penalty=args.repetition_penalty),
         stop_strings=tuple(args.stop), seed=args.seed)
     config.validate()
+    check_seed(args.seed)
     if any(not s for s in config.stop_strings):
         raise Gemma3Error("--stop must not be empty")
     return config
+
+
+def check_run_flags(args: argparse.Namespace) -> None:
+    """Everything about the device and threads that can be checked before the (slow) load."""
+    compute_setup(args)
+    if args.threads is not None and args.threads < 1:
+        raise Gemma3Error(f"--threads must be >= 1, got {args.threads}")
 
 
 def run_generate(args: argparse.Namespace) -> int:
     from gemma3.generate import Generator
 
     config = generation_config(args)  # validate flags before the (slow) load
+    check_run_flags(args)
     prompt = read_text_arg(args.prompt, args.file, "prompt")
-    if not prompt:
-        raise Gemma3Error("the prompt is empty")
+    if not prompt.strip():
+        raise Gemma3Error("the prompt is empty" if not prompt else "the prompt is only whitespace")
     loaded = load_from_args(args)
     gen = Generator(loaded.model, loaded.tokenizer)
     if args.json:
@@ -116,19 +130,37 @@ def run_chat(args: argparse.Namespace) -> int:
     from gemma3.generate import ChatSession, Generator
 
     config = generation_config(args)
+    check_run_flags(args)
     if args.context < 16:
         raise Gemma3Error(f"--context must be at least 16 tokens, got {args.context}")
+    if args.system is not None:
+        check_text(args.system, "--system")
     loaded = load_from_args(args)
     session = ChatSession(Generator(loaded.model, loaded.tokenizer), system=args.system,
                           template=loaded.chat_template, context_length=args.context, config=config)
     interactive = sys.stdin.isatty()
     if interactive:
         status(args, f"loaded {loaded.description} in {loaded.load_s:.1f} s — /reset to start over, /exit to quit")
+        if args.model is None and args.lora is None:
+            status(args, f"note: {EMBEDDED_IS_BASE}")
+    lines = None if interactive else LineReader(sys.stdin.buffer) if hasattr(sys.stdin, "buffer") else None
+    failed = 0
     while True:
         try:
-            line = input("> " if interactive else "")
+            if lines is not None:
+                line = lines.readline()
+                if line is None:
+                    break
+            else:
+                line = input("> " if interactive else "")
         except EOFError:
             break
+        except Gemma3Error as e:  # a line that is too long or not UTF-8: say so, keep the session
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+            if isinstance(e, LineTooLong) and e.fatal:
+                break
+            continue
         text = line.strip()
         if not text:
             continue
@@ -144,12 +176,14 @@ def run_chat(args: argparse.Namespace) -> int:
                 sys.stdout.write(delta)
                 sys.stdout.flush()
         except Gemma3Error as e:  # e.g. one message longer than the context: say so, keep the session
+            sys.stdout.flush()
             print(f"error: {e}", file=sys.stderr)
+            failed += 1
             continue
         sys.stdout.write("\n")
         if session.dropped_turns > dropped:
             status(args, f"(context full: dropped the oldest {session.dropped_turns - dropped} turn(s))")
-    return 0
+    return 2 if failed and not interactive else 0
 
 
 def run_perplexity(args: argparse.Namespace) -> int:
@@ -157,7 +191,8 @@ def run_perplexity(args: argparse.Namespace) -> int:
 
     if args.context < 2 or (args.stride is not None and not 1 <= args.stride < args.context):
         raise Gemma3Error(f"need --context >= 2 and 1 <= --stride < --context, got {args.context} and {args.stride}")
-    text = read_text_arg(None, args.file, "text")
+    check_run_flags(args)
+    text = read_text_arg(None, args.file, "text", cap=TEXT_BYTES)
     if not text.strip():
         raise Gemma3Error(f"{args.file}: the file is empty")
     loaded = load_from_args(args)

@@ -26,9 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "train ... [--distributed fsdp].",
         epilog="example: gemma3 train data/ --init 270m --hidden-size 128 --num-hidden-layers 4 --steps 500 "
                "-o runs/tiny")
-    p.add_argument("data", nargs="+", help="text files, JSONL files, directories, or hf:NAME[@SPLIT] datasets")
-    p.add_argument("-o", "--out-dir", default="runs/gemma3", help="run directory: checkpoints, metrics, loss.png "
-                                                                  "(default: runs/gemma3)")
+    p.add_argument("data", nargs="*", help="text files, JSONL files, directories, or hf:NAME[@SPLIT] datasets "
+                                           "(with --resume: default the run's own)")
+    p.add_argument("-o", "--out-dir", help="run directory: checkpoints, metrics, loss.png (default: runs/gemma3); "
+                                           "must be new or empty unless --resume or --overwrite")
     m = p.add_argument_group("model")
     m.add_argument("-m", "--model", metavar="SOURCE", default=None,
                    help="start from these weights: .gguf, checkpoint directory or Hub id (default: embedded 270M)")
@@ -80,10 +81,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (default: 500)")
     e.add_argument("--keep", type=int, default=3, help="checkpoints to keep, 0 = all (default: 3)")
     e.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
-                   help="continue from the newest checkpoint in --out-dir (or PATH) exactly where it stopped")
+                   help="continue from the newest checkpoint in --out-dir (or PATH) exactly where it stopped; the "
+                        "model, data and flags come from the checkpoint, and flags given now may change only "
+                        "what does not change the run (steps, learning rate, intervals ...)")
+    e.add_argument("--overwrite", action="store_true", default=None,
+                   help="start a new run in an --out-dir that holds an old one: its checkpoints, metrics, "
+                        "samples, loss curve and TensorBoard events are removed (other files are kept)")
     e.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
     e.add_argument("--quiet", action="store_true", help="no progress bar or status lines")
     e.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    for action in p._actions:  # only the flags given count (see config_from_args); help shows the real defaults
+        if action.dest not in ("help", "data"):
+            action.default = None
     p.set_defaults(func=run_train)
 
     g = sub.add_parser(
@@ -94,39 +103,63 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("adapter", help="directory with adapter_config.json and adapter_model.safetensors")
     g.add_argument("-m", "--model", metavar="SOURCE", default=None,
                    help="the base model the adapter was trained on (default: the embedded 270M)")
-    g.add_argument("-o", "--out", required=True, help="output directory")
+    g.add_argument("-o", "--out", required=True, help="output directory (new or empty, unless --overwrite)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="write into an existing directory, replacing the files this command writes (others are kept)")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="saved dtype (default: float32)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=run_merge)
 
 
-def config_from_args(args: argparse.Namespace):
-    from gemma3.train import LoraSettings, TrainConfig
+# TrainConfig fields set by flags of the same name
+FLAG_FIELDS = ("out_dir", "model", "init", "tokenizer", "seq_len", "val_fraction", "text_field", "data_cache",
+               "steps", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
+               "grad_clip", "precision", "gradient_checkpointing", "seed", "device", "distributed", "eval_every",
+               "eval_batches", "sample_every", "sample_tokens", "sample_temperature", "save_every", "keep",
+               "resume", "overwrite", "tensorboard")
 
+
+def config_from_args(args: argparse.Namespace):
+    """TrainConfig from the flags the user gave (every option defaults to None, so a given flag is one that is
+    not None); with --resume, over the config stored in the checkpoint."""
+    from gemma3.train import LoraSettings, TrainConfig
+    from gemma3.train.trainer import resumed_config
+
+    given = {name: getattr(args, name) for name in FLAG_FIELDS if getattr(args, name) is not None}
+    if args.data:
+        given["data"] = args.data
     overrides = {name: getattr(args, name) for name in ARCH_FLAGS if getattr(args, name) is not None}
     if args.layer_pattern is not None:
         overrides["layer_pattern"] = args.layer_pattern
-    lora = None
-    if args.lora:
-        lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                            targets=LoraSettings.parse_targets(args.lora_targets))
-    return TrainConfig(
-        data=args.data, out_dir=args.out_dir, model=args.model, init=args.init, model_overrides=overrides,
-        tokenizer=args.tokenizer, lora=lora, seq_len=args.seq_len, val_fraction=args.val_fraction,
-        text_field=args.text_field, data_cache=args.data_cache, steps=args.steps, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay, grad_clip=args.grad_clip, precision=args.precision,
-        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, device=args.device,
-        distributed=args.distributed, eval_every=args.eval_every, eval_batches=args.eval_batches,
-        sample_every=args.sample_every, sample_prompts=args.sample_prompt, sample_tokens=args.sample_tokens,
-        sample_temperature=args.sample_temperature, save_every=args.save_every, keep=args.keep,
-        resume=args.resume, tensorboard=args.tensorboard, progress=not args.quiet)
+    if overrides:
+        given["model_overrides"] = overrides
+    if args.sample_prompt:
+        given["sample_prompts"] = args.sample_prompt
+    if args.quiet:
+        given["progress"] = False
+    lora_flags = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+                  "targets": args.lora_targets}
+    if args.lora or any(v is not None for v in lora_flags.values()):
+        if not args.lora:
+            raise Gemma3Error("--lora-r, --lora-alpha, --lora-dropout and --lora-targets need --lora")
+        defaults = LoraSettings()
+        given["lora"] = LoraSettings(
+            r=defaults.r if args.lora_r is None else args.lora_r,
+            alpha=defaults.alpha if args.lora_alpha is None else args.lora_alpha,
+            dropout=defaults.dropout if args.lora_dropout is None else args.lora_dropout,
+            targets=defaults.targets if args.lora_targets is None else LoraSettings.parse_targets(args.lora_targets))
+    if args.resume:
+        return resumed_config(given.get("out_dir"), args.resume, given)
+    if not args.data:
+        raise Gemma3Error("no training data: pass text/JSONL files, directories or hf:NAME datasets "
+                          "(only --resume takes them from the checkpoint)")
+    return TrainConfig(**given)
 
 
 def run_train(args: argparse.Namespace) -> int:
     from gemma3.train import train
 
-    if args.init is None and any(getattr(args, n) is not None for n in ARCH_FLAGS):
+    if args.init is None and not args.resume and any(getattr(args, n) is not None for n in ARCH_FLAGS):
         raise Gemma3Error("architecture flags (--hidden-size, --num-hidden-layers ...) need --init")
     result = train(config_from_args(args))
     if args.json and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
@@ -143,7 +176,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
     from gemma3.train import merge_lora
 
-    out = merge_lora(args.model, args.adapter, args.out,
-                     dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32, progress=not args.quiet)
+    out = merge_lora(args.model, args.adapter, args.out, dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32,
+                     progress=not args.quiet, overwrite=args.overwrite)
     print(f"merged model written to {out}", file=sys.stderr)
     return 0

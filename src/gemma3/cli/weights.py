@@ -53,15 +53,16 @@ def model_info(config: Gemma3Config) -> dict[str, Any]:
 
 def _config_of(source: str | None) -> tuple[Gemma3Config, str]:
     """The config of a source without loading its weights; preset names (270m ... 27b) also work here."""
-    from gemma3.loading import resolve_source
+    from gemma3.loading import resolve_model
     from gemma3.weights.gguf import GGUFFile, config_from_gguf
 
     if source is not None and source.lower() in PRESETS and not Path(source).exists():
         return PRESETS[source.lower()], f"preset {source.lower()}"
-    resolved = resolve_source(source)
+    resolved, adapter = resolve_model(source)  # a LoRA adapter has its base model's config
+    description = resolved.description + (f" + LoRA {adapter}" if adapter else "")
     if resolved.kind == "gguf":
-        return config_from_gguf(GGUFFile.open(resolved.path)), resolved.description
-    return Gemma3Config.from_json_file(resolved.path / "config.json"), resolved.description
+        return config_from_gguf(GGUFFile.open(resolved.path)), description
+    return Gemma3Config.from_json_file(resolved.path / "config.json"), description
 
 
 def _size(n: int) -> str:
@@ -106,44 +107,11 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- convert
-def convert(source: str | None, out: str | Path, to: str = "hf", dtype: str = "bfloat16", gguf_type: str = "BF16",
-            progress: bool = True) -> Path:
-    """Write `source` as an HF directory (`to="hf"`) or a GGUF file (`to="gguf"`); returns what was written.
-
-    For GGUF, `out` is the file if it ends in .gguf, else a directory that receives ``model.gguf``.
-    """
-    import torch
-
-    from gemma3.loading import load_tokenizer, load_weights, progress_bar
-    from gemma3.weights.gguf import tokenizer_metadata_from_json, write_gguf
-    from gemma3.weights.hf import save_hf
-
-    config, state, resolved, metadata = load_weights(source, torch.float32, progress)
-    out = Path(out)
-    if to == "hf":
-        if out.exists() and not out.is_dir():
-            raise CheckpointError(f"{out}: exists and is not a directory")
-        tokenizer_json = resolved.path / "tokenizer.json" if resolved.kind == "hf" else None
-        tokenizer = None
-        if tokenizer_json is None or not tokenizer_json.is_file():
-            tokenizer_json, tokenizer = None, load_tokenizer(resolved, metadata)
-        return save_hf(out, config, state, getattr(torch, dtype), tokenizer=tokenizer, tokenizer_json=tokenizer_json)
-
-    if metadata is not None:
-        tokenizer_keys = {k: v for k, v in metadata.items() if k.startswith("tokenizer.")}
-    elif (resolved.path / "tokenizer.json").is_file():
-        tokenizer_keys = tokenizer_metadata_from_json(resolved.path / "tokenizer.json")
-    else:
-        raise CheckpointError(f"{resolved.path}: no tokenizer.json, which a GGUF file must embed")
-    if out.suffix != ".gguf":
-        out.mkdir(parents=True, exist_ok=True)
-        out = out / "model.gguf"
-    return write_gguf(out, config, state, tokenizer_keys, gguf_type, name=f"Gemma 3 ({resolved.description})",
-                      progress=progress_bar(progress, f"writing {out.name}"))
-
-
 def run_convert(args: argparse.Namespace) -> int:
-    written = convert(_source(args.source), args.out, to=args.to, dtype=args.dtype, gguf_type=args.gguf_type)
+    from gemma3.weights.convert import convert
+
+    written = convert(_source(args.source), args.out, to=args.to, dtype=args.dtype, gguf_type=args.gguf_type,
+                      overwrite=args.overwrite, progress=not args.quiet)
     print(written)
     return 0
 
@@ -173,4 +141,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            help="safetensors dtype for --to hf (default: bfloat16, as Google ships Gemma 3)")
     convert_p.add_argument("--gguf-type", choices=("F32", "F16", "BF16", "Q8_0"), default="BF16",
                            help="tensor type for --to gguf (default: BF16; norms are always F32)")
+    convert_p.add_argument("--overwrite", action="store_true",
+                           help="write into an existing OUT, replacing the files this command writes (others are "
+                                "kept); never the source itself, a directory containing it, or the current directory")
+    convert_p.add_argument("--quiet", action="store_true", help="no progress bars")
     convert_p.set_defaults(func=run_convert)

@@ -96,18 +96,10 @@ def write_model_files(directory: Path, config: Gemma3Config, state: dict[str, to
     """config.json + model.safetensors with HF tensor names, the form `gemma3.loading` reads."""
     from safetensors.torch import save_file
 
-    config.save_hf(directory)
+    dtypes = {str(v.dtype).removeprefix("torch.") for v in state.values()}
+    config.save_hf(directory, dtype=dtypes.pop() if len(dtypes) == 1 else "float32")
     tensors = {HF_PREFIX + k: v.detach().contiguous() for k, v in state.items()}
     save_file(tensors, str(directory / MODEL_WEIGHTS), metadata={"format": "pt"})
-
-
-def write_model_dir(directory: Path, config: Gemma3Config, state: dict[str, torch.Tensor], tokenizer=None) -> Path:
-    """A standalone model directory (config.json, model.safetensors, tokenizer.json), written atomically."""
-    with atomic_directory(directory) as tmp:
-        write_model_files(tmp, config, state)
-        if tokenizer is not None:
-            tokenizer.save(tmp / TOKENIZER)
-    return Path(directory)
 
 
 def checkpoint_dir(out_dir: Path, step: int) -> Path:

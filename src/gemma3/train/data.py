@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from gemma3.errors import Gemma3Error
+from gemma3.files import remove_stale_temp, temp_path
 
 IGNORE_INDEX = -100
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
@@ -70,7 +71,7 @@ def expand_sources(sources: Sequence[str]) -> list[str]:
             continue
         path = Path(spec).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES)
+            found = sorted(_data_files(path))
             if not found:
                 raise DataError(f"{path}: no .txt, .md or .jsonl files in this directory")
             out.extend(str(p) for p in found)
@@ -81,6 +82,25 @@ def expand_sources(sources: Sequence[str]) -> list[str]:
     if not out:
         raise DataError("no training data given (pass files, directories or hf:NAME datasets)")
     return out
+
+
+MAX_DIRECTORY_ENTRIES = 200_000  # a corpus directory larger than this is named file by file (or sharded)
+
+
+def _data_files(directory: Path) -> Iterator[Path]:
+    """The text and JSONL files below `directory`, visiting at most MAX_DIRECTORY_ENTRIES entries (so that
+    `gemma3 train /` ends in an error, not a walk over the whole file system)."""
+    seen = 0
+    for root, dirs, files in os.walk(directory):
+        seen += len(dirs) + len(files)
+        if seen > MAX_DIRECTORY_ENTRIES:
+            raise DataError(f"{directory}: more than {MAX_DIRECTORY_ENTRIES:,} entries below it; pass the data "
+                            "files, or a directory that holds only them")
+        dirs.sort()
+        for name in files:
+            path = Path(root) / name
+            if path.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES and path.is_file():
+                yield path
 
 
 def read_documents(sources: Sequence[str], text_field: str = "text") -> Iterator[Document]:
@@ -105,20 +125,23 @@ def read_documents(sources: Sequence[str], text_field: str = "text") -> Iterator
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
     try:
-        f = path.open(encoding="utf-8")
+        f = path.open("rb")
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     with f:
-        for lineno, line in enumerate(f, 1):
+        for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 (invalid byte 0x{raw[e.start]:02x} at column {e.start + 1})") \
+                    from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not UTF-8 ({e.reason})") from None
             yield _document(record, where, text_field)
 
 
@@ -266,7 +289,18 @@ class TokenFile:
         if prefix.with_suffix(".json").is_file():
             return cls(prefix)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = {s: prefix.with_suffix(s + f".tmp{os.getpid()}") for s in (".tokens", ".mask", ".offsets.npy", ".json")}
+        remove_stale_temp(cache_dir, f"{prefix.name}.*.tmp-*")  # what a killed tokenization left behind
+        tmp = {s: temp_path(prefix.with_suffix(s)) for s in (".tokens", ".mask", ".offsets.npy", ".json")}
+        try:
+            cls._write(sources, tokenizer, text_field, progress, prefix, tmp, fingerprint)
+        finally:
+            for p in tmp.values():  # renamed into place on success; an error or a kill leaves nothing behind
+                p.unlink(missing_ok=True)
+        return cls(prefix)
+
+    @staticmethod
+    def _write(sources: list[str], tokenizer, text_field: str, progress: bool, prefix: Path, tmp: dict[str, Path],
+               fingerprint: str) -> None:
         offsets = [0]
         max_id = 0
         kinds: set[str] = set()
@@ -287,8 +321,6 @@ class TokenFile:
                 f.flush()
                 os.fsync(f.fileno())
         if len(offsets) == 1 or offsets[-1] == 0:
-            for p in tmp.values():
-                p.unlink(missing_ok=True)
             raise DataError(f"the dataset is empty: no documents with text in {', '.join(sources)}")
         with open(tmp[".offsets.npy"], "wb") as f:
             np.save(f, np.asarray(offsets, dtype=np.int64))
@@ -298,7 +330,6 @@ class TokenFile:
         tmp[".json"].write_text(json.dumps(meta, indent=1), encoding="utf-8")
         for suffix in (".tokens", ".mask", ".offsets.npy", ".json"):  # header last: it marks completeness
             os.replace(tmp[suffix], prefix.with_suffix(suffix))
-        return cls(prefix)
 
 
 def _progress(items: Iterable, enabled: bool, desc: str):

@@ -99,6 +99,10 @@ def apply_lora(model: nn.Module, settings: LoraSettings, generator: torch.Genera
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name in settings.targets and isinstance(child, nn.Linear):
+                if settings.r > min(child.in_features, child.out_features):
+                    raise Gemma3Error(f"LoRA rank {settings.r} is larger than {child_name} itself "
+                                      f"({child.out_features} x {child.in_features}): a low-rank update of a "
+                                      "higher rank than the weight adds nothing")
                 lora = LoRALinear(child, settings.r, settings.alpha, settings.dropout)
                 lora.reset_lora(generator)
                 setattr(module, child_name, lora)
@@ -155,16 +159,35 @@ def write_adapter(directory: Path, state: Mapping[str, torch.Tensor], settings: 
                                             encoding="utf-8")
 
 
+def is_adapter_dir(path: Path) -> bool:
+    return (path / ADAPTER_CONFIG).is_file() and (path / ADAPTER_WEIGHTS).is_file()
+
+
+def _adapter_config(directory: Path) -> dict:
+    try:
+        cfg = json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{directory}: cannot read {ADAPTER_CONFIG} ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{directory / ADAPTER_CONFIG}: expected a JSON object")
+    return cfg
+
+
+def adapter_base(directory: str | Path) -> str | None:
+    """The base model an adapter names (``base_model_name_or_path``); None means the embedded 270M."""
+    base = _adapter_config(Path(directory)).get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise CheckpointError(f"{directory}: base_model_name_or_path must be a string, got {base!r}")
+    return base or None
+
+
 def read_adapter(directory: str | Path) -> tuple[LoraSettings, dict[str, torch.Tensor], str | None]:
     """(settings, {our module path: (A, B)} flattened as "path.lora_A"/"path.lora_B", base model name)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    try:
-        cfg = json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{directory}: cannot read {ADAPTER_CONFIG} ({e})") from None
+    cfg = _adapter_config(directory)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{directory}: peft_type is {cfg.get('peft_type')!r}, only LORA is supported")
     for unsupported in ("use_dora", "use_rslora", "fan_in_fan_out"):
@@ -177,8 +200,13 @@ def read_adapter(directory: str | Path) -> tuple[LoraSettings, dict[str, torch.T
     targets = cfg.get("target_modules") or ()
     if isinstance(targets, str):  # PEFT also allows a regex / "all-linear" string
         targets = ALL_LINEAR if targets == "all-linear" else tuple(t for t in ALL_LINEAR if t in targets)
-    settings = LoraSettings(r=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", 8)),
-                            dropout=float(cfg.get("lora_dropout", 0.0)), targets=tuple(targets))
+    try:
+        settings = LoraSettings(r=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", 8)),
+                                dropout=float(cfg.get("lora_dropout", 0.0)), targets=tuple(targets))
+    except (KeyError, TypeError, ValueError, Gemma3Error) as e:
+        raise CheckpointError(f"{directory / ADAPTER_CONFIG}: invalid LoRA settings ({e})") from None
+    if not math.isfinite(settings.alpha):
+        raise CheckpointError(f"{directory / ADAPTER_CONFIG}: lora_alpha must be finite, got {settings.alpha}")
     try:
         raw = load_file(str(directory / ADAPTER_WEIGHTS))
     except (OSError, SafetensorError) as e:
@@ -228,17 +256,36 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def merge_lora(base: str | None, adapter_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32,
-               progress: bool = True) -> Path:
-    """`gemma3 merge-lora`: base model source + PEFT adapter → a standalone checkpoint directory
-    (config.json, model.safetensors, tokenizer.json) that loads as a model source everywhere."""
-    from gemma3.loading import load
-    from gemma3.train.checkpoint import write_model_dir
+@torch.no_grad()
+def merge_adapter(state: dict[str, torch.Tensor], directory: str | Path) -> LoraSettings:
+    """Fold the adapter in `directory` into `state` (our names) in place: W += (alpha / r) · B A, in fp32 and
+    cast back to W's dtype. Every adapted module must exist and every shape must fit."""
+    settings, weights, _ = read_adapter(directory)
+    modules = sorted({key.rsplit(".", 1)[0] for key in weights})
+    for name in modules:
+        a, b = weights.get(f"{name}.lora_A"), weights.get(f"{name}.lora_B")
+        if a is None or b is None or len(weights) != 2 * len(modules):
+            raise CheckpointError(f"{directory}: {name} needs both lora_A and lora_B (and nothing else)")
+        base = state.get(f"{name}.weight")
+        if base is None:
+            raise CheckpointError(f"{directory}: the adapter has {name}, which the model does not")
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != base.shape:
+            raise CheckpointError(f"{directory}: {name} lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do "
+                                  f"not fit the weight {tuple(base.shape)}")
+        delta = (b.float() @ a.float()) * settings.scaling
+        state[f"{name}.weight"] = (base.float() + delta).to(base.dtype)
+    return settings
 
-    model, tokenizer, config = load(base, dtype=torch.float32, progress=progress)
-    load_adapter_into(model, adapter_dir)
-    state = {k: v.to(dtype) for k, v in merged_state_dict(model).items()}
-    return write_model_dir(Path(out_dir), config, state, tokenizer)
+
+def merge_lora(base: str | None, adapter_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32,
+               progress: bool = True, overwrite: bool = False) -> Path:
+    """`gemma3 merge-lora`: base model source + PEFT adapter → a standalone checkpoint directory (config.json,
+    model.safetensors, tokenizer files) that loads as a model source everywhere, and in transformers.
+    An existing non-empty `out_dir` is refused unless `overwrite` (gemma3.files)."""
+    from gemma3.weights.convert import convert
+
+    return convert(base, out_dir, to="hf", dtype=str(dtype).removeprefix("torch."), progress=progress,
+                   overwrite=overwrite, lora=adapter_dir, extra_sources=(adapter_dir,), out_flag="-o")
 
 
 def trainable_parameters(model: nn.Module) -> Iterable[nn.Parameter]:

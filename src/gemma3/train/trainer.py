@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,10 @@ from gemma3.train.data import (IGNORE_INDEX, DataError, PackedDataset, TokenFile
                                split_documents, unigram_loss)
 from gemma3.train.lora import LoraSettings, apply_lora, describe, write_adapter
 from gemma3.train.metrics import LOSS_PNG, METRICS, Metrics, plot_loss, progress_bar
+
+
+MAX_GLOBAL_BATCH = 2**20  # sequences per optimizer step per process; real recipes use hundreds
+MAX_HYPERPARAMETER = {"lr": 1e3, "weight_decay": 1e3, "grad_clip": 1e6, "sample_temperature": 1e4, "min_lr_ratio": 1.0}
 
 
 class TrainingError(Gemma3Error):
@@ -90,6 +95,7 @@ class TrainConfig:
     save_every: int = 500
     keep: int = 3
     resume: str | bool | None = None
+    overwrite: bool = False  # start a new run in an out_dir that holds an old one (its run files are removed)
     tensorboard: bool = False
     progress: bool = True
 
@@ -98,6 +104,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise Gemma3Error(f"{name} must be a positive integer, got {value!r}")
+        if self.batch_size * self.grad_accum > MAX_GLOBAL_BATCH:
+            raise Gemma3Error(f"a step of {self.batch_size} x {self.grad_accum} sequences per process is more than "
+                              f"{MAX_GLOBAL_BATCH:,}; lower --batch-size or --grad-accum")
         for name in ("warmup_steps", "eval_every", "save_every", "keep"):
             if getattr(self, name) < 0:
                 raise Gemma3Error(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -105,12 +114,27 @@ class TrainConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise Gemma3Error(f"{name} must be a finite number >= 0, got {value!r}")
+            if value > MAX_HYPERPARAMETER[name]:  # beyond these the update or the sampling overflows float32
+                raise Gemma3Error(f"{name} must be at most {MAX_HYPERPARAMETER[name]:g}, got {value!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise Gemma3Error(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.init is not None and self.model is not None:
             raise Gemma3Error("give either --init (train from scratch) or -m/--model (start from weights), not both")
         if self.model_overrides and self.init is None:
             raise Gemma3Error("architecture flags (--hidden-size, --num-layers ...) need --init: a loaded model's shape is fixed")
+        if self.resume and self.overwrite:
+            raise Gemma3Error("give --resume (continue the run in --out-dir) or --overwrite (start a new one there), "
+                              "not both")
+        if not self.data:
+            raise Gemma3Error("no training data given (pass files, directories or hf:NAME datasets)")
+        from gemma3.files import check_text
+        from gemma3.loading import resolve_device
+
+        resolve_device(self.device)
+        for prompt in self.sample_prompts:
+            check_text(prompt, "--sample-prompt")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise Gemma3Error(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
 
 
 @dataclass
@@ -123,14 +147,131 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------------------------- schedule
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup from lr/warmup to lr, then cosine decay to lr · min_lr_ratio at the last step."""
+def lr_at(step: int, cfg: TrainConfig, anchor: tuple[int, float] | None = None) -> float:
+    """Linear warmup from lr/warmup to lr, then cosine decay to lr · min_lr_ratio at the last step.
+
+    `anchor` (step a, rate r) is set when a run is resumed with a changed schedule (--steps, --lr,
+    --min-lr-ratio, --warmup-steps) after its warmup: from step a on, the rate follows a cosine from r (the
+    old schedule's rate at a, scaled by new lr / old lr) to the new floor at the new last step, so raising
+    --steps continues the curve instead of jumping back up it."""
+    if anchor is not None and step >= anchor[0]:
+        start, rate = anchor
+        floor = cfg.lr * cfg.min_lr_ratio
+        progress = min(1.0, (step - start) / max(1, cfg.steps - start))
+        return floor + (rate - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     span = max(1, cfg.steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------------------ resuming a run
+# TrainConfig field -> the flag that sets it: on --resume these must match the checkpoint when they are given
+# (left out, the checkpoint's own values are used). Batch size and gradient accumulation may change as long
+# as the global batch stays the same (checked against the checkpoint later).
+FIXED_ON_RESUME = {
+    "data": "DATA", "model": "-m/--model", "init": "--init", "model_overrides": "the architecture flags",
+    "tokenizer": "--tokenizer", "lora": "--lora (and --lora-r/--lora-alpha/--lora-dropout/--lora-targets)",
+    "seq_len": "--seq-len", "val_fraction": "--val-fraction", "text_field": "--text-field", "seed": "--seed",
+}
+_PATH_FIELDS = ("model", "init", "tokenizer", "data_cache")
+
+
+def _absolute(spec: str | None) -> str | None:
+    """A local path made absolute (so a resumed run finds it from any directory); presets, hf: datasets and
+    Hub ids stay as they are."""
+    if spec is None or spec.startswith("hf:") or not Path(spec).expanduser().exists():
+        return spec
+    return str(Path(spec).expanduser().resolve())
+
+
+def stored_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The run's TrainConfig as JSON for train_state.json, with local paths made absolute."""
+    data = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    data["data"] = [_absolute(d) for d in cfg.data]
+    for name in _PATH_FIELDS:
+        data[name] = _absolute(getattr(cfg, name))
+    data["resume"] = None
+    data["overwrite"] = False
+    return data
+
+
+def resumed_config(out_dir: str | None, resume: str | bool, given: dict[str, Any]) -> TrainConfig:
+    """`--resume` alone: the TrainConfig the checkpoint was trained with, then the flags given now. A given
+    flag that would change what the run is (FIXED_ON_RESUME) and differs from the checkpoint is an error
+    naming it; the others (steps, learning rate, intervals ...) take the new value. Without `out_dir`, the
+    run goes on in the run directory of `resume` (or the default runs/gemma3 for a bare --resume)."""
+    path = ckpt.resolve_resume(resume, Path(out_dir or TrainConfig.out_dir))
+    if out_dir is None:
+        out_dir = str(path.parent.parent) if path.parent.name == ckpt.CHECKPOINTS else TrainConfig.out_dir
+    stored = ckpt.read_train_state(path).get("train_config")
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{path}: {ckpt.TRAIN_STATE} has no train_config to resume from")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    base = {k: v for k, v in stored.items() if k in names}
+    if base.get("lora") is not None:
+        try:
+            base["lora"] = LoraSettings(**{**base["lora"], "targets": tuple(base["lora"]["targets"])})
+        except (TypeError, KeyError) as e:
+            raise CheckpointError(f"{path}: unreadable LoRA settings in {ckpt.TRAIN_STATE} ({e})") from None
+    for name, value in given.items():
+        if name not in FIXED_ON_RESUME:
+            continue
+        mine, theirs = value, base.get(name)
+        if name == "data":
+            mine, theirs = [_absolute(d) for d in value], [_absolute(d) for d in theirs or []]
+        elif name in _PATH_FIELDS:
+            mine, theirs = _absolute(value), _absolute(theirs)
+        if mine != theirs:
+            raise CheckpointError(f"cannot resume {path} with {FIXED_ON_RESUME[name]} {value!r}: the run was trained "
+                                  f"with {theirs!r} (leave the flag out to use the checkpoint's)")
+    merged = {**base, **given, "out_dir": out_dir, "resume": resume}
+    return TrainConfig(**merged)
+
+
+SCHEDULE_FIELDS = ("lr", "warmup_steps", "steps", "min_lr_ratio")
+
+
+def _schedule(cfg: TrainConfig) -> tuple:
+    return tuple(getattr(cfg, name) for name in SCHEDULE_FIELDS)
+
+
+# ----------------------------------------------------------------------------------------- run directory
+RUN_FILES = (METRICS, "samples.jsonl", LOSS_PNG, ckpt.TOKENIZER)
+
+
+def prepare_run_dir(cfg: TrainConfig) -> None:
+    """Refuse an --out-dir that would mix two runs or destroy files (gemma3.files): without --resume it must
+    be new or empty, or the user says --overwrite, which removes the old run's own files (its checkpoints,
+    metrics, samples, loss curve, tokenizer and TensorBoard events; the token cache in data/ is kept and
+    reused) and nothing else. Never the current directory, nor one that contains the data or the model."""
+    from gemma3.files import check_not_protected, check_output_dir
+
+    out = Path(cfg.out_dir)
+    sources = [d for d in cfg.data if not d.startswith("hf:")] + [cfg.model, cfg.tokenizer]
+    if cfg.init is not None and Path(cfg.init).expanduser().exists():
+        sources.append(cfg.init)
+    if cfg.resume:
+        check_not_protected(out, sources, "--out-dir")
+        return
+    # data/ alone is the token cache of a run that stopped before its first step (bad data, say): reused
+    check_output_dir(out, overwrite=cfg.overwrite, sources=sources, flag="--out-dir", allowed_existing=("data",))
+    if cfg.overwrite and out.is_dir():
+        root = out / ckpt.CHECKPOINTS
+        for step_dir in root.glob("step-*") if root.is_dir() else ():
+            if (step_dir / ckpt.TRAIN_STATE).is_file():
+                shutil.rmtree(step_dir)
+        for name in (ckpt.LATEST,):
+            (root / name).unlink(missing_ok=True)
+        if root.is_dir() and not any(root.iterdir()):
+            root.rmdir()
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        tb = out / "tensorboard"
+        for events in tb.glob("events.out.tfevents.*") if tb.is_dir() else ():
+            events.unlink()
 
 
 # ---------------------------------------------------------------------------------------- model set-up
@@ -204,10 +345,32 @@ def load_tokenizer(spec: str | None):
     return Tokenizer.from_file(path)
 
 
+def check_fits(config: Gemma3Config, cfg: TrainConfig, loaded: bool = False) -> None:
+    """Refuse a run that cannot fit in memory before allocating it (an allocation the machine cannot hold ends
+    in a traceback or an out-of-memory kill). Lower bounds only, so nothing that fits is refused: fp32
+    weights, gradients and AdamW's two moments are 16 bytes a parameter (4 of them already taken when the
+    weights are `loaded`; LoRA trains next to none), and backward keeps at least the fp32 residual stream of
+    every layer for every token of a micro-batch."""
+    from gemma3.kv_cache import available_memory
+
+    device = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    free = available_memory(device)
+    if free is None:
+        return
+    params = config.num_parameters()
+    weights = params * ((0 if loaded else 4) + (0 if cfg.lora is not None else 12))
+    activations = cfg.batch_size * cfg.seq_len * config.hidden_size * config.num_hidden_layers * 4
+    if weights + activations > free:
+        raise Gemma3Error(f"this run needs at least {(weights + activations) / 2**30:,.1f} GiB ({params:,} parameters; "
+                          f"micro-batches of {cfg.batch_size} x {cfg.seq_len} tokens), more than the "
+                          f"{free / 2**30:.1f} GiB free; make the model or --batch-size smaller")
+
+
 def build_model(cfg: TrainConfig, main: bool):
     """(model in fp32 on CPU, tokenizer, config, description of where the weights came from)."""
     if cfg.init is not None:
         config = scratch_config(cfg.init, cfg.model_overrides)
+        check_fits(config, cfg)
         tokenizer = load_tokenizer(cfg.tokenizer)
         from gemma3.model import Gemma3Model
 
@@ -218,6 +381,7 @@ def build_model(cfg: TrainConfig, main: bool):
         from gemma3.loading import load
 
         model, tokenizer, config = load(cfg.model, dtype=torch.float32, progress=cfg.progress and main)
+        check_fits(config, cfg, loaded=True)
         if cfg.tokenizer is not None:
             tokenizer = load_tokenizer(cfg.tokenizer)
         if tokenizer is None:
@@ -240,9 +404,20 @@ class Trainer:
         self.main = self.env.is_main
         self.out = Path(cfg.out_dir)
         torch.manual_seed(cfg.seed)
+        # Before anything is written: rank 0 checks the run directory, and every rank stops if it refused.
+        error = None
+        if self.main:
+            try:
+                prepare_run_dir(cfg)
+            except Gemma3Error as e:
+                error = str(e)
+        error = dist_.broadcast_object(error, self.env)
+        if error is not None:
+            raise Gemma3Error(error)
 
         self.resume_from = ckpt.resolve_resume(cfg.resume, self.out) if cfg.resume else None
         resume_state = ckpt.read_train_state(self.resume_from) if self.resume_from else None
+        self.lr_anchor: tuple[int, float] | None = None
 
         model, self.tokenizer, self.config, origin = build_model(cfg, self.main)
         self.lora_targets = None
@@ -365,6 +540,17 @@ class Trainer:
             torch.cuda.set_rng_state(trainer_state["rng"]["cuda"], self.env.device)
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
+        anchor = state.get("lr_anchor")
+        self.lr_anchor = (int(anchor[0]), float(anchor[1])) if anchor else None
+        stored = state.get("train_config") or {}
+        before = dataclasses.replace(self.cfg, **{k: stored[k] for k in SCHEDULE_FIELDS if k in stored})
+        if _schedule(before) != _schedule(self.cfg) and self.step >= before.warmup_steps:
+            # the schedule changed: continue from the rate the run had reached (see lr_at)
+            rate = lr_at(self.step, before, self.lr_anchor) * (self.cfg.lr / before.lr if before.lr else 1.0)
+            self.lr_anchor = (self.step, rate)
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.cfg, self.lr_anchor)
 
     # ----------------------------------------------------------------------------------------- loop
     def _autocast(self):
@@ -382,7 +568,7 @@ class Trainer:
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over the global batch. Returns (loss, grad norm) as Python floats."""
         cfg, env, dev = self.cfg, self.env, self.env.device
-        lr = lr_at(self.step, cfg)
+        lr = self.lr(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches = self._micro_batches(self.step)
@@ -408,12 +594,14 @@ class Trainer:
         self.tokens_seen += self.global_batch * cfg.seq_len
         return step_loss, norm
 
-    def _stop_non_finite(self, what: str, value: float) -> None:
+    def _last_good(self) -> str:
         last = ckpt.latest_checkpoint(self.out)
-        keep = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+        return f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+
+    def _stop_non_finite(self, what: str, value: float) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         raise TrainingError(f"{what} is {value} at step {self.step + 1}; stopped without updating or saving "
-                            f"({keep}; resume from it with a lower --lr)")
+                            f"({self._last_good()}; resume from it with a lower --lr)")
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -466,11 +654,18 @@ class Trainer:
         for prompt in self.sample_prompts():
             generator = torch.Generator(device=dev).manual_seed(cfg.seed)
             ids = self.tokenizer.encode(prompt, add_bos=True)
-            cache = KVCache(self.config, 1, len(ids) + cfg.sample_tokens, torch.float32, dev)
+            n_new = max(0, min(cfg.sample_tokens, self.config.max_position_embeddings - len(ids)))
+            if n_new == 0:
+                out.append((prompt, ""))
+                continue
+            cache = KVCache(self.config, 1, len(ids) + n_new, torch.float32, dev)
             x = torch.tensor([ids], device=dev)
             new: list[int] = []
-            for _ in range(cfg.sample_tokens):
+            for _ in range(n_new):
                 logits = self.module(x, cache=cache, logits_to_keep=1).logits[:, -1].float()
+                if not bool(torch.isfinite(logits.sum())):
+                    raise TrainingError(f"the model's logits are not finite at step {self.step} (the weights "
+                                        f"diverged: lower --lr); {self._last_good()}")
                 logits[:, len(self.tokenizer):] = -float("inf")  # embedding rows no token maps to (padding)
                 token = int(next_token(logits, params, generator=generator)[0])
                 if token in stops:
@@ -499,10 +694,11 @@ class Trainer:
             state = {**self._resume_identity(), "step": self.step, "tokens_seen": self.tokens_seen,
                      "sequences_seen": self.step * self.global_batch, "train_loss": train_loss,
                      "eval_loss": eval_loss, "unigram_loss": self.unigram,
-                     "train_config": json.loads(json.dumps(dataclasses.asdict(self.cfg), default=str))}
+                     "lr_anchor": list(self.lr_anchor) if self.lr_anchor else None,
+                     "train_config": stored_config(self.cfg)}
 
             def adapter_writer(directory: Path) -> None:
-                write_adapter(directory, adapter_only, lora, self.cfg.model)
+                write_adapter(directory, adapter_only, lora, _absolute(self.cfg.model))
 
             path = ckpt.save_checkpoint(self.out, self.step, config=self.config, model_state=model_state,
                                         write_adapter=adapter_writer if lora else None,
@@ -530,7 +726,7 @@ class Trainer:
                 tps = (self.tokens_seen - tokens_last) / max(now - t_last, 1e-9)
                 t_last, tokens_last = now, self.tokens_seen
                 if self.main:
-                    self.metrics.log({"step": self.step, "loss": train_loss, "lr": lr_at(self.step - 1, cfg),
+                    self.metrics.log({"step": self.step, "loss": train_loss, "lr": self.lr(self.step - 1),
                                       "grad_norm": norm, "tokens": self.tokens_seen, "tokens_per_s": round(tps, 1)})
                     bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
                     bar.update(1)

@@ -590,6 +590,10 @@ def write_gguf(path: str | os.PathLike, config: Gemma3Config, state: Mapping[str
         elif tensor_type == "F16":
             w.add_tensor(gguf_name, array.astype(np.float16))
         else:
+            block = gguf_py.GGML_QUANT_SIZES[qtype][0]
+            if array.shape[-1] % block:
+                raise CheckpointError(f"cannot write {gguf_name} {tuple(array.shape)} as {tensor_type}: its rows of "
+                                      f"{array.shape[-1]} are not a multiple of the {block}-element block")
             w.add_tensor(gguf_name, gguf_py.quants.quantize(array, qtype), raw_dtype=qtype)
     try:
         w.write_header_to_file()

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from gemma3.chat import GEMMA3_CHAT_TEMPLATE
 from gemma3.config import Gemma3Config
 from gemma3.errors import CheckpointError
+from gemma3.files import temp_path
 from gemma3.weights.names import check_tensors
 
 CONFIG = "config.json"
@@ -131,8 +132,9 @@ def generation_config(config: Gemma3Config) -> dict[str, Any]:
     }
 
 
-def tokenizer_config() -> dict[str, Any]:
-    """A tokenizer_config.json for the Gemma 3 tokenizer.json, carrying the official IT chat template."""
+def tokenizer_config(chat_template: str = GEMMA3_CHAT_TEMPLATE) -> dict[str, Any]:
+    """A tokenizer_config.json for the Gemma 3 tokenizer.json, carrying a chat template (the official IT one
+    unless the source had its own)."""
     return {
         "tokenizer_class": "GemmaTokenizer",
         "bos_token": "<bos>",
@@ -145,40 +147,67 @@ def tokenizer_config() -> dict[str, Any]:
         "spaces_between_special_tokens": False,
         "padding_side": "left",
         "model_max_length": 32768,
-        "chat_template": GEMMA3_CHAT_TEMPLATE,
+        "chat_template": chat_template,
     }
 
 
+def _replace_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Write `path` through a temporary file (named after this process) and a rename; on any error the
+    temporary file is removed and `path` is left as it was."""
+    tmp = temp_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    _replace_file(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n",
+                                                   encoding="utf-8"))
+
+
+def _remove_shadowing_files(directory: Path) -> None:
+    """Files an older checkpoint in `directory` may hold that would win over what save_hf writes: a shard
+    index (loaders read it before model.safetensors) with its shards, and a chat_template.jinja (read before
+    tokenizer_config.json's template). Only reached when the user allowed overwriting (gemma3.files)."""
+    index = directory / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+            shards = set()
+        for name in shards:  # plain names next to the index only, as shard_files reads them
+            if isinstance(name, str) and Path(name).name == name and name.endswith(".safetensors") \
+                    and name != SAFETENSORS:
+                (directory / name).unlink(missing_ok=True)
+        index.unlink()
+    (directory / "chat_template.jinja").unlink(missing_ok=True)
 
 
 def save_hf(directory: str | os.PathLike, config: Gemma3Config, state: Mapping[str, torch.Tensor],
             dtype: torch.dtype = torch.bfloat16, tokenizer: Any = None,
-            tokenizer_json: str | os.PathLike | None = None) -> Path:
+            tokenizer_json: str | os.PathLike | None = None, chat_template: str | None = None) -> Path:
     """Write a transformers-loadable Gemma3ForCausalLM directory.
 
     The tokenizer comes from `tokenizer_json` (copied as is) or else from a gemma3 `Tokenizer` (`save`);
-    with neither, no tokenizer files are written. Each file is written to a temporary name and renamed.
+    with neither, no tokenizer files are written. tokenizer_config.json carries `chat_template` (default:
+    the official Gemma 3 one). Each file is written to a temporary name and renamed. Whether the directory
+    may be written at all is the caller's decision (gemma3.files.check_output_dir); files of an older
+    checkpoint there that would shadow the new ones are removed.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     check_tensors({k: tuple(v.shape) for k, v in state.items()}, config, "state dict")
-    hf_config = config.to_hf_dict()
-    hf_config["dtype"] = str(dtype).removeprefix("torch.")
-    _write_json(directory / CONFIG, hf_config)
+    directory.mkdir(parents=True, exist_ok=True)
+    _remove_shadowing_files(directory)
+    _write_json(directory / CONFIG, config.to_hf_dict(str(dtype).removeprefix("torch.")))
     _write_json(directory / "generation_config.json", generation_config(config))
     tensors = {f"model.{name}": tensor.detach().to(dtype).contiguous() for name, tensor in state.items()}
-    tmp = directory / (SAFETENSORS + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, directory / SAFETENSORS)
+    _replace_file(directory / SAFETENSORS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     if tokenizer_json is not None:
-        shutil.copyfile(tokenizer_json, directory / "tokenizer.json.tmp")
-        os.replace(directory / "tokenizer.json.tmp", directory / "tokenizer.json")
+        _replace_file(directory / "tokenizer.json", lambda tmp: shutil.copyfile(tokenizer_json, tmp))
     elif tokenizer is not None:
         tokenizer.save(directory / "tokenizer.json")
     if tokenizer_json is not None or tokenizer is not None:
-        _write_json(directory / "tokenizer_config.json", tokenizer_config())
+        _write_json(directory / "tokenizer_config.json", tokenizer_config(chat_template or GEMMA3_CHAT_TEMPLATE))
     return directory
