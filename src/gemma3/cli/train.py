@@ -123,7 +123,7 @@ def config_from_args(args: argparse.Namespace):
     """TrainConfig from the flags the user gave (every option defaults to None, so a given flag is one that is
     not None); with --resume, over the config stored in the checkpoint."""
     from gemma3.train import LoraSettings, TrainConfig
-    from gemma3.train.trainer import resumed_config
+    from gemma3.train.rundir import resumed_config
 
     given = {name: getattr(args, name) for name in FLAG_FIELDS if getattr(args, name) is not None}
     if args.data:

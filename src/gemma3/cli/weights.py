@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from gemma3.config import GLOBAL, PRESETS, Gemma3Config
-from gemma3.errors import CheckpointError
 
 EMBEDDED_NAMES = ("embedded", "default")
 

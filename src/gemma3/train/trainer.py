@@ -23,10 +23,9 @@ import contextlib
 import dataclasses
 import json
 import math
-import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,102 +38,16 @@ from gemma3.train import checkpoint as ckpt
 from gemma3.train import distributed as dist_
 from gemma3.train.data import (IGNORE_INDEX, DataError, PackedDataset, TokenFile, collate, global_batch_indices,
                                split_documents, unigram_loss)
-from gemma3.train.lora import LoraSettings, apply_lora, describe, write_adapter
+from gemma3.train.config import SCHEDULE_FIELDS, TrainConfig, lr_at, schedule
+from gemma3.train.lora import apply_lora, describe, write_adapter
 from gemma3.train.metrics import LOSS_PNG, METRICS, Metrics, plot_loss, progress_bar
+from gemma3.train.rundir import absolute, prepare_run_dir, stored_config
 
-
-MAX_GLOBAL_BATCH = 2**20  # sequences per optimizer step per process; real recipes use hundreds
-MAX_HYPERPARAMETER = {"lr": 1e3, "weight_decay": 1e3, "grad_clip": 1e6, "sample_temperature": 1e4, "min_lr_ratio": 1.0}
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "TrainingError", "lr_at", "train"]
 
 
 class TrainingError(Gemma3Error):
     """The run cannot go on (a non-finite loss, a checkpoint that does not fit this run)."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs; `gemma3 train` flags map one to one onto these fields."""
-
-    data: list[str]
-    out_dir: str = "runs/gemma3"
-    # where the weights come from: `init` (a preset name or a config file) trains from scratch; otherwise
-    # `model` is a model source (None = the embedded 270M) to continue from
-    model: str | None = None
-    init: str | None = None
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # config fields set by flags (from scratch)
-    tokenizer: str | None = None  # default: the model source's, or the embedded 270M's for `init`
-    lora: LoraSettings | None = None
-    # data
-    seq_len: int = 512
-    val_fraction: float = 0.05
-    text_field: str = "text"
-    data_cache: str | None = None  # default OUT/data
-    # optimisation
-    steps: int = 1000
-    batch_size: int = 8  # sequences per micro-batch per process
-    grad_accum: int = 1
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    precision: str = "auto"  # "bf16" (autocast, fp32 master weights), "fp32", or "auto" (bf16 on CUDA)
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    device: str = "auto"
-    distributed: str | None = None  # under torchrun: "ddp" (default) or "fsdp"
-    # evaluation, samples, checkpoints, logging
-    eval_every: int = 100
-    eval_batches: int = 8
-    sample_every: int | None = None  # default: with every eval
-    sample_prompts: list[str] = field(default_factory=list)
-    sample_tokens: int = 48
-    sample_temperature: float = 0.8
-    save_every: int = 500
-    keep: int = 3
-    resume: str | bool | None = None
-    overwrite: bool = False  # start a new run in an out_dir that holds an old one (its run files are removed)
-    tensorboard: bool = False
-    progress: bool = True
-
-    def validate(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "sample_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise Gemma3Error(f"{name} must be a positive integer, got {value!r}")
-        if self.batch_size * self.grad_accum > MAX_GLOBAL_BATCH:
-            raise Gemma3Error(f"a step of {self.batch_size} x {self.grad_accum} sequences per process is more than "
-                              f"{MAX_GLOBAL_BATCH:,}; lower --batch-size or --grad-accum")
-        for name in ("warmup_steps", "eval_every", "save_every", "keep"):
-            if getattr(self, name) < 0:
-                raise Gemma3Error(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("lr", "weight_decay", "grad_clip", "sample_temperature", "min_lr_ratio"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise Gemma3Error(f"{name} must be a finite number >= 0, got {value!r}")
-            if value > MAX_HYPERPARAMETER[name]:  # beyond these the update or the sampling overflows float32
-                raise Gemma3Error(f"{name} must be at most {MAX_HYPERPARAMETER[name]:g}, got {value!r}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise Gemma3Error(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
-        if self.init is not None and self.model is not None:
-            raise Gemma3Error("give either --init (train from scratch) or -m/--model (start from weights), not both")
-        if self.model_overrides and self.init is None:
-            raise Gemma3Error("architecture flags (--hidden-size, --num-layers ...) need --init: a loaded model's shape is fixed")
-        if self.resume and self.overwrite:
-            raise Gemma3Error("give --resume (continue the run in --out-dir) or --overwrite (start a new one there), "
-                              "not both")
-        if not self.data:
-            raise Gemma3Error("no training data given (pass files, directories or hf:NAME datasets)")
-        from gemma3.files import check_text
-        from gemma3.loading import resolve_device
-
-        resolve_device(self.device)
-        for prompt in self.sample_prompts:
-            check_text(prompt, "--sample-prompt")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise Gemma3Error(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
 
 
 @dataclass
@@ -144,134 +57,6 @@ class TrainResult:
     losses: list[float]  # train loss of each step this process ran
     eval_losses: dict[int, float]
     unigram_loss: float | None
-
-
-# --------------------------------------------------------------------------------------------- schedule
-def lr_at(step: int, cfg: TrainConfig, anchor: tuple[int, float] | None = None) -> float:
-    """Linear warmup from lr/warmup to lr, then cosine decay to lr · min_lr_ratio at the last step.
-
-    `anchor` (step a, rate r) is set when a run is resumed with a changed schedule (--steps, --lr,
-    --min-lr-ratio, --warmup-steps) after its warmup: from step a on, the rate follows a cosine from r (the
-    old schedule's rate at a, scaled by new lr / old lr) to the new floor at the new last step, so raising
-    --steps continues the curve instead of jumping back up it."""
-    if anchor is not None and step >= anchor[0]:
-        start, rate = anchor
-        floor = cfg.lr * cfg.min_lr_ratio
-        progress = min(1.0, (step - start) / max(1, cfg.steps - start))
-        return floor + (rate - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-# ------------------------------------------------------------------------------------ resuming a run
-# TrainConfig field -> the flag that sets it: on --resume these must match the checkpoint when they are given
-# (left out, the checkpoint's own values are used). Batch size and gradient accumulation may change as long
-# as the global batch stays the same (checked against the checkpoint later).
-FIXED_ON_RESUME = {
-    "data": "DATA", "model": "-m/--model", "init": "--init", "model_overrides": "the architecture flags",
-    "tokenizer": "--tokenizer", "lora": "--lora (and --lora-r/--lora-alpha/--lora-dropout/--lora-targets)",
-    "seq_len": "--seq-len", "val_fraction": "--val-fraction", "text_field": "--text-field", "seed": "--seed",
-}
-_PATH_FIELDS = ("model", "init", "tokenizer", "data_cache")
-
-
-def _absolute(spec: str | None) -> str | None:
-    """A local path made absolute (so a resumed run finds it from any directory); presets, hf: datasets and
-    Hub ids stay as they are."""
-    if spec is None or spec.startswith("hf:") or not Path(spec).expanduser().exists():
-        return spec
-    return str(Path(spec).expanduser().resolve())
-
-
-def stored_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The run's TrainConfig as JSON for train_state.json, with local paths made absolute."""
-    data = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-    data["data"] = [_absolute(d) for d in cfg.data]
-    for name in _PATH_FIELDS:
-        data[name] = _absolute(getattr(cfg, name))
-    data["resume"] = None
-    data["overwrite"] = False
-    return data
-
-
-def resumed_config(out_dir: str | None, resume: str | bool, given: dict[str, Any]) -> TrainConfig:
-    """`--resume` alone: the TrainConfig the checkpoint was trained with, then the flags given now. A given
-    flag that would change what the run is (FIXED_ON_RESUME) and differs from the checkpoint is an error
-    naming it; the others (steps, learning rate, intervals ...) take the new value. Without `out_dir`, the
-    run goes on in the run directory of `resume` (or the default runs/gemma3 for a bare --resume)."""
-    path = ckpt.resolve_resume(resume, Path(out_dir or TrainConfig.out_dir))
-    if out_dir is None:
-        out_dir = str(path.parent.parent) if path.parent.name == ckpt.CHECKPOINTS else TrainConfig.out_dir
-    stored = ckpt.read_train_state(path).get("train_config")
-    if not isinstance(stored, dict):
-        raise CheckpointError(f"{path}: {ckpt.TRAIN_STATE} has no train_config to resume from")
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    base = {k: v for k, v in stored.items() if k in names}
-    if base.get("lora") is not None:
-        try:
-            base["lora"] = LoraSettings(**{**base["lora"], "targets": tuple(base["lora"]["targets"])})
-        except (TypeError, KeyError) as e:
-            raise CheckpointError(f"{path}: unreadable LoRA settings in {ckpt.TRAIN_STATE} ({e})") from None
-    for name, value in given.items():
-        if name not in FIXED_ON_RESUME:
-            continue
-        mine, theirs = value, base.get(name)
-        if name == "data":
-            mine, theirs = [_absolute(d) for d in value], [_absolute(d) for d in theirs or []]
-        elif name in _PATH_FIELDS:
-            mine, theirs = _absolute(value), _absolute(theirs)
-        if mine != theirs:
-            raise CheckpointError(f"cannot resume {path} with {FIXED_ON_RESUME[name]} {value!r}: the run was trained "
-                                  f"with {theirs!r} (leave the flag out to use the checkpoint's)")
-    merged = {**base, **given, "out_dir": out_dir, "resume": resume}
-    return TrainConfig(**merged)
-
-
-SCHEDULE_FIELDS = ("lr", "warmup_steps", "steps", "min_lr_ratio")
-
-
-def _schedule(cfg: TrainConfig) -> tuple:
-    return tuple(getattr(cfg, name) for name in SCHEDULE_FIELDS)
-
-
-# ----------------------------------------------------------------------------------------- run directory
-RUN_FILES = (METRICS, "samples.jsonl", LOSS_PNG, ckpt.TOKENIZER)
-
-
-def prepare_run_dir(cfg: TrainConfig) -> None:
-    """Refuse an --out-dir that would mix two runs or destroy files (gemma3.files): without --resume it must
-    be new or empty, or the user says --overwrite, which removes the old run's own files (its checkpoints,
-    metrics, samples, loss curve, tokenizer and TensorBoard events; the token cache in data/ is kept and
-    reused) and nothing else. Never the current directory, nor one that contains the data or the model."""
-    from gemma3.files import check_not_protected, check_output_dir
-
-    out = Path(cfg.out_dir)
-    sources = [d for d in cfg.data if not d.startswith("hf:")] + [cfg.model, cfg.tokenizer]
-    if cfg.init is not None and Path(cfg.init).expanduser().exists():
-        sources.append(cfg.init)
-    if cfg.resume:
-        check_not_protected(out, sources, "--out-dir")
-        return
-    # data/ alone is the token cache of a run that stopped before its first step (bad data, say): reused
-    check_output_dir(out, overwrite=cfg.overwrite, sources=sources, flag="--out-dir", allowed_existing=("data",))
-    if cfg.overwrite and out.is_dir():
-        root = out / ckpt.CHECKPOINTS
-        for step_dir in root.glob("step-*") if root.is_dir() else ():
-            if (step_dir / ckpt.TRAIN_STATE).is_file():
-                shutil.rmtree(step_dir)
-        for name in (ckpt.LATEST,):
-            (root / name).unlink(missing_ok=True)
-        if root.is_dir() and not any(root.iterdir()):
-            root.rmdir()
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-        tb = out / "tensorboard"
-        for events in tb.glob("events.out.tfevents.*") if tb.is_dir() else ():
-            events.unlink()
 
 
 # ---------------------------------------------------------------------------------------- model set-up
@@ -544,7 +329,7 @@ class Trainer:
         self.lr_anchor = (int(anchor[0]), float(anchor[1])) if anchor else None
         stored = state.get("train_config") or {}
         before = dataclasses.replace(self.cfg, **{k: stored[k] for k in SCHEDULE_FIELDS if k in stored})
-        if _schedule(before) != _schedule(self.cfg) and self.step >= before.warmup_steps:
+        if schedule(before) != schedule(self.cfg) and self.step >= before.warmup_steps:
             # the schedule changed: continue from the rate the run had reached (see lr_at)
             rate = lr_at(self.step, before, self.lr_anchor) * (self.cfg.lr / before.lr if before.lr else 1.0)
             self.lr_anchor = (self.step, rate)
@@ -698,7 +483,7 @@ class Trainer:
                      "train_config": stored_config(self.cfg)}
 
             def adapter_writer(directory: Path) -> None:
-                write_adapter(directory, adapter_only, lora, _absolute(self.cfg.model))
+                write_adapter(directory, adapter_only, lora, absolute(self.cfg.model))
 
             path = ckpt.save_checkpoint(self.out, self.step, config=self.config, model_state=model_state,
                                         write_adapter=adapter_writer if lora else None,
