@@ -65,18 +65,19 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def compute_setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
-    """Device and dtype from the flags: CUDA computes in bf16 by default, the CPU in fp32."""
+def prepare_run(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """Check and apply the flags that say where the model runs, before the (slow) load: the device, the
+    dtype (CUDA computes in bf16 by default, the CPU in fp32) and the CPU threads."""
     device = resolve_device(args.device)
+    set_threads(args.threads)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     return device, DTYPES[dtype]
 
 
-def load_from_args(args: argparse.Namespace) -> Loaded:
+def load_from_args(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Loaded:
+    """The model the flags name, on `device` in `dtype` (from `prepare_run`)."""
     from gemma3.loading import build_model, chat_template_of, load_tokenizer, load_weights
 
-    device, dtype = compute_setup(args)
-    set_threads(args.threads)
     start = time.perf_counter()
     config, state, resolved, metadata = load_weights(args.model, dtype, progress=not args.quiet, lora=args.lora)
     model = build_model(config, state, device)

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from gemma3.cli.common import add_model_args, check_seed, compute_setup, load_from_args, read_text_arg, status
+from gemma3.cli.common import add_model_args, check_seed, load_from_args, prepare_run, read_text_arg, status
 from gemma3.errors import Gemma3Error
 from gemma3.files import TEXT_BYTES, LineReader, LineTooLong, check_text
 
@@ -87,22 +87,15 @@ def generation_config(args: argparse.Namespace):
     return config
 
 
-def check_run_flags(args: argparse.Namespace) -> None:
-    """Everything about the device and threads that can be checked before the (slow) load."""
-    compute_setup(args)
-    if args.threads is not None and args.threads < 1:
-        raise Gemma3Error(f"--threads must be >= 1, got {args.threads}")
-
-
 def run_generate(args: argparse.Namespace) -> int:
     from gemma3.generate import Generator
 
     config = generation_config(args)  # validate flags before the (slow) load
-    check_run_flags(args)
+    device, dtype = prepare_run(args)
     prompt = read_text_arg(args.prompt, args.file, "prompt")
     if not prompt.strip():
         raise Gemma3Error("the prompt is empty" if not prompt else "the prompt is only whitespace")
-    loaded = load_from_args(args)
+    loaded = load_from_args(args, device, dtype)
     gen = Generator(loaded.model, loaded.tokenizer)
     if args.json:
         result = gen.generate(prompt, config)
@@ -130,12 +123,12 @@ def run_chat(args: argparse.Namespace) -> int:
     from gemma3.generate import ChatSession, Generator
 
     config = generation_config(args)
-    check_run_flags(args)
+    device, dtype = prepare_run(args)
     if args.context < 16:
         raise Gemma3Error(f"--context must be at least 16 tokens, got {args.context}")
     if args.system is not None:
         check_text(args.system, "--system")
-    loaded = load_from_args(args)
+    loaded = load_from_args(args, device, dtype)
     session = ChatSession(Generator(loaded.model, loaded.tokenizer), system=args.system,
                           template=loaded.chat_template, context_length=args.context, config=config)
     interactive = sys.stdin.isatty()
@@ -191,11 +184,11 @@ def run_perplexity(args: argparse.Namespace) -> int:
 
     if args.context < 2 or (args.stride is not None and not 1 <= args.stride < args.context):
         raise Gemma3Error(f"need --context >= 2 and 1 <= --stride < --context, got {args.context} and {args.stride}")
-    check_run_flags(args)
+    device, dtype = prepare_run(args)
     text = read_text_arg(None, args.file, "text", cap=TEXT_BYTES)
     if not text.strip():
         raise Gemma3Error(f"{args.file}: the file is empty")
-    loaded = load_from_args(args)
+    loaded = load_from_args(args, device, dtype)
     ids = loaded.tokenizer.encode(text, add_bos=True)
     result = perplexity(loaded.model, ids, context=args.context, stride=args.stride, progress=not args.quiet)
     if args.json:

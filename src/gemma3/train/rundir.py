@@ -109,8 +109,7 @@ def prepare_run_dir(cfg: TrainConfig) -> None:
         for step_dir in root.glob("step-*") if root.is_dir() else ():
             if (step_dir / ckpt.TRAIN_STATE).is_file():
                 shutil.rmtree(step_dir)
-        for name in (ckpt.LATEST,):
-            (root / name).unlink(missing_ok=True)
+        (root / ckpt.LATEST).unlink(missing_ok=True)
         if root.is_dir() and not any(root.iterdir()):
             root.rmdir()
         for name in RUN_FILES:

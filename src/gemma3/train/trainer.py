@@ -137,9 +137,9 @@ def check_fits(config: Gemma3Config, cfg: TrainConfig, loaded: bool = False) -> 
     weights are `loaded`; LoRA trains next to none), and backward keeps at least the fp32 residual stream of
     every layer for every token of a micro-batch."""
     from gemma3.kv_cache import available_memory
+    from gemma3.loading import resolve_device
 
-    device = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-    free = available_memory(device)
+    free = available_memory(resolve_device(cfg.device))
     if free is None:
         return
     params = config.num_parameters()
