@@ -1,6 +1,7 @@
 """Where the time of one decode step goes: our 270M on the embedded GGUF, one process, no transformers.
 
-    python benchmarks/profile_decode.py [--dtype bfloat16|float32] [--threads 2] [--context 512] [--steps 32]
+    python benchmarks/profile_decode.py [--dtype bfloat16|float32] [--quantize native|none|int8|int4]
+                                        [--threads 2] [--context 512] [--steps 32]
 
 Prefills `--context` tokens, then times `--steps` greedy decode steps three ways:
     step        the whole step as generation runs it (forward with the KV cache + argmax)
@@ -20,7 +21,9 @@ import time
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--quantize", default="native", choices=["native", "none", "int8", "int4"],
+                        help="native = the GGUF's own blocks (the CLI's default), none = float weights in --dtype")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--context", type=int, default=512, help="prompt tokens before the timed steps")
     parser.add_argument("--steps", type=int, default=32)
@@ -30,12 +33,15 @@ def main() -> None:
 
     from gemma3.kv_cache import KVCache
     from gemma3.loading import load
-    from gemma3.packed import PackedWeight
+    from gemma3.generate import Generator
+    from gemma3.packed import PackedEmbedding, PackedLinear
+    from gemma3.quantize import QuantizedEmbedding, QuantizedLinear
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    model, _, _ = load(None, dtype=dtype, progress=False)
-    model.eval().pack_weights()
+    model, tokenizer, _ = load(None, dtype=dtype, progress=False,
+                               quantize=None if args.quantize == "native" else args.quantize)
+    Generator(model, tokenizer)  # swaps in the packed modules, as generation does
     prompt = torch.randint(10, 200_000, (1, args.context), generator=torch.Generator().manual_seed(0))
     head_rows = model.config.vocab_size
 
@@ -58,40 +64,55 @@ def main() -> None:
             profiler.stop()
         return seconds
 
-    call = PackedWeight.__call__
+    # every matrix product of a step: the layers' projections (forward) and the tied head (attend)
+    patched = [(cls, "forward") for cls in (PackedLinear, QuantizedLinear)] + \
+              [(cls, "attend") for cls in (PackedEmbedding, QuantizedEmbedding)]
+    originals = {(cls, name): getattr(cls, name) for cls, name in patched}
 
-    def timed(self, x):
-        start = time.perf_counter()
-        y = call(self, x)
-        spent["head" if y.shape[-1] == head_rows else "layers"] += time.perf_counter() - start
-        return y
+    def install(make) -> None:
+        for (cls, name), fn in originals.items():
+            setattr(cls, name, make(fn))
+
+    def timing(fn):
+        def timed(self, x):
+            start = time.perf_counter()
+            y = fn(self, x)
+            spent["head" if y.shape[-1] == head_rows else "layers"] += time.perf_counter() - start
+            return y
+        return timed
 
     cached: dict[tuple, torch.Tensor] = {}
 
-    def replayed(self, x):
-        key = (id(self), tuple(x.shape))
-        if key not in cached:
-            cached[key] = call(self, x)
-        return cached[key]
+    def replaying(fn):
+        def replayed(self, x):
+            key = (id(self), fn.__name__, tuple(x.shape))
+            if key not in cached:
+                cached[key] = fn(self, x)
+            return cached[key]
+        return replayed
+
+    def restore(_fn):
+        return _fn
 
     best = {"step": float("inf"), "head": float("inf"), "layers": float("inf"), "overhead": float("inf")}
     with torch.inference_mode():
         for _ in range(3):  # interleaved rounds, best of each: the machine may be shared
             best["step"] = min(best["step"], run(args.steps))
-            PackedWeight.__call__ = timed
+            install(timing)
             run(args.steps)
             best["head"] = min(best["head"], spent["head"] / args.steps)
             best["layers"] = min(best["layers"], spent["layers"] / args.steps)
-            PackedWeight.__call__ = replayed
+            install(replaying)
             best["overhead"] = min(best["overhead"], run(args.steps))
-            PackedWeight.__call__ = call
-        PackedWeight.__call__ = replayed
+            install(restore)
+        install(replaying)
         prof = torch.profiler.profile()
         run(8, prof)
-        PackedWeight.__call__ = call
+        install(restore)
 
     step, head, layers, overhead = (best[k] for k in ("step", "head", "layers", "overhead"))
-    print(f"torch {torch.__version__}, {args.dtype}, {args.threads} threads, {args.context}-token context")
+    print(f"torch {torch.__version__}, {args.dtype}, weights {args.quantize}, {args.threads} threads, "
+          f"{args.context}-token context")
     print(f"  step       {step * 1e3:6.2f} ms   ({1 / step:.1f} tok/s)")
     print(f"  matmuls    {(head + layers) * 1e3:6.2f} ms   (head {head * 1e3:.2f} ms, 72 layer projections {layers * 1e3:.2f} ms)")
     print(f"  overhead   {overhead * 1e3:6.2f} ms   (step with every matmul replayed from a cache)")

@@ -27,7 +27,9 @@ def test_cached_decode_equals_full_forward_past_window_twice(real_270m, passage)
     # The plain kernels, whatever ran before on this shared model. With Generator's packed fp32 weights the
     # same check measures 1.2e-4: MKL's GEMV on the transposed copy sums in another order than its GEMM does
     # over the same copy, and the difference is the kernels', not the cache's (see gemma3.packed).
-    model.unpack_weights()
+    from gemma3.packed import unpack_model
+
+    unpack_model(model)
     prompt = tokenizer.encode(passage * 3)[:300]
     steps = 1300
     generator = torch.Generator().manual_seed(0)

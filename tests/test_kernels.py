@@ -15,7 +15,7 @@ from gemma3.config import Gemma3Config
 from gemma3.kernels import NativeLinear
 from gemma3.kv_cache import KVCache
 from gemma3.model import Gemma3Model
-from gemma3.packed import PackedWeight
+from gemma3.packed import PackedEmbedding, PackedLinear, pack_model, unpack_model
 from reference import random_model
 
 BUILDABLE = platform.machine().lower() in ("x86_64", "amd64") and shutil.which("cc") is not None
@@ -34,7 +34,7 @@ def fresh_kernels(monkeypatch, tmp_path):
 @needs_kernel
 def test_kernel_builds_where_a_compiler_exists():
     assert kernels.available(), kernels.status()
-    assert kernels.status().startswith("native GEMV")
+    assert kernels.status().startswith("native kernels")
 
 
 @needs_kernel
@@ -117,21 +117,26 @@ def _decode_logits(model: Gemma3Model) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_decode_without_native_kernel_is_close(fresh_kernels, dtype):
-    """Disabled (or unbuildable), every product goes through oneDNN (bf16) or MKL (fp32); the decode gives
-    the same logits up to the order of fp32 additions."""
+    """Disabled (or unbuildable), every product goes through oneDNN (bf16) or MKL (fp32), and the norms and
+    attention through torch; the decode gives the same logits up to the order of fp32 additions."""
     model = _tiny_model(dtype)
-    model.pack_weights()
+    plain = _decode_logits(model)
+    pack_model(model)
     native = _decode_logits(model)
+    unpack_model(model)
     fresh_kernels.setenv("GEMMA3_NATIVE_KERNELS", "0")
     kernels._library.cache_clear()
     assert not kernels.available() and "disabled" in kernels.status()
-    model.pack_weights()
-    assert model.head_packed.rows is None and model.head_packed.packed is not None
+    pack_model(model)
+    head = model.embed_tokens
+    assert isinstance(head, PackedEmbedding) and head.rows is None
     fallback = _decode_logits(model)
-    if dtype == torch.bfloat16:
-        torch.testing.assert_close(native, fallback, rtol=0.02, atol=0.02 * fallback.abs().max().item())
-    else:
-        torch.testing.assert_close(native, fallback, rtol=1e-5, atol=1e-6)
+    unpack_model(model)
+    for got in (native, fallback):
+        if dtype == torch.bfloat16:
+            torch.testing.assert_close(got, plain, rtol=0.02, atol=0.02 * plain.abs().max().item())
+        else:
+            torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
@@ -150,20 +155,25 @@ def test_failed_build_is_reported_not_raised(fresh_kernels):
     fresh_kernels.setenv("CC", shutil.which("false") or "/bin/false")
     assert not kernels.available()
     assert "failed" in kernels.status() or "no native kernel" in kernels.status()
-    w = torch.randn(8, 32).bfloat16()
-    packed = PackedWeight(w)
+    linear = torch.nn.Linear(32, 8, bias=False).bfloat16()
+    packed = PackedLinear(linear)
     assert packed.rows is None
-    torch.testing.assert_close(packed(torch.ones(1, 32).bfloat16()), F.linear(torch.ones(1, 32).bfloat16(), w))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(torch.ones(1, 32).bfloat16()), linear(torch.ones(1, 32).bfloat16()))
 
 
 @needs_kernel
 @torch.no_grad()
 def test_head_without_gemm_copy_takes_many_rows():
-    """The packed bf16 head keeps no oneDNN copy when the kernel is there: few rows go to the kernel,
-    a whole window of rows (perplexity) to F.linear; both read the embedding in place."""
-    w = torch.randn(1000, 64).bfloat16()
-    head = PackedWeight(w, gemm_copy=False)
-    assert head.packed is None and head.rows is not None
+    """The packed head keeps no copy of the table: few rows go to the kernel, a whole window of rows
+    (perplexity) to F.linear; both read the embedding in place."""
+    from gemma3.model import TiedEmbedding
+
+    table = TiedEmbedding(1000, 64).bfloat16()
+    head = PackedEmbedding(table)
+    assert head.weight is table.weight and head.rows is not None
     for rows in (1, 5, 40):
         x = torch.randn(rows, 64).bfloat16()
-        torch.testing.assert_close(head(x).float(), F.linear(x, w).float(), rtol=2**-7, atol=0.05)
+        torch.testing.assert_close(head.attend(x).float(), table.attend(x).float(), rtol=2**-7, atol=0.05)
+    ids = torch.tensor([[3, 999]])
+    assert torch.equal(head(ids), table(ids))

@@ -170,20 +170,22 @@ def test_rmsnorm_zero_centred_fp32():
     torch.testing.assert_close(norm(x), 2 * x / x.pow(2).mean().add(1e-6).sqrt())
 
 
-def test_rmsnorm_inference_gain_follows_weight_changes():
-    """Once kept (pack_weights), the fp32 gain (1 + w) is reused between calls without autograd; it must
-    never be stale."""
-    norm = RMSNorm(8).to(torch.bfloat16)
-    norm.keep_gain = True
-    x = torch.randn(3, 8).to(torch.bfloat16)
+def test_packed_norm_gain_follows_weight_changes():
+    """The packed norm reuses its fp32 gain (1 + w) without autograd; it must never be stale."""
+    from gemma3.packed import PackedRMSNorm
+
+    plain = RMSNorm(8).to(torch.bfloat16)
     with torch.no_grad():
-        norm.weight.normal_()
-    trained = norm(x)  # autograd on: computed from the weight directly
+        plain.weight.normal_()
+    norm = PackedRMSNorm(plain)
+    assert norm.weight is plain.weight
+    x = torch.randn(3, 8).to(torch.bfloat16)
+    trained = plain(x)
     with torch.inference_mode():
         assert torch.equal(norm(x), trained)
         norm.weight.add_(1.0)  # in place: same storage, new version
         changed = norm(x)
-        assert not torch.equal(changed, trained)
+        assert not torch.equal(changed, trained) and torch.equal(changed, plain(x))
         norm.load_state_dict({"weight": torch.zeros(8)})  # copied in: new version again
         assert torch.equal(norm(x), F.rms_norm(x.float(), (8,), eps=1e-6).to(torch.bfloat16))
     norm.weight = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))  # replaced: new storage
@@ -192,38 +194,44 @@ def test_rmsnorm_inference_gain_follows_weight_changes():
 
 
 @torch.no_grad()
-def test_norm_gain_is_fresh_unless_the_model_is_packed():
-    """FSDP2 gathers updated weights into the same parameter without bumping its version; a cached gain
-    would then be stale. Only a packed model keeps gains, and unpacking stops it."""
+def test_pack_model_swaps_modules_and_unpack_restores_them():
+    """model.py never packs; pack_model swaps modules from outside, keeping every Parameter (the state dict
+    is unchanged), and unpack_model gives the plain modules back."""
+    from gemma3.packed import PackedAttention, PackedLinear, PackedRMSNorm, pack_model, unpack_model
+
     model = random_model(FAMILY["1b-like-mqa-trailing-sliding"])
-    norm = model.layers[0].input_layernorm
-    x = torch.randn(2, 64)
-    norm(x)
-    with torch.autograd._unsafe_preserve_version_counter(norm.weight):
-        norm.weight.add_(1.0)  # a write the version check cannot see
-    torch.testing.assert_close(norm.gain(), 1.0 + norm.weight.float(), atol=0, rtol=0)
-    model.pack_weights()
-    assert norm.keep_gain
-    model.unpack_weights()
-    assert not norm.keep_gain and norm._gain is None
+    state = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 300, (1, 12))
+    plain = model(ids).logits
+    pack_model(model)
+    attn = model.layers[0].self_attn
+    assert isinstance(attn, PackedAttention) and isinstance(attn.q_proj, PackedLinear)
+    assert isinstance(attn.q_norm, PackedRMSNorm) and isinstance(model.norm, PackedRMSNorm)
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == state
+    torch.testing.assert_close(model(ids).logits, plain, atol=1e-5, rtol=1e-5)
+    unpack_model(model)
+    assert not any("Packed" in type(m).__name__ for m in model.modules())
+    assert torch.equal(model(ids).logits, plain)
 
 
 @torch.no_grad()
 def test_packed_weights_stop_matching_when_weights_change():
     """A packed copy is used only while the weights are the ones it was made from."""
+    from gemma3.packed import pack_model, unpack_model
+
     model = random_model(FAMILY["4b-like-gqa-rope-scaling"])
     ids = torch.randint(0, 300, (1, 12))
     plain = model(ids).logits
-    model.pack_weights()
+    pack_model(model)
     torch.testing.assert_close(model(ids).logits, plain, atol=1e-5, rtol=1e-5)
-    attn = model.layers[0].self_attn
-    attn.q_proj.weight.mul_(2.0)  # in place: the packed q/k/v copy is stale
-    assert not attn.packed_qkv.usable_for(attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
+    q_proj = model.layers[0].self_attn.q_proj
+    q_proj.weight.mul_(2.0)  # in place: the packed copy is stale
+    assert not q_proj.usable()
     changed = model(ids).logits
     assert not torch.allclose(changed, plain)
-    attn.q_proj.weight = torch.nn.Parameter(attn.q_proj.weight / 2.0)  # replaced by another tensor
-    assert not attn.packed_qkv.usable_for(attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
-    model.unpack_weights()
+    q_proj.weight = torch.nn.Parameter(q_proj.weight / 2.0)  # replaced by another tensor
+    assert not q_proj.usable()
+    unpack_model(model)
     torch.testing.assert_close(model(ids).logits, plain, atol=1e-5, rtol=1e-5)
     model.layers[0].self_attn.q_proj.weight.mul_(2.0)
     torch.testing.assert_close(model(ids).logits, changed, atol=1e-5, rtol=1e-5)

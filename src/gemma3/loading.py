@@ -137,24 +137,47 @@ def resolve_model(source: str | Path | None, lora: str | Path | None = None
     return base_resolved, resolved.path
 
 
+QUANTIZE_CHOICES = ("none", "int8", "int4")
+
+
+def check_quantize(quantize: str | None, device: str | torch.device = "cpu") -> None:
+    from gemma3.quantize import SCHEMES
+
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise Gemma3Error(f"--quantize {quantize!r}: choose none, {', '.join(SCHEMES)} (default: a quantized "
+                          "GGUF's own blocks)")
+    if quantize in SCHEMES and torch.device(device).type != "cpu":
+        raise Gemma3Error(f"--quantize {quantize} runs on the CPU only (its kernels are x86 CPU code); use "
+                          f"--device cpu, or --quantize none on {device}")
+
+
 def load_weights(source: str | Path | None = None, dtype: torch.dtype = torch.float32, progress: bool = True,
-                 lora: str | Path | None = None
+                 lora: str | Path | None = None, quantize: str | None = "none", device: str | torch.device = "cpu"
                  ) -> tuple[Gemma3Config, dict[str, torch.Tensor], ResolvedSource, dict | None]:
     """(config, state dict, resolved source of the base weights, GGUF metadata or None) without building a
     model. With an adapter (`lora`, or a source that is one) the weights are read in fp32, the adapter is
     folded in, and only then are they cast to `dtype`, as `gemma3 merge-lora` does.
+
+    `quantize`: "none" = float weights in `dtype` (a quantized GGUF dequantised: the exact values of its
+    weights); "int8" / "int4" = every projection and the embedding quantized at load (gemma3.quantize.SCHEMES),
+    from fp32; None = a quantized GGUF's matrices kept in their own blocks on the CPU (float otherwise). Those
+    entries of the state dict are then gemma3.quantize.QuantizedTensors.
 
     `gemma3 convert` and `gemma3 info` use this directly; `load` adds the model and the tokenizer.
     """
     from gemma3.weights.gguf import load_gguf
     from gemma3.weights.hf import load_hf
 
+    check_quantize(quantize, device)
     resolved, adapter = resolve_model(source, lora)
     bar = progress_bar(progress, f"loading {resolved.path.name}")
-    read_dtype = torch.float32 if adapter is not None else dtype
+    requantize = quantize not in (None, "none")
+    read_dtype = torch.float32 if adapter is not None or requantize else dtype
+    keep_blocks = quantize is None and adapter is None and torch.device(device).type == "cpu"
     metadata = None
     if resolved.kind == "gguf":
-        config, state, gguf = load_gguf(resolved.path, read_dtype, bar)
+        notice = (lambda line: print(line, file=sys.stderr)) if progress else None
+        config, state, gguf = load_gguf(resolved.path, read_dtype, bar, keep_quantized=keep_blocks, notice=notice)
         metadata = gguf.metadata
     else:
         config, state = load_hf(resolved.path, read_dtype, bar)
@@ -162,8 +185,13 @@ def load_weights(source: str | Path | None = None, dtype: torch.dtype = torch.fl
         from gemma3.train.lora import merge_adapter
 
         merge_adapter(state, adapter)
-        state = {name: tensor.to(dtype) for name, tensor in state.items()}
         resolved = dataclasses.replace(resolved, description=f"{resolved.description} + LoRA {adapter}")
+    if requantize:
+        from gemma3.quantize import quantize_state
+
+        state = quantize_state(state, quantize)
+    if read_dtype != dtype:
+        state = {name: t.to(dtype) if isinstance(t, torch.Tensor) else t for name, t in state.items()}
     return config, state, resolved, metadata
 
 
@@ -231,11 +259,19 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def build_model(config: Gemma3Config, state: dict[str, torch.Tensor], device: str | torch.device = "cpu"):
-    """A Gemma3Model in eval mode holding exactly `state` (already checked against `config`)."""
+    """A Gemma3Model in eval mode holding exactly `state` (already checked against `config`). Quantized
+    entries (gemma3.quantize.QuantizedTensor) swap their modules for quantized ones; the rest is loaded."""
     from gemma3.model import Gemma3Model
+    from gemma3.quantize import quantize_model, split_state
 
     with torch.device("meta"):
         model = Gemma3Model(config)
+    state, quantized = split_state(state)
+    if quantized:
+        if torch.device(device).type != "cpu":
+            raise Gemma3Error(f"quantized weights run on the CPU only, not on {device}")
+        dtype = next(iter(state.values())).dtype if state else torch.float32
+        quantize_model(model, quantized, dtype)
     if torch.device(device).type != "cpu":
         state = {name: tensor.to(device) for name, tensor in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
@@ -243,14 +279,16 @@ def build_model(config: Gemma3Config, state: dict[str, torch.Tensor], device: st
 
 
 def load(source: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         progress: bool = True, lora: str | Path | None = None):
+         progress: bool = True, lora: str | Path | None = None, quantize: str | None = "none"):
     """Load a model and its tokenizer: ``model, tokenizer, config = gemma3.load("google/gemma-3-270m")``.
 
     `source`: None (the embedded 270M), a .gguf file, a checkpoint or run directory, a LoRA adapter or a
-    Hub id; `lora`: an adapter folded into the weights in memory. The tokenizer is None only for a
-    checkpoint directory without tokenizer files.
+    Hub id; `lora`: an adapter folded into the weights in memory; `quantize`: "none" (float weights, the
+    default here, so a loaded model can be trained), "int8" / "int4" (quantized at load, CPU inference), or
+    None (a quantized GGUF kept in its own blocks: what the CLI does by default). The tokenizer is None only
+    for a checkpoint directory without tokenizer files.
     """
-    config, state, resolved, metadata = load_weights(source, dtype, progress, lora)
+    config, state, resolved, metadata = load_weights(source, dtype, progress, lora, quantize, device)
     model = build_model(config, state, device)
     tokenizer = load_tokenizer(resolved, metadata)
     return model, tokenizer, config

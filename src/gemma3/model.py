@@ -30,7 +30,6 @@ from torch.utils.checkpoint import checkpoint
 
 from gemma3.config import GLOBAL, SLIDING, Gemma3Config
 from gemma3.errors import Gemma3Error
-from gemma3.packed import PackedWeight, WeightState, project
 
 IGNORE_INDEX = -100
 CAUSAL_QUERY_BLOCK = 128  # queries per SDPA call in an inference prefill (GroupedQueryAttention._causal_in_blocks)
@@ -48,8 +47,6 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
-        self.keep_gain = False  # set by Gemma3Model.pack_weights: reuse (1 + w) between inference calls
-        self._gain: tuple[WeightState, torch.Tensor] | None = None  # (what it was computed from, 1 + w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # F.rms_norm computes x̂ · gain in the input's dtype (here fp32): bit-identical to spelling out
@@ -57,18 +54,17 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self.gain(), self.eps).type_as(x)
 
     def gain(self) -> torch.Tensor:
-        """(1 + w) in fp32. Once `keep_gain` is set (Gemma3Model.pack_weights, as Generator does) and without
-        autograd, it is computed once per version of the weight and reused: a decode step runs 109 norms, and
-        two ops fewer in each is ~0.5 ms of a ~30 ms bf16 step. Opt-in, like the packed weights, because the
-        version check cannot see every write: FSDP2 gathers new weights into the same parameter without
-        bumping its version, and an evaluation under no_grad then read a stale gain (measured)."""
-        w = self.weight
-        if not self.keep_gain or torch.is_grad_enabled() or type(w) not in (nn.Parameter, torch.Tensor):
-            return 1.0 + w.float()
-        if self._gain is None or not self._gain[0].matches((w,)):
-            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable outside inference mode
-                self._gain = (WeightState((w,)), 1.0 + w.float())
-        return self._gain[1]
+        """(1 + w) in fp32."""
+        return 1.0 + self.weight.float()
+
+
+class TiedEmbedding(nn.Embedding):
+    """The token embedding, which is also the output head: `attend(h)` = h · Eᵀ (the name Gemma's own Flax
+    code gives it). One table serves both ends, so an inference side that keeps it in another form (packed,
+    quantized: gemma3.packed, gemma3.quantize) swaps this one module and the head follows."""
+
+    def attend(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.weight)
 
 
 class RotaryEmbedding(nn.Module):
@@ -161,12 +157,10 @@ class GroupedQueryAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
         self.q_norm = RMSNorm(hd, config.rms_norm_eps)
         self.k_norm = RMSNorm(hd, config.rms_norm_eps)
-        self.packed_qkv: PackedWeight | None = None  # see Gemma3Model.pack_weights
-        self.packed_o: PackedWeight | None = None
 
     def forward(self, x, cos, sin, mask, cache=None, layer_idx: int = 0):
         B, T, _ = x.shape
-        q, k, v = project(x, self.packed_qkv, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.num_heads, self.head_dim)  # (B, T, H, hd)
         k = k.view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, K, hd)
         v = v.view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, K, hd)
@@ -187,7 +181,7 @@ class GroupedQueryAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
                                                  enable_gqa=self.num_kv_heads != self.num_heads)
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H·hd)
-        return project(out, self.packed_o, self.o_proj)[0]
+        return self.o_proj(out)
 
     def _decode(self, q, k, v, mask):
         """Attention for one new token per row (a decode step), through SDPA.
@@ -262,12 +256,9 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(d, f, bias=False)
         self.up_proj = nn.Linear(d, f, bias=False)
         self.down_proj = nn.Linear(f, d, bias=False)
-        self.packed_gate_up: PackedWeight | None = None  # see Gemma3Model.pack_weights
-        self.packed_down: PackedWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(x, self.packed_gate_up, self.gate_proj, self.up_proj)
-        return project(F.gelu(gate, approximate="tanh") * up, self.packed_down, self.down_proj)[0]
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
 
 
 class TransformerBlock(nn.Module):
@@ -352,7 +343,7 @@ class Gemma3Model(nn.Module):
     def __init__(self, config: Gemma3Config):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = TiedEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(TransformerBlock(config, t) for t in config.layer_types)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rope = nn.ModuleDict({
@@ -360,7 +351,6 @@ class Gemma3Model(nn.Module):
             GLOBAL: RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling_factor),
         })
         self.gradient_checkpointing = False
-        self.head_packed: PackedWeight | None = None  # see pack_weights
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -423,11 +413,7 @@ class Gemma3Model(nn.Module):
         return ModelOutput(logits=self._head(x))
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight  # tied: the raw embedding, no sqrt(d) here
-        if self.head_packed is not None and self.head_packed.usable_for(weight):
-            logits = self.head_packed(h)  # 63% of the bytes a 270M decode step reads
-        else:
-            logits = F.linear(h, weight)
+        logits = self.embed_tokens.attend(h)  # tied: h · Eᵀ with the raw embedding, no sqrt(d) here
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
@@ -441,6 +427,12 @@ class Gemma3Model(nn.Module):
         h, targets = h[keep], targets[keep]
         if targets.numel() == 0:
             return hidden.sum() * 0.0  # no target in the batch: a zero that still has a graph
+        if not isinstance(self.embed_tokens, nn.Embedding):  # a head swapped in for inference (quantized): no
+            total = hidden.new_zeros((), dtype=torch.float32)  # table to differentiate, so chunks of attend()
+            for start in range(0, targets.numel(), chunk_size):
+                logits = self._head(h[start:start + chunk_size]).float()
+                total += F.cross_entropy(logits, targets[start:start + chunk_size], reduction="sum")
+            return total / targets.numel()
         total = ChunkedLinearCrossEntropy.apply(h, self.embed_tokens.weight, targets, chunk_size,
                                                 self.config.final_logit_softcapping)
         return total / targets.numel()
@@ -471,38 +463,6 @@ class Gemma3Model(nn.Module):
         real = padding_mask.to(device=input_ids.device).bool()
         counted = start[:, None] + real.long().cumsum(dim=1) - 1
         return torch.where(real, counted, torch.full_like(counted, -1))
-
-    def pack_weights(self) -> None:
-        """Give the projections (q/k/v and gate/up fused) and the output head PackedWeights (see packed.py):
-        on CPU a 270M decode step gets ~2× faster in fp32 and ~2.7× in bf16 (native kernel, measured), for a
-        second copy of the layer weights in memory (not of the head, when the native kernel is there).
-        Used only with gradients off; training, LoRA-wrapped modules and changed weights take the plain
-        path. A no-op off CPU or for other dtypes."""
-        if not PackedWeight.supported(self.embed_tokens.weight):
-            return
-
-        def pack(*linears: nn.Module) -> PackedWeight | None:  # not a module LoRA (or anything) wrapped
-            return PackedWeight(*(m.weight for m in linears)) if all(type(m) is nn.Linear for m in linears) else None
-
-        for layer in self.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            attn.packed_qkv, attn.packed_o = pack(attn.q_proj, attn.k_proj, attn.v_proj), pack(attn.o_proj)
-            mlp.packed_gate_up, mlp.packed_down = pack(mlp.gate_proj, mlp.up_proj), pack(mlp.down_proj)
-        self.head_packed = PackedWeight(self.embed_tokens.weight, gemm_copy=False)
-        for norm in self.modules():
-            if isinstance(norm, RMSNorm):
-                norm.keep_gain = True
-
-    def unpack_weights(self) -> None:
-        """Drop the packed copies (and their memory): every projection takes the plain nn.Linear path, and
-        every norm computes its gain afresh."""
-        for layer in self.layers:
-            layer.self_attn.packed_qkv = layer.self_attn.packed_o = None
-            layer.mlp.packed_gate_up = layer.mlp.packed_down = None
-        self.head_packed = None
-        for norm in self.modules():
-            if isinstance(norm, RMSNorm):
-                norm.keep_gain, norm._gain = False, None
 
     def set_attention_implementation(self, name: str) -> None:
         if name not in ("sdpa", "eager"):

@@ -1,10 +1,27 @@
-"""Inference-only weight packing for CPU decoding: the one piece of this package that is about kernels,
-not about Gemma 3, kept out of model.py so the model reads as the architecture.
+"""Inference-only fast paths for float (fp32 / bf16) weights on the CPU, swapped into the model from outside
+(`pack_model`), as gemma3.quantize does for quantized weights: model.py stays the architecture.
 
-`Gemma3Model.pack_weights()` gives each projection (q/k/v and gate/up fused) and the output head a
-`PackedWeight`; the modules call `project(...)`, which uses the packed copy while it still matches the
-module's weights and gradients are off, and the plain nn.Linear otherwise (training, LoRA, new weights).
-`WeightState` is how a packed copy (and RMSNorm's cached fp32 gain) knows it still matches its weights.
+    PackedLinear     replaces an nn.Linear: one or a few rows (decode) → the native GEMV reading the weight
+                     in place; many rows (prefill) → a copy in the layout the CPU's GEMM reads fastest
+    PackedEmbedding  replaces the tied embedding: same lookup, and its `attend` (the output head, 63 % of the
+                     bytes a 270M decode step reads) goes to the native GEMV with no copy at all
+    PackedRMSNorm    replaces RMSNorm: (1 + w) in fp32 computed once, not in each of 109 calls a step, and
+                     fp32 inputs through one fused native call (kernels/decode.c)
+    PackedAttention  replaces GroupedQueryAttention's one-token step (fp32) with one fused native call
+
+Each keeps the module's own Parameter (the state dict is unchanged) and remembers the tensor, storage and
+in-place version it packed (`WeightState`): once the weight changes (an optimizer step, `load_state_dict`,
+a LoRA merge) or autograd is on, it computes from the weight itself, exactly as the plain module. FSDP2's
+gathers write a parameter without bumping its version, which is why training never packs (`unpack_model`
+restores the plain modules).
+
+Measured on the 270M (AMD EPYC, torch 2.13): one token, bf16 or fp32: the native kernel (gemma3.kernels)
+streams nn.Linear's own (out, in) rows at 1.2-2.4× the rate of oneDNN on packed bf16 weights and of MKL's
+fp32 GEMV. Many tokens, bf16: oneDNN re-packs a plain weight into its blocked format on every call; a copy
+packed once is bit-identical and skips that. Many tokens, fp32: MKL reads a transposed (in, out) copy faster
+than nn.Linear's layout. That GEMM and the decode kernel sum in different orders, so on the real 270M a
+cached decode and a full forward differ by more than with the plain weights (README, exactness). The copies
+double the memory of the layer weights; the head keeps none.
 """
 
 from __future__ import annotations
@@ -18,6 +35,7 @@ from torch import nn
 
 from gemma3 import kernels
 from gemma3.kernels import NativeLinear
+from gemma3.model import GroupedQueryAttention, RMSNorm, TiedEmbedding
 
 
 class WeightState:
@@ -27,89 +45,211 @@ class WeightState:
 
     def __init__(self, weights: Sequence[torch.Tensor]):
         self.refs = [weakref.ref(w) for w in weights]
-        self.keys = [(w.data_ptr(), w._version) for w in weights]
+        self.keys = [_key(w) for w in weights]
 
     def matches(self, weights: Sequence[torch.Tensor]) -> bool:
         return len(weights) == len(self.refs) and all(
-            ref() is w and key == (w.data_ptr(), w._version) for ref, key, w in zip(self.refs, self.keys, weights))
+            ref() is w and key == _key(w) for ref, key, w in zip(self.refs, self.keys, weights))
 
 
-class PackedWeight:
-    """Inference-only ways to apply one or more (out, in) weights, stacked along `out` (q/k/v, gate/up), in
-    whatever form this CPU's kernels read fastest.
-
-    A batch-1 decode step is a chain of matrix-vector products that read every weight once, so its speed
-    is how fast the kernels stream weights from memory. Measured on the 270M (AMD EPYC, torch 2.13):
-    * one token (decode), bf16 or fp32: the native kernel (gemma3.kernels, built on first use with the
-      system C compiler) reads nn.Linear's own weights in place, row by row, with no copy and no
-      concatenation: 1.2-2.4× the rate of oneDNN on packed bf16 weights and of MKL's fp32 GEMV. Without
-      it (no compiler, not x86-64), the copies below take these calls too.
-    * many tokens (prefill), bf16: nn.Linear hands oneDNN a plain weight that it re-packs into its blocked
-      bf16 format on every call; a copy packed once up front is bit-identical and skips that.
-    * many tokens, fp32: MKL reads a transposed (in, out) copy, used as x @ Wᵀ, faster than nn.Linear's
-      layout. Its GEMM and the decode kernels sum in different orders, so on the real 270M a cached decode
-      and a full forward of the same sequence differ by more than with the plain weights (see the README's
-      exactness section for the figures).
-    * fusing q/k/v and gate/up into one product each saves three calls per layer (bf16 decode: -5%).
-    The copy doubles the memory of what is packed. The output head (63% of the 270M) keeps none when the
-    native kernel is there (`gemm_copy=False`): a many-token call on it is rare (perplexity) and goes
-    through F.linear. Each PackedWeight remembers the tensors, storage and version of the weights it was
-    made from, so once one changes (a training step, a LoRA merge, a new state dict) it stops matching and
-    the plain modules are used again.
-    """
-
-    def __init__(self, *weights: torch.Tensor, gemm_copy: bool = True):
-        """`gemm_copy=False` (the output head): no copy for many rows when the native kernel takes the
-        few-row calls; a many-row call then goes through F.linear on the weight itself."""
-        self.state = WeightState(weights)
-        ws = [w.detach() for w in weights]
-        self.bf16 = ws[0].dtype == torch.bfloat16
-        # one or a few tokens (decode): the native kernel reads the weights in place, if it could be built
-        self.rows = NativeLinear(ws) if kernels.available() else None
-        self.packed = None
-        # oneDNN's packed bf16 layout needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; elsewhere (an AVX2-only CPU)
-        # a bf16 prefill goes through F.linear on the fused weight, which torch supports everywhere
-        self.onednn = self.bf16 and _onednn_bf16()
-        if self.rows is None or gemm_copy or len(ws) > 1:  # many tokens (prefill), or no native kernel
-            w = torch.cat(ws) if len(ws) > 1 else ws[0]  # (sum of outs, in)
-            if self.onednn:
-                self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
-            else:
-                self.packed = w if self.bf16 else w.t().contiguous()
-
-    @staticmethod
-    def supported(weight: torch.Tensor) -> bool:
-        return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-
-    def usable_for(self, *weights: torch.Tensor) -> bool:
-        """True when `weights` are still what was packed and no gradient is wanted (the copy has none)."""
-        return not torch.is_grad_enabled() and self.state.matches(weights)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rows is not None:
-            n = x.numel() // x.shape[-1]
-            if n == 1 or (self.packed is None and n <= self.rows.max_rows):
-                return self.rows(x)
-        if self.packed is None:  # the head without a GEMM copy: its one weight, as the kernel holds it
-            return F.linear(x, self.rows.weights[0])
-        if self.onednn:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-        if self.bf16:
-            return F.linear(x, self.packed)
-        return x @ self.packed
+def _key(w: torch.Tensor) -> tuple[int, int]:
+    # a tensor made under inference_mode has no version counter (and can only change inside inference_mode)
+    return w.data_ptr(), -1 if w.is_inference() else w._version
 
 
 def _onednn_bf16() -> bool:
+    """oneDNN's packed bf16 layout needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; elsewhere (an AVX2-only CPU)
+    a bf16 prefill goes through F.linear, which torch supports everywhere."""
     try:
         return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
 
-def project(x: torch.Tensor, packed: PackedWeight | None, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
-    """Each of `linears` applied to x: one matmul over their PackedWeight when there is one that still
-    matches them (plain nn.Linear modules, weights unchanged), else one call per module (e.g. LoRA)."""
-    if (packed is not None and all(type(m) is nn.Linear for m in linears)
-            and packed.usable_for(*(m.weight for m in linears))):
-        return packed(x).split([m.out_features for m in linears], dim=-1)
-    return tuple(m(x) for m in linears)
+class PackedLinear(nn.Module):
+    """An nn.Linear (no bias) with a decode kernel and a GEMM copy; the same Parameter, the same results up
+    to the order of fp32 additions."""
+
+    def __init__(self, linear: nn.Linear, gemm_copy: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        w = linear.weight.detach()
+        self.state = WeightState((linear.weight,))
+        self.bf16 = w.dtype == torch.bfloat16
+        self.rows = NativeLinear([w]) if kernels.available() else None  # one or a few tokens, read in place
+        self.onednn = self.bf16 and _onednn_bf16()
+        self.packed = None
+        if gemm_copy or self.rows is None:  # many tokens (prefill), or no native kernel
+            if self.onednn:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+            elif not self.bf16:
+                self.packed = w.t().contiguous()  # (in, out), used as x @ Wᵀ
+
+    def usable(self) -> bool:
+        return not torch.is_grad_enabled() and self.state.matches((self.weight,))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.usable():
+            return F.linear(x, self.weight)
+        rows = x.numel() // self.in_features
+        if self.rows is not None and (rows == 1 or (self.packed is None and rows <= self.rows.max_rows)):
+            return self.rows(x)
+        if self.packed is None:
+            return F.linear(x, self.weight)
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return x @ self.packed
+
+    def plain(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        linear.weight = self.weight
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, native={self.rows is not None}"
+
+
+class PackedEmbedding(TiedEmbedding):
+    """The tied embedding with the head on the native kernel: few rows read the table in place; many rows
+    (a perplexity window) go through F.linear on the same table, so no copy of its 168M values is made."""
+
+    def __init__(self, embedding: nn.Embedding):
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.padding_idx, self.max_norm, self.norm_type = None, None, 2.0
+        self.scale_grad_by_freq, self.sparse = False, False
+        self.weight = embedding.weight
+        self.state = WeightState((embedding.weight,))
+        self.rows = NativeLinear([embedding.weight.detach()]) if kernels.available() else None
+
+    def attend(self, h: torch.Tensor) -> torch.Tensor:
+        rows = h.numel() // self.embedding_dim
+        if (self.rows is not None and rows <= self.rows.max_rows and not torch.is_grad_enabled()
+                and self.state.matches((self.weight,))):
+            return self.rows(h)
+        return F.linear(h, self.weight)
+
+    def plain(self) -> TiedEmbedding:
+        embedding = TiedEmbedding(self.num_embeddings, self.embedding_dim, device="meta")
+        embedding.weight = self.weight
+        return embedding
+
+
+class PackedRMSNorm(RMSNorm):
+    """RMSNorm reusing its fp32 gain (1 + w) while the weight is the one it was computed from; fp32 inputs go
+    to the fused native kernel (kernels/decode.c: one call instead of F.rms_norm's 30-40 µs on 640 values)."""
+
+    def __init__(self, norm: RMSNorm):
+        nn.Module.__init__(self)
+        self.eps, self.weight = norm.eps, norm.weight
+        self._state, self._gain = WeightState((norm.weight,)), 1.0 + norm.weight.detach().float()
+        self._lib = kernels.library()
+
+    def usable(self) -> bool:
+        return not torch.is_grad_enabled() and self._state.matches((self.weight,))
+
+    def gain(self) -> torch.Tensor:
+        return self._gain if self.usable() else 1.0 + self.weight.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._lib is None or x.dtype != torch.float32 or not x.is_contiguous() or x.device.type != "cpu" \
+                or not self.usable():
+            return super().forward(x)
+        out = torch.empty_like(x)
+        dim = x.shape[-1]
+        self._lib.gemma3_rms_norm(x.data_ptr(), self._gain.data_ptr(), x.numel() // dim, dim, self.eps, out.data_ptr())
+        return out
+
+    def plain(self) -> RMSNorm:
+        norm = RMSNorm(self.weight.shape[0], self.eps)
+        norm.weight = self.weight
+        return norm
+
+
+class PackedAttention(GroupedQueryAttention):
+    """GroupedQueryAttention whose one-token step (fp32, CPU) is the fused native kernel (kernels/decode.c):
+    scores, softmax and the weighted sum of values for the G query heads of each KV head in one call, reading
+    the cache in place. Everything else is the module's own code."""
+
+    def __init__(self, attn: GroupedQueryAttention):
+        nn.Module.__init__(self)
+        for name in ("num_heads", "num_kv_heads", "head_dim", "scale", "softcap", "implementation"):
+            setattr(self, name, getattr(attn, name))
+        for name, child in attn.named_children():
+            setattr(self, name, child)
+        self._lib = kernels.library()
+
+    def _decode(self, q, k, v, mask):
+        B, H, _, hd = q.shape
+        S = k.shape[2]
+        if (self._lib is None or q.dtype != torch.float32 or q.device.type != "cpu" or k.stride() != v.stride()
+                or k.stride()[2:] != (hd, 1) or (mask is not None and mask.shape != (B, 1, 1, S))):
+            return super()._decode(q, k, v, mask)
+        q = q.reshape(B, self.num_kv_heads, H // self.num_kv_heads, hd).contiguous()  # (B, K, G, hd)
+        out = torch.empty_like(q)
+        scores = torch.empty(q.shape[:-1] + (S,))
+        m = None if mask is None else mask.reshape(B, S).contiguous().view(torch.uint8)
+        self._lib.gemma3_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), B, self.num_kv_heads, q.shape[2],
+                                          S, hd, k.stride(0), k.stride(1), None if m is None else m.data_ptr(),
+                                          self.scale, scores.data_ptr(), out.data_ptr())
+        return out.view(B, H, 1, hd)
+
+    def plain(self) -> GroupedQueryAttention:
+        attn = GroupedQueryAttention.__new__(GroupedQueryAttention)
+        nn.Module.__init__(attn)
+        for name in ("num_heads", "num_kv_heads", "head_dim", "scale", "softcap", "implementation"):
+            setattr(attn, name, getattr(self, name))
+        for name, child in self.named_children():
+            setattr(attn, name, child)
+        return attn
+
+
+def supported(model: nn.Module) -> bool:
+    w = model.embed_tokens.weight if isinstance(model.embed_tokens, nn.Embedding) else None
+    return w is not None and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
+
+
+def _swap(module: nn.Module, replace) -> None:
+    """Replace each descendant m by replace(m) when that is not None, children before their parents (so a
+    replaced parent takes its already-replaced children along)."""
+    for child_name, child in list(module.named_children()):
+        _swap(child, replace)
+        new = replace(child)
+        if new is not None:
+            setattr(module, child_name, new)
+
+
+def pack_model(model: nn.Module) -> nn.Module:
+    """Swap in the packed modules: for float weights on the CPU, PackedLinear and PackedEmbedding (plain
+    nn.Linear / TiedEmbedding only: a LoRA-wrapped or quantized module is left as it is); for any CPU model,
+    PackedRMSNorm and PackedAttention (a quantized model computes its activations in fp32 too)."""
+    norm = next((m for m in model.modules() if type(m) is RMSNorm), None)
+    if norm is None or norm.weight.device.type != "cpu":
+        return model
+    head, float_weights = model.embed_tokens, supported(model)
+
+    def replace(m: nn.Module):
+        if float_weights and type(m) is nn.Linear and m.bias is None:
+            return PackedLinear(m)
+        if float_weights and type(m) is TiedEmbedding and m is head:
+            return PackedEmbedding(m)
+        if type(m) is RMSNorm:
+            return PackedRMSNorm(m)
+        if type(m) is GroupedQueryAttention:
+            return PackedAttention(m)
+        return None
+
+    _swap(model, replace)
+    return model
+
+
+def unpack_model(model: nn.Module) -> nn.Module:
+    """The plain modules back, holding the same Parameters; the copies are freed."""
+    _swap(model, lambda m: m.plain() if isinstance(m, (PackedLinear, PackedEmbedding, PackedRMSNorm, PackedAttention))
+          else None)
+    return model
+
+
+def is_packed(model: nn.Module) -> bool:
+    return any(isinstance(m, (PackedLinear, PackedEmbedding)) for m in model.modules())

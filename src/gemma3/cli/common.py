@@ -29,6 +29,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", choices=list(DTYPES), default=None,
                        help="compute dtype (default: float32 on CPU, bfloat16 on CUDA). Never float16: Gemma 3's "
                             "residual stream exceeds its range")
+    group.add_argument("--quantize", choices=["none", "int8", "int4"], default=None,
+                       help="weights for CPU inference: none = float (--dtype), int8 = 8-bit groups of 32 (Q8_0), "
+                            "int4 = 4-bit groups of 32 with a min (Q4_1; the embedding/head Q8_0), quantized at "
+                            "load. Default: a quantized GGUF (the embedded model is Q4_K_M) runs in its own blocks, "
+                            "anything else in float")
     group.add_argument("--device", default="auto", metavar="DEVICE",
                        help="cpu, cuda, cuda:N, or auto = CUDA when available (default: auto)")
     group.add_argument("-t", "--threads", type=int, default=None, metavar="N",
@@ -68,7 +73,10 @@ def set_threads(threads: int | None) -> None:
 def prepare_run(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     """Check and apply the flags that say where the model runs, before the (slow) load: the device, the
     dtype (CUDA computes in bf16 by default, the CPU in fp32) and the CPU threads."""
+    from gemma3.loading import check_quantize
+
     device = resolve_device(args.device)
+    check_quantize(args.quantize, device)
     set_threads(args.threads)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     return device, DTYPES[dtype]
@@ -79,8 +87,13 @@ def load_from_args(args: argparse.Namespace, device: torch.device, dtype: torch.
     from gemma3.loading import build_model, chat_template_of, load_tokenizer, load_weights
 
     start = time.perf_counter()
-    config, state, resolved, metadata = load_weights(args.model, dtype, progress=not args.quiet, lora=args.lora)
+    config, state, resolved, metadata = load_weights(args.model, dtype, progress=not args.quiet, lora=args.lora,
+                                                     quantize=args.quantize, device=device)
     model = build_model(config, state, device)
+    from gemma3.quantize import is_quantized, kernel_note
+
+    if is_quantized(model) and kernel_note() and not args.quiet:
+        print(kernel_note(), file=sys.stderr)
     tokenizer = load_tokenizer(resolved, metadata)
     if tokenizer is None:
         raise Gemma3Error(f"{resolved.path}: no tokenizer.json or tokenizer.model next to the weights")

@@ -138,8 +138,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert_p.add_argument("--to", choices=("hf", "gguf"), default="hf", help="output format (default: hf)")
     convert_p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                            help="safetensors dtype for --to hf (default: bfloat16, as Google ships Gemma 3)")
-    convert_p.add_argument("--gguf-type", choices=("F32", "F16", "BF16", "Q8_0"), default="BF16",
-                           help="tensor type for --to gguf (default: BF16; norms are always F32)")
+    convert_p.add_argument("--gguf-type", choices=("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q4_1", "Q4_0"), default="BF16",
+                           help="tensor type for --to gguf (default: BF16; norms are always F32). Q8_0 / Q5_0 / "
+                                "Q4_1 / Q4_0 are block quantizations gemma3 and llama.cpp both run as they are")
     convert_p.add_argument("--overwrite", action="store_true",
                            help="write into an existing OUT, replacing the files this command writes (others are "
                                 "kept); never the source itself, a directory containing it, or the current directory")

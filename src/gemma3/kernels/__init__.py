@@ -1,5 +1,6 @@
-"""Native CPU kernels, built on first use with the system C compiler: today one, the matrix-vector product of
-a decode step in bf16 and fp32 (`linear.c`, which says why it beats oneDNN and MKL there).
+"""Native CPU kernels, built on first use with the system C compiler: the matrix-vector products of a decode
+step in bf16 and fp32 (`linear.c`, which says why it beats oneDNN and MKL there), and the same products and
+the dequantization for weights in ggml's block formats (`quants.c`, used by gemma3.quantize).
 
 Nothing here is needed: without a C compiler, off x86-64, with `GEMMA3_NATIVE_KERNELS=0`, or when the build
 fails, `available()` is False and the model uses torch's own kernels (same results up to the order of
@@ -29,7 +30,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("linear.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("linear.c", "quants.c", "decode.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 DISABLE_ENV = "GEMMA3_NATIVE_KERNELS"
 
@@ -61,7 +62,7 @@ def _owned_and_private(path: Path) -> bool:
 
 def _build(compiler: str) -> Path:
     """The compiled library for this source, flags and CPU: from the cache, or compiled into it."""
-    source = SOURCE.read_bytes()
+    source = b"".join(p.read_bytes() for p in SOURCES)
     key = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode() + _cpu_flags().encode()).hexdigest()[:16]
     directory = cache_dir()
     try:
@@ -79,7 +80,7 @@ def _build(compiler: str) -> Path:
     fd, partial = tempfile.mkstemp(dir=directory, suffix=".so.partial")
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True,
+        done = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", partial], capture_output=True, text=True,
                               timeout=120)
         if done.returncode != 0:
             lines = (done.stderr or done.stdout).strip().splitlines()
@@ -112,8 +113,23 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
         fn.restype = None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.gemma3_q_linear.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr]
+    lib.gemma3_q_dequantize.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr]
+    lib.gemma3_q_round_activation.argtypes = [ptr, i64, i64, ptr]
+    for fn in (lib.gemma3_q_linear, lib.gemma3_q_dequantize, lib.gemma3_q_round_activation):
+        fn.restype = ctypes.c_int
+    lib.gemma3_rms_norm.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr]
+    lib.gemma3_decode_attention.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ctypes.c_float,
+                                            ptr, ptr]
+    lib.gemma3_rms_norm.restype = lib.gemma3_decode_attention.restype = None
     isa = "AVX-512 BF16" if lib.gemma3_kernel_isa() == 512 else "AVX2"
-    return lib, f"native GEMV ({isa}, {path})"
+    return lib, f"native kernels ({isa}, {path})"
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library (None when unavailable): NativeLinear's GEMV, and quants.c for gemma3.quantize."""
+    return _library()[0]
 
 
 def available() -> bool:
@@ -128,7 +144,7 @@ class NativeLinear:
     """x · Wᵀ for a bf16 or fp32 weight W given as row blocks stacked along its output dimension (e.g. q, k
     and v), read in place: nothing is copied or concatenated. Takes up to `max_rows` rows of x per call.
 
-    The caller keeps the weights unchanged while this is used (PackedWeight checks that before each call);
+    The caller keeps the weights unchanged while this is used (packed.PackedLinear checks before each call);
     the blocks are referenced here so their memory stays alive."""
 
     def __init__(self, weights: Sequence[torch.Tensor]):

@@ -228,11 +228,28 @@ class GGUFFile:
         info = self.tensors[name]
         kind = GGML_TYPES[info.ggml_type]
         fn = _DEQUANTISERS.get(kind.name)
-        if fn is None:
-            raise CheckpointError(f"{self.path}: tensor {name} has type {kind.name}, which gemma3 cannot "
-                                  f"dequantise (supported: {', '.join(_DEQUANTISERS)})")
+        if fn is None:  # the other block types: gguf-py's reference dequantisers (slower, numpy)
+            import gguf as gguf_py
+
+            qtype = getattr(gguf_py.GGMLQuantizationType, kind.name, None)
+            try:
+                values = gguf_py.quants.dequantize(np.asarray(self.raw(name)).reshape(info.shape[0], -1), qtype)
+            except (NotImplementedError, TypeError, ValueError, KeyError):
+                raise CheckpointError(f"{self.path}: tensor {name} has type {kind.name}, which gemma3 cannot "
+                                      f"dequantise") from None
+            return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(info.shape))
         blocks = self.raw(name).reshape(-1, kind.block_bytes)
         return torch.from_numpy(fn(blocks).reshape(info.shape))
+
+    def quantized(self, name: str):
+        """The tensor's blocks as they are in the file (a gemma3.quantize.QuantizedTensor, no copy), or None
+        when its type has no native kernel."""
+        from gemma3.quantize import FORMATS, QuantizedTensor
+
+        info = self.tensors[name]
+        if info.type_name not in FORMATS or len(info.shape) != 2:
+            return None
+        return QuantizedTensor(info.type_name, torch.from_numpy(self.raw(name)), info.shape)
 
 
 def _parse(buf: memoryview, where: str) -> tuple[int, dict[str, Any], dict[str, TensorInfo]]:
@@ -481,12 +498,17 @@ def config_from_gguf(gguf: GGUFFile) -> Gemma3Config:
 
 
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-              progress: Callable[[Iterable[str]], Iterable[str]] | None = None
-              ) -> tuple[Gemma3Config, dict[str, torch.Tensor], GGUFFile]:
+              progress: Callable[[Iterable[str]], Iterable[str]] | None = None, keep_quantized: bool = False,
+              notice: Callable[[str], None] | None = None) -> tuple[Gemma3Config, dict[str, torch.Tensor], GGUFFile]:
     """Read a Gemma 3 GGUF into (config, our state dict in `dtype`, the open file).
 
-    Names and shapes are checked against the config before any tensor is dequantised.
+    Names and shapes are checked against the config before any tensor is dequantised. `keep_quantized`:
+    projections and the embedding stored in a block format with a native kernel (gemma3.quantize.FORMATS)
+    stay in it, as QuantizedTensors over the file's mapping; a matrix in another block type is dequantised,
+    and `notice` is told so in one line.
     """
+    from gemma3.quantize import QUANTIZABLE
+
     gguf = GGUFFile.open(path)
     config = config_from_gguf(gguf)
     ours: dict[str, str] = {}
@@ -501,17 +523,31 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     names: Iterable[str] = ours
     if progress is not None:
         names = progress(names)
+    slow: dict[str, int] = {}
     for name in names:
+        info = gguf.tensors[ours[name]]
+        if keep_quantized and QUANTIZABLE.match(name) and info.type_name not in ("F32", "F16", "BF16"):
+            blocks = gguf.quantized(ours[name])
+            if blocks is not None:
+                state[name] = blocks
+                continue
+            slow[info.type_name] = slow.get(info.type_name, 0) + 1
         tensor = gguf.dequantize(ours[name])
         if is_norm(name):
             tensor = tensor - 1.0  # GGUF stores 1 + w; our RMSNorm computes x̂ · (1 + w)
         state[name] = tensor.to(dtype)
+    if slow and notice is not None:
+        kinds = ", ".join(f"{n} {t}" for t, n in sorted(slow.items()))
+        notice(f"note: {gguf.path.name}: no native kernel for {kinds} tensor(s); those are dequantised to {dtype} "
+               "and run as float weights")
     return config, state, gguf
 
 
 # ---------------------------------------------------------------------- writer
-WRITABLE_TYPES = ("F32", "F16", "BF16", "Q8_0")
-_FILE_TYPES = {"F32": 0, "F16": 1, "Q8_0": 7, "BF16": 32}  # llama.cpp's LLAMA_FTYPE_ALL_* values
+# Q8_0 / Q5_0 / Q4_1 / Q4_0 are quantized by gguf-py (llama.cpp's reference quantizers; K-quants such as
+# Q4_K it cannot write, and we have no quantizer of our own for them yet)
+WRITABLE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q4_1", "Q4_0")
+_FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "BF16": 32}  # llama.cpp's LLAMA_FTYPE_*
 
 
 def write_gguf(path: str | os.PathLike, config: Gemma3Config, state: Mapping[str, torch.Tensor],

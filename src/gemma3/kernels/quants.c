@@ -1,0 +1,445 @@
+/* y = x · Wᵀ for a few rows of x against a weight W kept in ggml's block formats: the decode step of a
+ * quantized model (gemma3/quantize.py), plus the dequantization its prefill GEMM and embedding lookups use.
+ *
+ * Formats (ggml's, byte for byte, so a GGUF file's tensors are used as they are in the file). Each row of W
+ * is K/QK blocks; a value is (code - offset) · d, or code · d - min for the ones with a min:
+ *   Q8_0  32 values  34 bytes  f16 d, 32 × int8
+ *   Q4_0  32 values  18 bytes  f16 d, 16 bytes of nibbles (value j < 16: low nibble of byte j, else the high
+ *                              nibble of byte j - 16), offset 8
+ *   Q4_1  32 values  20 bytes  f16 d, f16 m, nibbles as Q4_0; value = code · d + m
+ *   Q5_0  32 values  22 bytes  f16 d, u32 of fifth bits (bit j for value j), nibbles as Q4_0, offset 16
+ *   Q4_K 256 values 144 bytes  f16 d, f16 dmin, 12 bytes of 6-bit sub-block scales and mins, 128 bytes of
+ *                              nibbles: sub-block 2c in the low nibbles of bytes 32c..32c+31, 2c+1 the high;
+ *                              value = code · d · sc[j] - dmin · mn[j]
+ *   Q6_K 256 values 210 bytes  128 bytes of low nibbles, 64 bytes of 2-bit highs, 16 int8 scales (one per 16
+ *                              values), f16 d; offset 32 (layout spelled out at dot_q6_k)
+ *
+ * The activation. llama.cpp rounds x to int8 per block of 32 (its Q8_0 / Q8_K) and multiplies bytes with
+ * VPMADDUBSW / VPDPBUSD; on the embedded Q4_K_M file that puts its perplexity 0.67 % above the exact value of
+ * the same weights. Here x is rounded to int16 per block of 32 instead (scale = max|x| / 32767, a relative
+ * error ~1e-5 of the block's largest value, 256× finer), and the weights are widened to int16 in registers:
+ * VPMADDWD multiplies 16 pairs and adds neighbours into int32, exactly. Each 32-value group's int32 sum is
+ * converted to fp32 once and scaled by (weight scale · activation scale), so the only roundings are x's and
+ * the fp32 sums over groups. It costs one more widening instruction per 16 weights than the int8 route, which
+ * is not what limits a decode step (the weight bytes from memory are).
+ *
+ * Overflow: |code| ≤ 127 (Q8_0) and |x| ≤ 32767, four products per int32 lane per group: < 2^26 · 4; Q6_K
+ * multiplies its int8 sub-scale into the int16 weight first (|32 · 128| = 4096, so < 2^31 still).
+ * Non-finite input: a block of x holding NaN or ±inf gets a NaN scale, so its outputs are NaN, never a
+ * silently finite number; NaN or inf scales in W propagate the same way.
+ *
+ * Rows of x: 1..MAX_ROWS per call; each 32-value group of W is unpacked once and used for every row, so a
+ * small batch reads the weights once. Threads (OpenMP) take contiguous ranges of W's rows; each output is
+ * summed by one thread in a fixed order, so 1 and 2 threads give the same bits.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <immintrin.h>
+#include <omp.h>
+
+#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
+#error "needs AVX2, FMA and F16C (x86-64-v3)"
+#endif
+
+#define MAX_ROWS 8
+#define QK 32 /* values per activation block, and per group of every weight format */
+
+enum { F_Q8_0 = 8, F_Q4_0 = 2, F_Q4_1 = 3, F_Q5_0 = 6, F_Q4_K = 12, F_Q6_K = 14 }; /* ggml type ids */
+
+static inline float f16(const uint8_t *p) {
+  uint16_t h;
+  memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+int64_t gemma3_q_block_values(int fmt) {
+  switch (fmt) {
+    case F_Q8_0: case F_Q4_0: case F_Q4_1: case F_Q5_0: return 32;
+    case F_Q4_K: case F_Q6_K: return 256;
+    default: return 0;
+  }
+}
+
+int64_t gemma3_q_block_bytes(int fmt) {
+  switch (fmt) {
+    case F_Q8_0: return 34;
+    case F_Q4_0: return 18;
+    case F_Q4_1: return 20;
+    case F_Q5_0: return 22;
+    case F_Q4_K: return 144;
+    case F_Q6_K: return 210;
+    default: return 0;
+  }
+}
+
+int gemma3_q_max_rows(void) { return MAX_ROWS; }
+
+/* ------------------------------------------------------------------------------------------ activation */
+/* One row of x (K values, K a multiple of 32) → int16 codes, a scale per block, and the block's sum in fp32
+ * (scale · Σ codes: what the formats with a min multiply it by). */
+static void quantize_row(const float *x, int64_t K, int16_t *q, float *d, float *sum) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t b = 0; b < K / QK; b++) {
+    const float *xb = x + b * QK;
+    __m256 v[4], amax = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+      v[i] = _mm256_loadu_ps(xb + 8 * i);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+    }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    float mx = _mm_cvtss_f32(m);
+    int finite = 1; /* max_ps drops NaN; look for it (and inf) directly */
+    for (int i = 0; i < QK; i++) finite &= isfinite(xb[i]);
+    if (!finite || mx == 0.0f) {
+      memset(q + b * QK, 0, QK * sizeof(int16_t));
+      d[b] = finite ? 0.0f : NAN;
+      sum[b] = finite ? 0.0f : NAN;
+      continue;
+    }
+    float scale = mx / 32767.0f;
+    __m256 inv = _mm256_set1_ps(32767.0f / mx);
+    __m256i c[4], total = _mm256_setzero_si256();
+    for (int i = 0; i < 4; i++) {
+      c[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)); /* nearest, ties to even */
+      total = _mm256_add_epi32(total, c[i]);
+    }
+    /* packs works within 128-bit lanes: (a0-3 b0-3 a4-7 b4-7) → permute the 64-bit quarters back in order */
+    __m256i lo = _mm256_permute4x64_epi64(_mm256_packs_epi32(c[0], c[1]), 0xD8);
+    __m256i hi = _mm256_permute4x64_epi64(_mm256_packs_epi32(c[2], c[3]), 0xD8);
+    _mm256_storeu_si256((__m256i *)(q + b * QK), lo);
+    _mm256_storeu_si256((__m256i *)(q + b * QK + 16), hi);
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+    d[b] = scale;
+    sum[b] = scale * (float)_mm_cvtsi128_si32(t);
+  }
+}
+
+typedef struct {
+  const int16_t *q; /* (M, K) codes */
+  const float *d, *sum; /* (M, K/32) */
+  int64_t K, G;    /* values per row, groups per row */
+} act_t;
+
+/* The sum of the 8 lanes of an AVX2 accumulator. */
+static inline float hsum(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* ------------------------------------------------------------------------------------------ unpacking */
+/* Every format's 32-value group unpacks to one vector of 32 signed bytes in value order, offset removed
+ * (Q6_K's sub-scales are applied after). The product then splits it into its even and odd bytes as int16
+ * with two shifts each (no cross-lane shuffle, which this CPU family runs on fewer ports), and the
+ * activation's codes are stored in the matching order, evens then odds (see interleave). */
+typedef struct { __m256i a, b; } w16_t;
+
+static inline __m128i low_nibbles(__m128i v) { return _mm_and_si128(v, _mm_set1_epi8(15)); }
+static inline __m128i high_nibbles(__m128i v) { return _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(15)); }
+
+/* Value j < 16 is byte j's low nibble, j >= 16 byte j - 16's high nibble: the 16 bytes in both halves,
+ * the upper half shifted right by 4 (a per-dword variable shift), then masked. */
+static inline __m256i nibbles_32(const uint8_t *qs) {
+  __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
+  v = _mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
+  return _mm256_and_si256(v, _mm256_set1_epi8(15));
+}
+
+/* 32 bits → 32 bytes, 0xFF where bit j is set: byte j takes byte j/8 of the word (shuffle), every bit but
+ * bit j % 8 is forced on (or), and the byte is all ones exactly when bit j was set (compare). */
+static inline __m256i bytes_from_bits(uint32_t bits) {
+  __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits),
+                                  _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101,
+                                                     0x0202020202020202, 0x0303030303030303));
+  v = _mm256_or_si256(v, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+  return _mm256_cmpeq_epi8(v, _mm256_set1_epi64x(-1));
+}
+
+static inline __m256i unpack_q8_0(const uint8_t *blk) { return _mm256_loadu_si256((const __m256i *)(blk + 2)); }
+
+static inline __m256i unpack_q4_0(const uint8_t *qs, int offset) { /* Q4_0 (offset 8), Q4_1 (offset 0) */
+  return _mm256_sub_epi8(nibbles_32(qs), _mm256_set1_epi8((char)offset));
+}
+
+/* Q5_0: code = nibble + 16 · fifth bit, value = code - 16. As a signed byte that is the nibble itself where
+ * the bit is set, and nibble | 0xF0 (nibble - 16) where it is not: one and-not and one or. */
+static inline __m256i unpack_q5_0(const uint8_t *blk) {
+  uint32_t bits;
+  memcpy(&bits, blk + 2, 4);
+  __m256i high = _mm256_andnot_si256(bytes_from_bits(bits), _mm256_set1_epi8((char)0xF0));
+  return _mm256_or_si256(nibbles_32(blk + 6), high);
+}
+
+/* Q4_K: chunk c (0..3) of a super-block holds sub-blocks 2c (low nibbles) and 2c + 1 (high) in 32 bytes. */
+static inline __m256i unpack_q4_k(const uint8_t *blk, int j) {
+  __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * (j / 2)));
+  if (j % 2) v = _mm256_srli_epi16(v, 4);
+  return _mm256_and_si256(v, _mm256_set1_epi8(15));
+}
+
+/* Q4_K's 6-bit scale and min of sub-block j (ggml's get_scale_min_k4). */
+static inline void q4_k_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
+  if (j < 4) {
+    *sc = s[j] & 63;
+    *mn = s[j + 4] & 63;
+  } else {
+    *sc = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
+    *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+/* Q6_K: group g (0..7) of one 256-value super-block, codes - 32. Half h = g / 4 (128 values) reads
+ * ql[64h..64h+63] and qh[32h..32h+31]; run r = g % 4 of that half is
+ *   r 0: low nibbles of ql[0:32]  | bits 0-1 of qh       r 1: low nibbles of ql[32:64] | bits 2-3
+ *   r 2: high nibbles of ql[0:32] | bits 4-5             r 3: high nibbles of ql[32:64] | bits 6-7
+ * and each 16 values of a run have their own int8 scale: q6_k_scales. */
+static inline __m256i unpack_q6_k(const uint8_t *blk, int g) {
+  int h = g / 4, r = g % 4;
+  __m256i l = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + (r & 1) * 32));
+  __m256i hb = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
+  if (r >= 2) l = _mm256_srli_epi16(l, 4);
+  l = _mm256_and_si256(l, _mm256_set1_epi8(15));
+  hb = _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(2 * r)), _mm256_set1_epi8(3));
+  return _mm256_sub_epi8(_mm256_or_si256(l, _mm256_slli_epi16(hb, 4)), _mm256_set1_epi8(32));
+}
+
+/* Group g's two sub-scales as int16: values 0-15 take the first, 16-31 the second. In both the even/odd
+ * split (dot products) and the in-order widening (dequantization) those are the low and high 128-bit lanes. */
+static inline __m256i q6_k_scales(const uint8_t *blk, int g) {
+  const int8_t *sc = (const int8_t *)(blk + 192) + 2 * g;
+  return _mm256_set_m128i(_mm_set1_epi16(sc[1]), _mm_set1_epi16(sc[0]));
+}
+
+/* ------------------------------------------------------------------------------------------ dot products */
+static inline w16_t even_odd(__m256i v) {
+  w16_t w = {_mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8), _mm256_srai_epi16(v, 8)};
+  return w;
+}
+
+/* The activation's codes of each group, reordered to match even_odd: the 16 even values, then the 16 odd. */
+static void interleave(int16_t *q, int64_t K) {
+  int16_t t[QK];
+  for (int64_t b = 0; b < K; b += QK) {
+    for (int i = 0; i < QK / 2; i++) {
+      t[i] = q[b + 2 * i];
+      t[QK / 2 + i] = q[b + 2 * i + 1];
+    }
+    memcpy(q + b, t, sizeof t);
+  }
+}
+
+/* acc[m] += (Σ over the group of w · x_m) · scale · x_m's block scale, for every row m. */
+static inline __attribute__((always_inline)) void group_fma(w16_t w, float scale, const act_t *x, int64_t g,
+                                                            int M, __m256 *acc) {
+  for (int m = 0; m < M; m++) {
+    const int16_t *xq = x->q + m * x->K + g * QK;
+    __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w.a, _mm256_loadu_si256((const __m256i *)xq)),
+                                 _mm256_madd_epi16(w.b, _mm256_loadu_si256((const __m256i *)(xq + 16))));
+    acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scale * x->d[m * x->G + g]), acc[m]);
+  }
+}
+
+/* out[m] = row · x_m for one row of W in format fmt, M rows of x. `M` is a constant at each call site
+ * (see row_dots), so the loops over rows unroll and the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void row_dots_m(int fmt, const uint8_t *row, const act_t *x,
+                                                             const int M, float *out) {
+  __m256 acc[MAX_ROWS], acc2[MAX_ROWS];
+  float minus[MAX_ROWS]; /* the formats with a min: Σ_group min · (sum of x over the group) */
+  for (int m = 0; m < M; m++) {
+    acc[m] = acc2[m] = _mm256_setzero_ps();
+    minus[m] = 0.0f;
+  }
+  const int64_t G = x->G;
+  int64_t g = 0;
+  switch (fmt) {
+    case F_Q8_0: /* alternate two accumulators: with one row of x, the FMA's latency, not its throughput,
+                    would bound a single chain. For every row count alike, so that a row's result does not
+                    depend on the batch it came in (a batched server's output equals the request alone). */
+      for (; g + 1 < G; g += 2, row += 68) {
+          group_fma(even_odd(unpack_q8_0(row)), f16(row), x, g, M, acc);
+          group_fma(even_odd(unpack_q8_0(row + 34)), f16(row + 34), x, g + 1, M, acc2);
+        }
+      for (; g < G; g++, row += 34) group_fma(even_odd(unpack_q8_0(row)), f16(row), x, g, M, acc);
+      break;
+    case F_Q4_0:
+      for (; g < G; g++, row += 18) group_fma(even_odd(unpack_q4_0(row + 2, 8)), f16(row), x, g, M, acc);
+      break;
+    case F_Q4_1:
+      for (; g < G; g++, row += 20) {
+        group_fma(even_odd(unpack_q4_0(row + 4, 0)), f16(row), x, g, M, acc);
+        float mn = f16(row + 2);
+        for (int m = 0; m < M; m++) minus[m] -= mn * x->sum[m * G + g]; /* value = code · d + m */
+      }
+      break;
+    case F_Q5_0:
+      for (; g + 1 < G; g += 2, row += 44) {
+          group_fma(even_odd(unpack_q5_0(row)), f16(row), x, g, M, acc);
+          group_fma(even_odd(unpack_q5_0(row + 22)), f16(row + 22), x, g + 1, M, acc2);
+        }
+      for (; g < G; g++, row += 22) group_fma(even_odd(unpack_q5_0(row)), f16(row), x, g, M, acc);
+      break;
+    case F_Q4_K:
+      for (; g < G; g += 8, row += 144) {
+        float d = f16(row), dmin = f16(row + 2);
+        for (int j = 0; j < 8; j++) {
+          int sc, mn;
+          q4_k_scale_min(row + 4, j, &sc, &mn);
+          group_fma(even_odd(unpack_q4_k(row, j)), d * (float)sc, x, g + j, M, acc);
+          for (int m = 0; m < M; m++) minus[m] += dmin * (float)mn * x->sum[m * G + g + j];
+        }
+      }
+      break;
+    case F_Q6_K:
+      for (; g < G; g += 8, row += 210) {
+        float d = f16(row + 208);
+        for (int j = 0; j < 8; j++) {
+          w16_t w = even_odd(unpack_q6_k(row, j));
+          __m256i sc = q6_k_scales(row, j);
+          w.a = _mm256_mullo_epi16(w.a, sc);
+          w.b = _mm256_mullo_epi16(w.b, sc);
+          group_fma(w, d, x, g + j, M, acc);
+        }
+      }
+      break;
+  }
+  for (int m = 0; m < M; m++) out[m] = hsum(_mm256_add_ps(acc[m], acc2[m])) - minus[m];
+}
+
+static void row_dots(int fmt, const uint8_t *row, const act_t *x, int M, float *out) {
+  switch (M) { /* one specialised copy per row count */
+    case 1: row_dots_m(fmt, row, x, 1, out); break;
+    case 2: row_dots_m(fmt, row, x, 2, out); break;
+    case 3: row_dots_m(fmt, row, x, 3, out); break;
+    case 4: row_dots_m(fmt, row, x, 4, out); break;
+    case 5: row_dots_m(fmt, row, x, 5, out); break;
+    case 6: row_dots_m(fmt, row, x, 6, out); break;
+    case 7: row_dots_m(fmt, row, x, 7, out); break;
+    default: row_dots_m(fmt, row, x, 8, out); break;
+  }
+}
+
+/* y (M, N) fp32 = x (M, K) fp32 · Wᵀ, W (N, K) in `fmt`, rows `row_bytes` apart. Returns 0, or -1 for a bad
+ * format, shape or row count (nothing written), -2 when out of memory. */
+int gemma3_q_linear(int fmt, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K, const float *x,
+                    int64_t M, float *y) {
+  int64_t qk = gemma3_q_block_values(fmt);
+  if (qk == 0 || K <= 0 || K % qk || N < 0 || M < 1 || M > MAX_ROWS || row_bytes < K / qk * gemma3_q_block_bytes(fmt))
+    return -1;
+  int64_t G = K / QK;
+  int16_t *q = malloc((size_t)(M * K) * sizeof(int16_t));
+  float *d = malloc((size_t)(M * G) * sizeof(float)), *s = malloc((size_t)(M * G) * sizeof(float));
+  if (!q || !d || !s) {
+    free(q); free(d); free(s);
+    return -2;
+  }
+  for (int64_t m = 0; m < M; m++) {
+    quantize_row(x + m * K, K, q + m * K, d + m * G, s + m * G);
+    interleave(q + m * K, K);
+  }
+  act_t act = {q, d, s, K, G};
+#pragma omp parallel if (N * K >= (1 << 15))
+  {
+    int64_t T = omp_get_num_threads(), t = omp_get_thread_num();
+    int64_t lo = N * t / T, hi = N * (t + 1) / T;
+    float out[MAX_ROWS];
+    for (int64_t n = lo; n < hi; n++) {
+      row_dots(fmt, w + n * row_bytes, &act, (int)M, out);
+      for (int64_t m = 0; m < M; m++) y[m * N + n] = out[m];
+    }
+  }
+  free(q); free(d); free(s);
+  return 0;
+}
+
+/* For tests and the torch fallback: x's rounding, as gemma3_q_linear does it (codes · scale, in fp32). */
+int gemma3_q_round_activation(const float *x, int64_t M, int64_t K, float *out) {
+  if (K <= 0 || K % QK || M < 0) return -1;
+  int64_t G = K / QK;
+  int16_t *q = malloc((size_t)K * sizeof(int16_t));
+  float *d = malloc((size_t)G * sizeof(float)), *s = malloc((size_t)G * sizeof(float));
+  if (!q || !d || !s) {
+    free(q); free(d); free(s);
+    return -2;
+  }
+  for (int64_t m = 0; m < M; m++) {
+    quantize_row(x + m * K, K, q, d, s);
+    for (int64_t i = 0; i < K; i++) out[m * K + i] = (float)q[i] * d[i / QK];
+  }
+  free(q); free(d); free(s);
+  return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ dequantization */
+static inline w16_t widen_32(__m256i v) { /* in value order: a = values 0-15, b = 16-31 */
+  w16_t w = {_mm256_cvtepi8_epi16(_mm256_castsi256_si128(v)), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(v, 1))};
+  return w;
+}
+
+static inline void store_group(float *out, w16_t w, float scale, float minus) {
+  __m256 s = _mm256_set1_ps(scale), mn = _mm256_set1_ps(minus);
+  __m256i parts[4] = {_mm256_cvtepi16_epi32(_mm256_castsi256_si128(w.a)), _mm256_cvtepi16_epi32(_mm256_extracti128_si256(w.a, 1)),
+                      _mm256_cvtepi16_epi32(_mm256_castsi256_si128(w.b)), _mm256_cvtepi16_epi32(_mm256_extracti128_si256(w.b, 1))};
+  for (int i = 0; i < 4; i++)
+    _mm256_storeu_ps(out + 8 * i, _mm256_fmsub_ps(_mm256_cvtepi32_ps(parts[i]), s, mn));
+}
+
+static void dequantize_row(int fmt, const uint8_t *row, int64_t K, float *out) {
+  int64_t G = K / QK;
+  switch (fmt) {
+    case F_Q8_0:
+      for (int64_t g = 0; g < G; g++, row += 34) store_group(out + g * QK, widen_32(unpack_q8_0(row)), f16(row), 0.0f);
+      break;
+    case F_Q4_0:
+      for (int64_t g = 0; g < G; g++, row += 18)
+        store_group(out + g * QK, widen_32(unpack_q4_0(row + 2, 8)), f16(row), 0.0f);
+      break;
+    case F_Q4_1:
+      for (int64_t g = 0; g < G; g++, row += 20)
+        store_group(out + g * QK, widen_32(unpack_q4_0(row + 4, 0)), f16(row), -f16(row + 2));
+      break;
+    case F_Q5_0:
+      for (int64_t g = 0; g < G; g++, row += 22) store_group(out + g * QK, widen_32(unpack_q5_0(row)), f16(row), 0.0f);
+      break;
+    case F_Q4_K:
+      for (int64_t g = 0; g < G; g += 8, row += 144) {
+        float d = f16(row), dmin = f16(row + 2);
+        for (int j = 0; j < 8; j++) {
+          int sc, mn;
+          q4_k_scale_min(row + 4, j, &sc, &mn);
+          store_group(out + (g + j) * QK, widen_32(unpack_q4_k(row, j)), d * (float)sc, dmin * (float)mn);
+        }
+      }
+      break;
+    case F_Q6_K:
+      for (int64_t g = 0; g < G; g += 8, row += 210) {
+        float d = f16(row + 208);
+        for (int j = 0; j < 8; j++) {
+          w16_t w = widen_32(unpack_q6_k(row, j));
+          __m256i sc = q6_k_scales(row, j);
+          w.a = _mm256_mullo_epi16(w.a, _mm256_permute2x128_si256(sc, sc, 0x00)); /* values 0-15: first scale */
+          w.b = _mm256_mullo_epi16(w.b, _mm256_permute2x128_si256(sc, sc, 0x11)); /* 16-31: second */
+          store_group(out + (g + j) * QK, w, d, 0.0f);
+        }
+      }
+      break;
+  }
+}
+
+/* out (R, K) fp32 = rows of W: all N of them when ids is NULL (R = N), else the R rows ids names (an
+ * embedding lookup; each id in [0, N), checked by the caller). Returns 0 or -1 for a bad format or shape. */
+int gemma3_q_dequantize(int fmt, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K, const int64_t *ids,
+                        int64_t R, float *out) {
+  int64_t qk = gemma3_q_block_values(fmt);
+  if (qk == 0 || K <= 0 || K % qk || R < 0 || (ids == NULL && R != N) ||
+      row_bytes < K / qk * gemma3_q_block_bytes(fmt))
+    return -1;
+#pragma omp parallel for schedule(static) if (R * K >= (1 << 16))
+  for (int64_t r = 0; r < R; r++) dequantize_row(fmt, w + (ids ? ids[r] : r) * row_bytes, K, out + r * K);
+  return 0;
+}

@@ -1,0 +1,312 @@
+"""Quantized inference: weights kept in ggml's block formats, swapped into the model from outside.
+
+A batch-1 decode step reads every weight once, so on a CPU it runs at (bytes per token) / (memory bandwidth).
+In bf16 the 270M reads 536 MB a token, 335 MB of it the tied 262 144 × 640 output head; the embedded Q4_K_M
+GGUF holds the same model in 247 MB. This module keeps such weights as they are in the file — no
+dequantization at load — and multiplies by them with gemma3/kernels/quants.c, which explains the numerics.
+
+    QuantizedTensor      an (out, in) matrix in one of FORMATS: the raw blocks, byte for byte ggml's
+    QuantizedLinear      replaces an nn.Linear (q/k/v/o, gate/up/down): few rows → the block kernel,
+                         many rows (a prefill) → weight tiles dequantized into an fp32 GEMM
+    QuantizedEmbedding   replaces the tied embedding: a lookup dequantizes only the rows it reads, and
+                         `attend` is the output head over the same blocks (the table is held once)
+    quantize_model       swaps them in: from a GGUF's own blocks, or quantizing float weights at load
+
+The model file never learns about any of this (gpt-fast's `quantize.py` and torchao's `quantize_` work the
+same way), and training keeps the plain modules. SCHEMES names what `--quantize` offers for float weights:
+
+    int8  Q8_0 everywhere: symmetric, one fp16 scale per 32 values (8.5 bits a weight)
+    int4  Q4_1 for the projections (4-bit codes, an fp16 scale and min per 32 values: 5 bits a weight) and
+          Q8_0 for the tied embedding / head, as llama.cpp's Q4_K_M keeps its output matrix at more bits:
+          measured on the 270M (1 024 tokens), a Q4_1 head alone costs +10 % perplexity. Even so int4 is far
+          from int8 on the only weights we have here, which are already 4-5-bit (the README's table)
+
+Without the native kernels (no C compiler, not x86-64 with AVX2) the same arithmetic runs in torch —
+dequantized weights, the activation rounded exactly as the kernel rounds it — much slower, and
+`kernels.status()` says why in one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemma3 import kernels
+from gemma3.errors import CheckpointError, Gemma3Error
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    ggml_type: int  # ggml's type id (GGUF's tensor type)
+    block_values: int
+    block_bytes: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.block_bytes / self.block_values
+
+
+FORMATS: dict[str, Format] = {f.name: f for f in (
+    Format("Q8_0", 8, 32, 34), Format("Q4_0", 2, 32, 18), Format("Q4_1", 3, 32, 20), Format("Q5_0", 6, 32, 22),
+    Format("Q4_K", 12, 256, 144), Format("Q6_K", 14, 256, 210),
+)}
+# --quantize value → (the projections' block format, the embedding's)
+SCHEMES = {"int8": ("Q8_0", "Q8_0"), "int4": ("Q4_1", "Q8_0")}
+ACTIVATION_BLOCK = 32  # the kernel rounds x to int16 per this many values
+MAX_KERNEL_ROWS = 8  # rows of x per kernel call (quants.c MAX_ROWS); more go to a dequantized GEMM
+GEMM_TILE_BYTES = 64 << 20  # fp32 weight dequantized at a time for a many-row product
+# the matrices a model quantizes: every projection and the tied embedding / output head
+QUANTIZABLE = re.compile(r"^(embed_tokens|layers\.\d+\.(self_attn|mlp)\.[a-z_]+_proj)\.weight$")
+
+
+# ---------------------------------------------------------------------------------------------- tensors
+class QuantizedTensor:
+    """An (out, in) matrix in a block format: `data` holds its rows of blocks, (out, row_bytes) uint8.
+
+    When `in` is not a multiple of the format's block, the rows were zero-padded to one at quantization
+    (`padded_in`), and inputs are padded the same way (zero weights add nothing)."""
+
+    def __init__(self, fmt: str, data: torch.Tensor, shape: tuple[int, int]):
+        if fmt not in FORMATS:
+            raise CheckpointError(f"no native kernel for {fmt} (native: {', '.join(FORMATS)})")
+        self.format = FORMATS[fmt]
+        out, inp = shape
+        padded = -(-inp // self.format.block_values) * self.format.block_values
+        row_bytes = padded // self.format.block_values * self.format.block_bytes
+        if data.dtype != torch.uint8 or data.numel() != out * row_bytes:
+            raise CheckpointError(f"{fmt} data for a {out}×{inp} matrix must be {out * row_bytes} bytes, "
+                                  f"got {data.numel()} ({data.dtype})")
+        self.data = data.reshape(out, row_bytes)
+        self.shape = (out, inp)
+        self.padded_in = padded
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def __repr__(self) -> str:
+        return f"QuantizedTensor({self.format.name}, {self.shape[0]}×{self.shape[1]})"
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, fmt: str) -> "QuantizedTensor":
+        """A float (out, in) matrix in `fmt`, with gguf-py's quantizers (llama.cpp's reference ones)."""
+        import gguf as gguf_py
+
+        if fmt not in ("Q8_0", "Q4_0", "Q4_1", "Q5_0"):
+            raise Gemma3Error(f"cannot quantize to {fmt} (can: Q8_0, Q4_0, Q4_1, Q5_0)")
+        w = weight.detach().float().cpu()
+        if not bool(torch.isfinite(w).all()):
+            raise Gemma3Error(f"cannot quantize a weight holding NaN or inf values (shape {tuple(w.shape)})")
+        out, inp = w.shape
+        block = FORMATS[fmt].block_values
+        if inp % block:
+            w = F.pad(w, (0, block - inp % block))
+        blocks = gguf_py.quants.quantize(w.numpy(), gguf_py.GGMLQuantizationType[fmt])
+        return cls(fmt, torch.from_numpy(np.ascontiguousarray(blocks)).reshape(-1), (out, inp))
+
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The matrix (or the rows `rows` names, an int64 tensor) as fp32."""
+        out, inp = self.shape
+        ids = None if rows is None else rows.reshape(-1).to(torch.int64).contiguous()
+        count = out if ids is None else ids.numel()
+        lib = kernels.library()
+        if lib is not None:
+            result = torch.empty(count, self.padded_in, dtype=torch.float32)
+            rc = lib.gemma3_q_dequantize(self.format.ggml_type, self.data.data_ptr(), self.data.shape[1], out,
+                                         self.padded_in, None if ids is None else ids.data_ptr(), count,
+                                         result.data_ptr())
+            if rc:
+                raise Gemma3Error(f"dequantizing {self}: kernel error {rc}")
+        else:
+            result = _dequantize_numpy(self.format.name, self.data if ids is None else self.data[ids])
+        return result[:, :inp] if inp != self.padded_in else result
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, in) fp32 → x · Wᵀ (M, out) fp32. M ≤ MAX_KERNEL_ROWS: the block kernel (x rounded to int16 per
+        32 values); more rows: W dequantized a tile at a time into fp32 GEMMs (x exact)."""
+        out, inp = self.shape
+        if x.shape[-1] != inp:
+            raise Gemma3Error(f"{self}: input has {x.shape[-1]} features, expected {inp}")
+        if self.padded_in != inp:
+            x = F.pad(x, (0, self.padded_in - inp))
+        x = x.contiguous()
+        rows = x.shape[0]
+        lib = kernels.library()
+        if rows <= MAX_KERNEL_ROWS:
+            if lib is None:
+                return F.linear(round_activation(x), self.dequantize_padded())
+            y = torch.empty(rows, out, dtype=torch.float32)
+            if rows:
+                rc = lib.gemma3_q_linear(self.format.ggml_type, self.data.data_ptr(), self.data.shape[1], out,
+                                         self.padded_in, x.data_ptr(), rows, y.data_ptr())
+                if rc:
+                    raise Gemma3Error(f"{self}: kernel error {rc}")
+            return y
+        tile = max(1, GEMM_TILE_BYTES // (4 * self.padded_in))
+        if tile >= out:
+            return F.linear(x, self.dequantize_padded())
+        parts = []
+        for start in range(0, out, tile):
+            part = self.data[start:start + tile]
+            w = QuantizedTensor(self.format.name, part.reshape(-1), (part.shape[0], inp)).dequantize_padded()
+            parts.append(F.linear(x, w))
+        return torch.cat(parts, dim=-1)
+
+    def dequantize_padded(self) -> torch.Tensor:
+        w = self.dequantize()
+        return w if self.padded_in == self.shape[1] else F.pad(w, (0, self.padded_in - self.shape[1]))
+
+
+def round_activation(x: torch.Tensor) -> torch.Tensor:
+    """x (M, K) fp32, K a multiple of 32, rounded as the kernel rounds it before a product: per 32 values,
+    codes = round-half-even(x · 32767 / max|x|) as int16, times max|x| / 32767 (a block with NaN/inf → NaN).
+    The torch fallback uses this, so fallback and kernel differ only in the order of fp32 additions."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, ACTIVATION_BLOCK)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    finite = torch.isfinite(blocks).all(dim=-1, keepdim=True)
+    safe = torch.where((amax > 0) & finite, amax, torch.ones_like(amax))
+    codes = torch.round(blocks * (torch.tensor(32767.0) / safe)).clamp_(-32768, 32767)
+    out = codes * (safe / torch.tensor(32767.0))
+    out = torch.where(amax > 0, out, torch.zeros_like(out))
+    out = torch.where(finite, out, torch.full_like(out, float("nan")))
+    return out.reshape(x.shape)
+
+
+def _dequantize_numpy(fmt: str, data: torch.Tensor) -> torch.Tensor:
+    import gguf as gguf_py
+
+    rows = gguf_py.quants.dequantize(data.numpy(), gguf_py.GGMLQuantizationType[fmt])
+    return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+
+
+# ---------------------------------------------------------------------------------------------- modules
+class QuantizedLinear(nn.Module):
+    """y = x · Wᵀ with W a QuantizedTensor; inference only (no gradient flows to W). Output in x's dtype."""
+
+    def __init__(self, weight: QuantizedTensor):
+        super().__init__()
+        self.qweight = weight  # not a parameter or buffer: nothing to train, nothing in the state dict
+        self.out_features, self.in_features = weight.shape
+        lib = kernels.library()
+        # the decode step's call, with its constant arguments bound once (a step makes 127 of them; on our
+        # test machine the generic path's checks and reshapes cost more than a small matrix's product)
+        self._kernel = None if lib is None or weight.padded_in != weight.shape[1] else (
+            lib.gemma3_q_linear, weight.format.ggml_type, weight.data.data_ptr(), weight.data.shape[1],
+            weight.shape[0], weight.shape[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self._kernel is not None and x.dtype == torch.float32 and x.is_cpu and x.is_contiguous()
+                and x.shape[-1] == self.in_features and x.numel() <= MAX_KERNEL_ROWS * self.in_features and x.numel()):
+            fn, fmt, ptr, row_bytes, n, k = self._kernel
+            y = torch.empty(x.shape[:-1] + (n,))
+            if fn(fmt, ptr, row_bytes, n, k, x.data_ptr(), x.numel() // k, y.data_ptr()):
+                raise Gemma3Error(f"{self.qweight}: kernel error")
+            return y
+        if x.device.type != "cpu":
+            raise Gemma3Error(f"quantized {self.qweight.format.name} weights run on the CPU only, got input on "
+                              f"{x.device}")
+        y = self.qweight.matmul(x.reshape(-1, self.in_features).float())
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.qweight.format.name}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """The tied embedding table in a block format: `forward` looks tokens up (dequantizing only those rows,
+    in `dtype`), `attend` is the output head h · Eᵀ over the same blocks."""
+
+    def __init__(self, weight: QuantizedTensor, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.qweight = weight
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.dtype = dtype
+        self.head = QuantizedLinear(weight)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.qweight.dequantize(ids.cpu())
+        return rows.reshape(*ids.shape, self.embedding_dim).to(self.dtype)
+
+    def attend(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(h)
+
+    def extra_repr(self) -> str:
+        return f"{self.qweight.format.name}, {self.num_embeddings}, {self.embedding_dim}"
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (QuantizedLinear, QuantizedEmbedding)) for m in model.modules())
+
+
+def quantized_formats(model: nn.Module) -> dict[str, int]:
+    """How many matrices the model holds in each block format (e.g. {'Q5_0': 73, 'Q8_0': 10, ...})."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, (QuantizedLinear, QuantizedEmbedding)) and not (
+                isinstance(m, QuantizedLinear) and any(m is e.head for e in model.modules()
+                                                       if isinstance(e, QuantizedEmbedding))):
+            counts[m.qweight.format.name] = counts.get(m.qweight.format.name, 0) + 1
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------- swapping
+def quantize_state(state: Mapping[str, torch.Tensor | QuantizedTensor], scheme: str
+                   ) -> dict[str, torch.Tensor | QuantizedTensor]:
+    """`state` with every projection and the embedding quantized to SCHEMES[scheme] (already quantized
+    entries are kept); norms stay float."""
+    if scheme not in SCHEMES:
+        raise Gemma3Error(f"unknown quantization {scheme!r} (choose: none, {', '.join(SCHEMES)})")
+    layers, embedding = SCHEMES[scheme]
+
+    def convert(name: str, t):
+        if not QUANTIZABLE.match(name) or not isinstance(t, torch.Tensor):
+            return t
+        return QuantizedTensor.quantize(t, embedding if name == "embed_tokens.weight" else layers)
+
+    return {name: convert(name, t) for name, t in state.items()}
+
+
+def quantize_model(model: nn.Module, quantized: Mapping[str, QuantizedTensor], dtype: torch.dtype) -> nn.Module:
+    """Swap the modules whose weights `quantized` holds (names as in the state dict, e.g.
+    'layers.0.self_attn.q_proj.weight', 'embed_tokens.weight') for QuantizedLinear / QuantizedEmbedding.
+    The model may live on the meta device (built before its weights are loaded)."""
+    for name, qt in quantized.items():
+        if not QUANTIZABLE.match(name):
+            raise CheckpointError(f"{name}: only projections and the embedding can be quantized")
+        path = name.rsplit(".", 1)[0]  # the module's name
+        parent_name, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        expected = (old.num_embeddings, old.embedding_dim) if isinstance(old, nn.Embedding) else (
+            old.out_features, old.in_features)
+        if tuple(qt.shape) != tuple(expected):
+            raise CheckpointError(f"{name}: quantized shape {qt.shape} does not match the model's {expected}")
+        new = QuantizedEmbedding(qt, dtype) if isinstance(old, nn.Embedding) else QuantizedLinear(qt)
+        setattr(parent, child, new)
+    return model
+
+
+def split_state(state: Mapping[str, torch.Tensor | QuantizedTensor]
+                ) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedTensor]]:
+    """(the float tensors, the quantized ones) of a state dict that may hold both."""
+    plain = {n: t for n, t in state.items() if not isinstance(t, QuantizedTensor)}
+    return plain, {n: t for n, t in state.items() if isinstance(t, QuantizedTensor)}
+
+
+def kernel_note() -> str | None:
+    """A one-line notice when quantized products take the slow torch fallback, else None."""
+    if kernels.library() is None:
+        return (f"note: quantized weights without the native kernel ({kernels.status()}): the torch fallback "
+                "computes the same products, several times slower")
+    return None
+

@@ -1,0 +1,260 @@
+"""Quantized weights (gemma3.quantize, kernels/quants.c) and the fused decode kernels (kernels/decode.c): each
+block format against a float64 product of gguf-py's dequantized weights, odd shapes, 1-8 rows, thread counts,
+NaN/inf, bad shapes, the torch fallback, and the modules swapped into a model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gguf as gguf_py
+from gemma3 import kernels
+from gemma3.errors import CheckpointError, Gemma3Error
+from gemma3.quantize import (FORMATS, QuantizedEmbedding, QuantizedLinear, QuantizedTensor, is_quantized,
+                             quantize_model, quantize_state, round_activation)
+from gemma3.weights.gguf import GGUFFile
+from reference import random_model
+from test_kernels import _tiny_model, needs_kernel
+
+# one tensor of each format the embedded Q4_K_M file holds, as it is in the file
+FILE_TENSORS = {"Q5_0": "blk.0.attn_q.weight", "Q8_0": "blk.0.attn_v.weight", "Q4_K": "blk.0.attn_output.weight",
+                "Q6_K": "blk.0.ffn_down.weight"}
+
+
+@pytest.fixture(scope="module")
+def embedded(gguf_path):
+    return GGUFFile.open(gguf_path)
+
+
+def reference_weight(qt: QuantizedTensor) -> torch.Tensor:
+    """gguf-py's dequantization of the same bytes, in float64."""
+    rows = gguf_py.quants.dequantize(qt.data.numpy(), gguf_py.GGMLQuantizationType[qt.format.name])
+    return torch.from_numpy(np.asarray(rows, dtype=np.float64))[:, :qt.shape[1]]
+
+
+def samples(embedded) -> list[QuantizedTensor]:
+    g = torch.Generator().manual_seed(0)
+    out = [embedded.quantized(name) for name in FILE_TENSORS.values()]
+    out += [QuantizedTensor.quantize(torch.randn(37, 160, generator=g), fmt) for fmt in ("Q8_0", "Q4_0", "Q4_1", "Q5_0")]
+    return out
+
+
+def test_formats_are_ggml_sizes():
+    for fmt in FORMATS.values():
+        values, size = gguf_py.GGML_QUANT_SIZES[gguf_py.GGMLQuantizationType[fmt.name]]
+        assert (fmt.block_values, fmt.block_bytes) == (values, size)
+        assert fmt.ggml_type == gguf_py.GGMLQuantizationType[fmt.name].value
+
+
+def test_dequantize_is_gguf_py_exactly(embedded):
+    for qt in samples(embedded):
+        ref = reference_weight(qt)
+        assert torch.equal(qt.dequantize().double(), ref), qt
+        ids = torch.tensor([0, qt.shape[0] - 1, 3, 3])
+        assert torch.equal(qt.dequantize(ids).double(), ref[ids]), qt
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+def test_kernel_matches_fp64_product_of_gguf_py_weights(embedded, rows):
+    """Against x rounded as the kernel rounds it (int16 per 32 values): only fp32 summation differs. Against
+    the exact x: the activation's rounding, 1e-5 to 1.2e-4 of the largest output here (int8 would be ~256×)."""
+    g = torch.Generator().manual_seed(rows)
+    for qt in samples(embedded):
+        ref = reference_weight(qt)
+        x = torch.randn(rows, qt.shape[1], generator=g)
+        y = qt.matmul(x).double()
+        scale = (x.double() @ ref.T).abs().max()
+        rounded = round_activation(x).double() @ ref.T
+        assert (y - rounded).abs().max() / scale < 2e-6, qt
+        assert (y - x.double() @ ref.T).abs().max() / scale < 5e-4, qt
+
+
+@needs_kernel
+def test_rows_of_a_batch_are_independent_and_threads_give_the_same_bits(embedded):
+    g = torch.Generator().manual_seed(5)
+    threads = torch.get_num_threads()
+    try:
+        for qt in samples(embedded):
+            x = torch.randn(8, qt.shape[1], generator=g)
+            torch.set_num_threads(1)
+            one = qt.matmul(x)
+            single = torch.cat([qt.matmul(x[i:i + 1]) for i in range(8)])
+            torch.set_num_threads(2)
+            assert torch.equal(qt.matmul(x), one), qt
+            assert torch.equal(single, one), qt
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("shape", [(1, 40), (3, 100), (7, 33), (5, 256)])
+def test_rows_not_a_multiple_of_the_block_are_padded(shape):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(*shape, generator=g)
+    for fmt in ("Q8_0", "Q4_1"):
+        qt = QuantizedTensor.quantize(w, fmt)
+        assert qt.shape == shape and qt.padded_in % 32 == 0
+        ref = reference_weight(qt)
+        for rows in (1, 9):  # the kernel, and the dequantized GEMM
+            x = torch.randn(rows, shape[1], generator=g)
+            y = QuantizedLinear(qt)(x)
+            assert y.shape == (rows, shape[0])
+            torch.testing.assert_close(y.double(), x.double() @ ref.T, rtol=1e-4, atol=1e-3)  # N(0, 1) weights
+
+
+@needs_kernel
+def test_non_finite_inputs_and_scales_stay_non_finite(embedded):
+    qt = embedded.quantized(FILE_TENSORS["Q8_0"])
+    x = torch.randn(3, qt.shape[1])
+    x[1, 5], x[2, 7] = float("nan"), float("inf")
+    y = qt.matmul(x)
+    assert torch.isfinite(y[0]).all() and y[1].isnan().all() and y[2].isnan().all()
+    broken = qt.data.clone()
+    broken[0, :2] = torch.tensor(np.array([np.inf], dtype="<f2").view(np.uint8))  # row 0, block 0: scale = inf
+    y = QuantizedTensor("Q8_0", broken.reshape(-1), qt.shape).matmul(torch.randn(1, qt.shape[1]))
+    assert not torch.isfinite(y[0, 0]) and torch.isfinite(y[0, 1:]).all()
+
+
+def test_bad_shapes_and_formats_are_rejected():
+    with pytest.raises(CheckpointError, match="must be 68 bytes"):
+        QuantizedTensor("Q8_0", torch.zeros(67, dtype=torch.uint8), (2, 32))
+    with pytest.raises(CheckpointError, match="no native kernel for Q3_K"):
+        QuantizedTensor("Q3_K", torch.zeros(110, dtype=torch.uint8), (1, 256))
+    qt = QuantizedTensor.quantize(torch.randn(4, 64), "Q8_0")
+    with pytest.raises(Gemma3Error, match="expected 64"):
+        qt.matmul(torch.randn(1, 63))
+    with pytest.raises(Gemma3Error, match="NaN or inf"):
+        QuantizedTensor.quantize(torch.tensor([[float("nan")] * 32]), "Q8_0")
+    with pytest.raises(Gemma3Error, match="cannot quantize to Q6_K"):
+        QuantizedTensor.quantize(torch.randn(4, 256), "Q6_K")
+    lib = kernels.library()
+    if lib is not None:  # the C entry points check what they are given as well
+        y = torch.empty(4)
+        assert lib.gemma3_q_linear(99, qt.data.data_ptr(), 34 * 2, 4, 64, torch.zeros(64).data_ptr(), 1, y.data_ptr()) == -1
+        assert lib.gemma3_q_linear(8, qt.data.data_ptr(), 34 * 2, 4, 60, torch.zeros(64).data_ptr(), 1, y.data_ptr()) == -1
+        assert lib.gemma3_q_linear(8, qt.data.data_ptr(), 34 * 2, 4, 64, torch.zeros(64 * 9).data_ptr(), 9,
+                                   torch.empty(36).data_ptr()) == -1
+
+
+def test_many_rows_take_a_tiled_dequantized_gemm(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    qt = QuantizedTensor.quantize(torch.randn(300, 64, generator=g), "Q4_1")
+    x = torch.randn(20, 64, generator=g)
+    whole = qt.matmul(x)
+    torch.testing.assert_close(whole, F.linear(x, qt.dequantize()), rtol=0, atol=0)
+    monkeypatch.setattr("gemma3.quantize.GEMM_TILE_BYTES", 64 * 4 * 7)  # 7 rows a tile
+    torch.testing.assert_close(qt.matmul(x), whole, rtol=1e-5, atol=1e-5)  # GEMM blocking sums differently
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    monkeypatch.setenv("GEMMA3_NATIVE_KERNELS", "0")
+    kernels._library.cache_clear()
+    yield
+    monkeypatch.delenv("GEMMA3_NATIVE_KERNELS")
+    kernels._library.cache_clear()
+
+
+@needs_kernel
+def test_torch_fallback_equals_the_kernel_within_rounding(embedded, no_kernels):
+    from gemma3.quantize import kernel_note
+
+    g = torch.Generator().manual_seed(3)
+    cases = [(qt, torch.randn(3, qt.shape[1], generator=g)) for qt in samples(embedded)]
+    assert "torch fallback" in kernel_note()
+    fallback = [(qt.matmul(x), qt.dequantize()) for qt, x in cases]
+    kernels._library.cache_clear()
+    import os
+
+    os.environ["GEMMA3_NATIVE_KERNELS"] = "1"
+    assert kernels.available() and kernel_note() is None
+    for (qt, x), (y, w) in zip(cases, fallback):
+        native = qt.matmul(x)
+        assert torch.equal(qt.dequantize(), w)
+        torch.testing.assert_close(native, y, rtol=1e-5, atol=1e-5 * y.abs().max().item())
+
+
+def test_round_activation_matches_the_kernel():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 96, generator=g) * torch.logspace(-3, 3, 96)
+    x[1, :32] = 0.0
+    x[2, 40] = float("nan")
+    ours = round_activation(x)
+    assert torch.equal(ours[1, :32], torch.zeros(32)) and ours[2, 32:64].isnan().all()
+    assert (ours[0] - x[0]).abs().max() <= x[0].abs().max() / 32767
+    lib = kernels.library()
+    if lib is not None:
+        out = torch.empty_like(x)
+        assert lib.gemma3_q_round_activation(x.data_ptr(), 3, 96, out.data_ptr()) == 0
+        assert torch.equal(out.nan_to_num(7.0), ours.nan_to_num(7.0))
+
+
+# ---------------------------------------------------------------------------------------------- modules
+@torch.no_grad()
+def test_quantized_model_is_close_to_float_and_holds_no_float_matrices():
+    model = _tiny_model(torch.float32)
+    ids = torch.randint(0, 512, (2, 9))
+    plain = model(ids).logits
+    state = quantize_state(model.state_dict(), "int8")
+    assert sum(isinstance(t, QuantizedTensor) for t in state.values()) == 1 + 7 * 2
+    quantized = random_model(model.config)
+    from gemma3.quantize import split_state
+
+    floats, blocks = split_state(state)
+    quantize_model(quantized, blocks, torch.float32)
+    quantized.load_state_dict(floats, strict=True)
+    assert is_quantized(quantized) and isinstance(quantized.embed_tokens, QuantizedEmbedding)
+    assert not any(isinstance(m, torch.nn.Linear) for m in quantized.modules())
+    got = quantized(ids).logits
+    assert (got - plain).abs().max() < 0.02 * plain.abs().max()
+    assert torch.equal(quantized.embed_tokens(ids[:, :2]).reshape(-1, 64),
+                       blocks["embed_tokens.weight"].dequantize(ids[:, :2].reshape(-1)))
+
+
+def test_quantize_rejects_unknown_schemes_and_mismatched_shapes():
+    model = _tiny_model(torch.float32)
+    with pytest.raises(Gemma3Error, match="unknown quantization"):
+        quantize_state(model.state_dict(), "int3")
+    wrong = QuantizedTensor.quantize(torch.randn(10, 64), "Q8_0")
+    with pytest.raises(CheckpointError, match="does not match"):
+        quantize_model(model, {"layers.0.self_attn.q_proj.weight": wrong}, torch.float32)
+    with pytest.raises(CheckpointError, match="only projections"):
+        quantize_model(model, {"norm.weight": wrong}, torch.float32)
+
+
+def test_quantize_on_cuda_is_a_clear_error():
+    from gemma3.loading import check_quantize
+
+    with pytest.raises(Gemma3Error, match="CPU only"):
+        check_quantize("int8", "cuda")
+    with pytest.raises(Gemma3Error, match="choose none"):
+        check_quantize("int2")
+    check_quantize(None, "cuda")  # the default: a GGUF is dequantised on CUDA
+
+
+# ---------------------------------------------------------------------------------------------- fused decode ops
+@needs_kernel
+def test_fused_rms_norm_and_decode_attention_match_torch():
+    lib = kernels.library()
+    g = torch.Generator().manual_seed(6)
+    x, w = torch.randn(3, 640, generator=g) * 30, torch.randn(640, generator=g)
+    out, gain = torch.empty_like(x), 1 + w
+    lib.gemma3_rms_norm(x.data_ptr(), gain.data_ptr(), 3, 640, 1e-6, out.data_ptr())
+    torch.testing.assert_close(out, F.rms_norm(x, (640,), gain, 1e-6), rtol=2e-6, atol=2e-6)
+    for B, KH, G, S, hd in ((1, 1, 4, 512, 256), (2, 2, 3, 37, 20), (1, 4, 1, 1, 128)):
+        q = torch.randn(B, KH, G, hd, generator=g)
+        buf = torch.randn(2, B, KH, S + 5, hd, generator=g)  # a cache with room for more keys
+        k, v = buf[0, :, :, :S], buf[1, :, :, :S]
+        mask = torch.rand(B, S, generator=g) > 0.3
+        mask[:, 0] = True
+        scores, got, m8 = torch.empty(B * KH * G * S), torch.empty_like(q), mask.to(torch.uint8)
+        lib.gemma3_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), B, KH, G, S, hd, k.stride(0),
+                                    k.stride(1), m8.data_ptr(), 0.0625, scores.data_ptr(), got.data_ptr())
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=0.0625)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    m8.zero_()  # a query that sees nothing: NaN, as SDPA gives
+    lib.gemma3_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), B, KH, G, S, hd, k.stride(0), k.stride(1),
+                                m8.data_ptr(), 0.0625, scores.data_ptr(), got.data_ptr())
+    assert got.isnan().all()
