@@ -34,6 +34,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 # Public domain: Jane Austen, Pride and Prejudice, chapter 1 (repeated until the prompt is long enough).
 TEXT = (
@@ -160,7 +161,7 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     out = run_ours(args, dtype) if args.worker == "ours" else run_transformers(args, dtype)
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    out["peak_rss_mb"] = peak_rss_mb()
     print(RESULT_TAG + json.dumps(out), flush=True)
 
 
@@ -179,23 +180,39 @@ def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
     return x.numel() * 4 / best
 
 
-def spawn(args, side: str, dtype: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, __file__, "--worker", side, "--dtype", dtype, "--threads", str(args.threads),
-           "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+def peak_rss_mb() -> float:
+    """This process's resident high-water mark since its exec (VmHWM). Not ru_maxrss: Linux carries that over
+    an exec from the parent, so a worker would report the driver's peak (its 1 GiB bandwidth-test tensor)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_worker(cmd: list[str], threads: int, what: str) -> dict:
+    """Run one worker subprocess with `threads` threads and return the JSON it printed after RESULT_TAG."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
     if proc.returncode or not lines:
-        sys.exit(f"{side} {dtype} worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        sys.exit(f"{what} worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1][len(RESULT_TAG):])
 
 
-def best(runs: list[dict]) -> dict:
+def best(runs: list[dict], picks=(("ttft_s", min), ("prefill_tok_s", max), ("decode_tok_s", max),
+                                  ("peak_rss_mb", min))) -> dict:
+    """The best of each figure over the runs (keys a run lacks are skipped)."""
     b = dict(runs[0])
-    for key, pick in (("ttft_s", min), ("prefill_tok_s", max), ("decode_tok_s", max), ("peak_rss_mb", min)):
-        b[key] = pick(r[key] for r in runs)
+    for key, pick in picks:
+        if key in b:
+            b[key] = pick(r[key] for r in runs)
     return b
+
+
+def spawn(args, side: str, dtype: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", side, "--dtype", dtype, "--threads", str(args.threads),
+           "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+    return run_worker(cmd, args.threads, f"{side} {dtype}")
 
 
 def main() -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_generate import RESULT_TAG, TEXT, read_bandwidth  # noqa: E402
+from bench_generate import RESULT_TAG, TEXT, best, peak_rss_mb, read_bandwidth, run_worker  # noqa: E402
 
 
 def prompt_ids(args) -> list[int]:
@@ -44,18 +43,7 @@ def prompt_ids(args) -> list[int]:
     return json.loads(Path(args.prompt_file).read_text())
 
 
-def peak_rss_mb() -> float:
-    """This process's resident high-water mark since its exec (VmHWM). Not ru_maxrss: Linux carries that
-    over an exec from the parent, whose 1 GiB bandwidth-test tensor would then count for every worker."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run_ours(args) -> dict:
-    import torch
-
     from gemma3.generate import GenerationConfig, Generator
     from gemma3.loading import load
     from gemma3.sampling import SamplingParams
@@ -126,22 +114,12 @@ def worker(args) -> None:
 
 
 def spawn(args, side: str, file: str, threads: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, __file__, "--worker", side, "--file", file, "--threads", str(threads),
            "--prompt-file", args.prompt_file, "--new-tokens", str(args.new_tokens)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
-    if proc.returncode or not lines:
-        sys.exit(f"{side} worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len(RESULT_TAG):])
+    return run_worker(cmd, threads, side)
 
 
-def best(runs: list[dict]) -> dict:
-    b = dict(runs[0])
-    for key, pick in (("ttft_s", min), ("decode_tok_s", max), ("peak_rss_mb", min), ("load_to_first_s", min)):
-        if key in b:
-            b[key] = pick(r[key] for r in runs)
-    return b
+PICKS = (("ttft_s", min), ("decode_tok_s", max), ("peak_rss_mb", min), ("load_to_first_s", min))
 
 
 def q8_file(args, directory: str) -> str:
@@ -203,7 +181,7 @@ def main() -> None:
                         runs[side].append(r)
                         print(f"  {label} {threads}t {side:9} run {i + 1}: TTFT {r['ttft_s']:.3f} s  decode "
                               f"{r['decode_tok_s']:6.2f} tok/s  RSS {r['peak_rss_mb']:.0f} MB", flush=True)
-                ours, ref = best(runs["gemma3"]), best(runs["llama.cpp"])
+                ours, ref = best(runs["gemma3"], PICKS), best(runs["llama.cpp"], PICKS)
                 step_bytes = weight_bytes + ours["kv_bytes"]
                 for name, r in (("gemma3", ours), ("llama.cpp", ref)):
                     share = r["decode_tok_s"] * step_bytes / bandwidth

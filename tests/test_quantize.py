@@ -125,6 +125,10 @@ def test_bad_shapes_and_formats_are_rejected():
     qt = QuantizedTensor.quantize(torch.randn(4, 64), "Q8_0")
     with pytest.raises(Gemma3Error, match="expected 64"):
         qt.matmul(torch.randn(1, 63))
+    with pytest.raises(Gemma3Error, match=r"row ids must be in \[0, 4\)"):
+        qt.dequantize(torch.tensor([0, 4]))  # never a read past the blocks
+    with pytest.raises(Gemma3Error, match="row ids"):
+        QuantizedEmbedding(qt)(torch.tensor([[-1]]))
     with pytest.raises(Gemma3Error, match="NaN or inf"):
         QuantizedTensor.quantize(torch.tensor([[float("nan")] * 32]), "Q8_0")
     with pytest.raises(Gemma3Error, match="cannot quantize to Q6_K"):

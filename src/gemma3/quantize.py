@@ -118,6 +118,8 @@ class QuantizedTensor:
         """The matrix (or the rows `rows` names, an int64 tensor) as fp32."""
         out, inp = self.shape
         ids = None if rows is None else rows.reshape(-1).to(torch.int64).contiguous()
+        if ids is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= out):
+            raise Gemma3Error(f"{self}: row ids must be in [0, {out}), got {int(ids.min())}..{int(ids.max())}")
         count = out if ids is None else ids.numel()
         lib = kernels.library()
         if lib is not None:
