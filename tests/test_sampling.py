@@ -231,3 +231,21 @@ def test_sampling_follows_the_filtered_distribution():
     counts = torch.bincount(tokens, minlength=4) / len(tokens)
     assert counts[2:].sum() == 0
     assert abs(counts[0].item() - 0.5 / 0.8) < 0.03
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.7, top_k=5, top_p=0.8),
+                                    SamplingParams(temperature=1.3, top_k=20, top_p=1.0, min_p=0.05,
+                                                   repetition_penalty=1.3)])
+def test_top_k_candidates_draw_from_the_full_pipelines_distribution(params):
+    """next_token filters and draws among the top-k candidates only: the tokens it can return and their
+    frequencies are those of softmax(process_logits(...)) over the whole vocabulary."""
+    logits, prev_ids = random_case(3, batch=1, vocab=2000)
+    logits = logits * 4
+    # ties at the k-th value are kept, as in HF
+    logits[0, 1] = logits[0, 0] = torch.topk(logits[0], params.top_k).values[-1]
+    expected = process_logits(logits, params, prev_ids).softmax(-1)[0]
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([next_token(logits, params, prev_ids, g) for _ in range(6000)]).squeeze(1)
+    counts = torch.bincount(draws, minlength=logits.shape[1]).float() / len(draws)
+    assert set(draws.tolist()) <= set(expected.nonzero().squeeze(1).tolist())
+    assert (counts - expected).abs().max() < 0.025

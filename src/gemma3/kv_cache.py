@@ -162,3 +162,114 @@ class CacheStep:
         k_buf[:, :, self.write_slots] = k[:, :, T - n:]
         v_buf[:, :, self.write_slots] = v[:, :, T - n:]
         return k_all, v_all
+
+
+class SlotKVCache:
+    """A KV cache of `slots` independent rows, for a server that batches requests which start and end at
+    different times (continuous batching; llama.cpp's server calls the rows slots).
+
+    `KVCache` holds one left-padded batch that advances together: one write position for every row. Here
+    each row keeps its own length. A request takes a free row, is prefilled into it alone through `row(i)`
+    (a batch-1 KVCache over that row's storage), and then decodes together with every other running row in
+    one `begin` step, each writing its token at its own slot. The masks come from positions, as in
+    KVCache, so a row never sees another request's tokens or the stale ones of a finished request, and the
+    shorter rows' empty slots at the end are masked (the native attention kernel also leaves them out of its
+    sums, so a row gives the same bits as the request served alone).
+    """
+
+    def __init__(self, config: Gemma3Config, slots: int, max_seq_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.shared = KVCache(config, slots, max_seq_len, dtype, device)
+        self.config, self.slots, self.max_seq_len = config, slots, max_seq_len
+        self.lengths = [0] * slots  # sequence slots filled, per row
+
+    def nbytes(self) -> int:
+        return self.shared.nbytes()
+
+    def release(self, row: int) -> None:
+        """Forget row `row`'s tokens (its keys stay in memory, masked, until overwritten)."""
+        c = self.shared
+        c.global_pos[row].fill_(-1)
+        c.ring_pos[row].fill_(-1)
+        c.last_pos[row] = -1
+        self.lengths[row] = 0
+
+    def row(self, row: int) -> "_RowView":
+        """A batch-1 KVCache over row `row` (views of its storage): a forward with it extends that row only."""
+        return _RowView(self, row)
+
+    def begin(self, positions: torch.Tensor) -> "DecodeStep":
+        """Start a one-token forward over rows [0, n): positions (n, 1) holds the position of each row's new
+        token, -1 for a row that takes no part (free, or being prefilled): it writes nothing and sees only
+        slot 0 (its output is discarded). Each taking part writes at its own next slot."""
+        c, W = self.shared, self.shared.ring_size
+        n, T = positions.shape
+        if T != 1 or n > self.slots:
+            raise Gemma3Error(f"a SlotKVCache step takes (rows <= {self.slots}, 1) positions, got {tuple(positions.shape)}; "
+                              "prefill a row through row(i)")
+        positions = positions.to(c.global_pos.device)
+        rows = [r for r in range(n) if int(positions[r, 0]) >= 0]
+        if not rows:
+            raise Gemma3Error("a SlotKVCache step needs at least one row with a position")
+        for r in rows:
+            if self.lengths[r] >= self.max_seq_len:
+                raise Gemma3Error(f"row {r} of the KV cache is full ({self.max_seq_len} tokens)")
+        rows_t = torch.tensor(rows, device=c.global_pos.device)
+        pos_t = positions[rows_t, 0]
+        slot_t = torch.tensor([self.lengths[r] for r in rows], device=c.global_pos.device)
+        c.global_pos[rows_t, slot_t] = pos_t
+        c.ring_pos[rows_t, slot_t % W] = pos_t
+        c.last_pos[rows_t] = torch.maximum(c.last_pos[rows_t], pos_t)
+        longest = max(self.lengths[r] for r in rows) + 1
+        for r in rows:
+            self.lengths[r] += 1
+        masks = {GLOBAL: attention_mask(positions, c.global_pos[:n, :longest], None),
+                 SLIDING: attention_mask(positions, c.ring_pos[:n, :min(longest, W)], self.config.sliding_window)}
+        return DecodeStep(self, n, rows_t, slot_t, longest, masks)
+
+
+class DecodeStep:
+    """SlotKVCache's side of one batched decode forward (the model calls `update` per layer)."""
+
+    def __init__(self, cache: SlotKVCache, n: int, rows: torch.Tensor, slots: torch.Tensor, longest: int,
+                 masks: dict):
+        self.cache, self.n, self.rows, self.slots, self.longest = cache, n, rows, slots, longest
+        self.masks = masks
+        self.start = 0  # read by the model only for chunks (T > 1)
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.cache.shared
+        k_buf, v_buf = c.keys[layer_idx], c.values[layer_idx]
+        n, filled = self.n, self.longest
+        slots = self.slots
+        if c.layer_types[layer_idx] != GLOBAL:
+            slots, filled = slots % c.ring_size, min(filled, c.ring_size)
+        k_buf[self.rows, :, slots] = k[self.rows, :, 0]
+        v_buf[self.rows, :, slots] = v[self.rows, :, 0]
+        return k_buf[:n, :, :filled], v_buf[:n, :, :filled]
+
+
+class _RowView(KVCache):
+    """One row of a SlotKVCache as a batch-1 KVCache (no storage of its own; its length is the row's)."""
+
+    def __init__(self, parent: SlotKVCache, row: int):  # noqa: super().__init__ would allocate
+        shared = parent.shared
+        self.parent, self.index = parent, row
+        self.config, self.batch_size, self.max_seq_len = shared.config, 1, shared.max_seq_len
+        self.ring_size, self.layer_types = shared.ring_size, shared.layer_types
+        self.keys = [k[row:row + 1] for k in shared.keys]
+        self.values = [v[row:row + 1] for v in shared.values]
+        self.global_pos = shared.global_pos[row:row + 1]
+        self.ring_pos = shared.ring_pos[row:row + 1]
+        self.last_pos = shared.last_pos[row:row + 1]
+
+    @property
+    def seq_len(self) -> int:
+        return self.parent.lengths[self.index]
+
+    @seq_len.setter
+    def seq_len(self, value: int) -> None:
+        self.parent.lengths[self.index] = value
+
+    def reset(self) -> None:
+        self.parent.release(self.index)

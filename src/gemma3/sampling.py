@@ -178,6 +178,10 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, prev_ids: torch
     return apply_min_p(logits, params.min_p)
 
 
+# Top-k at or below this: filter and draw among the k candidates (see `next_token`).
+TOP_K_CANDIDATES = 1024
+
+
 def next_token(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -185,6 +189,24 @@ def next_token(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Pick the next token for each row of `logits` (B, V) given the token history `prev_ids` (B, T,
-    prompt included, used by the repetition penalty). Returns (B,) int64 token ids."""
-    logits = process_logits(logits, params, prev_ids)
-    return greedy(logits) if params.greedy else sample(logits, generator)
+    prompt included, used by the repetition penalty). Returns (B,) int64 token ids.
+
+    With a top-k (Gemma's default is 64), top-p, min-p and the draw work on the k candidates only: the same
+    distribution as `process_logits` over the whole vocabulary (tokens outside the top k are -inf there,
+    probability 0), without sorting and drawing over 262 144 logits — that took ~40-80 ms a token on our
+    2-core test machine, more than the decode step itself, and now takes well under 1 ms."""
+    if params.greedy or not 0 < params.top_k <= TOP_K_CANDIDATES or params.top_k >= logits.shape[-1]:
+        logits = process_logits(logits, params, prev_ids)
+        return greedy(logits) if params.greedy else sample(logits, generator)
+    logits = logits.float()
+    if prev_ids is not None:
+        logits = apply_repetition_penalty(logits, prev_ids, params.repetition_penalty)
+    logits = apply_temperature(logits, params.temperature)
+    kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (B, 1)
+    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    for row in range(logits.shape[0]):
+        ids = (logits[row] >= kth[row]).nonzero().squeeze(1)  # the top k and their ties, in id order (as HF)
+        candidates = logits[row, ids][None]
+        candidates = apply_min_p(apply_top_p(candidates, params.top_p), params.min_p)
+        tokens[row] = ids[sample(candidates, generator)[0]]
+    return tokens

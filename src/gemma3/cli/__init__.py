@@ -16,6 +16,7 @@ COMMAND_MODULES = {
     "gemma3.cli.generate": ("generate", "chat", "perplexity"),
     "gemma3.cli.weights": ("info", "convert"),
     "gemma3.cli.train": ("train", "merge-lora"),
+    "gemma3.cli.serve": ("serve",),
 }
 
 

@@ -85,32 +85,37 @@ void gemma3_decode_attention(const float *q, const float *k, const float *v, int
     const uint8_t *m = mask ? mask + b * S : 0;
     float *sc = scores + it * G * S, *o = out + it * G * hd;
     int dead[G]; /* heads that may see no key */
-    for (int64_t s = 0; s < S; s++) {
+    /* Keys past the row's last visible one are left out, not summed as zeros: the vector/tail split of the
+     * sums below then depends only on this row's keys, so a row's result is the same bits whatever the
+     * other rows of the batch hold (a batched server's rows equal the same request run alone). */
+    int64_t Sr = S;
+    if (m) while (Sr > 0 && !m[Sr - 1]) Sr--;
+    for (int64_t s = 0; s < Sr; s++) {
       if (m && !m[s]) continue;
-      for (int64_t g = 0; g < G; g++) sc[g * S + s] = dot(qi + g * hd, kk + s * hd, hd) * scale;
+      for (int64_t g = 0; g < G; g++) sc[g * Sr + s] = dot(qi + g * hd, kk + s * hd, hd) * scale;
     }
     for (int64_t g = 0; g < G; g++) {
-      float mx = -INFINITY, total = 0.0f, *sg = sc + g * S;
-      for (int64_t s = 0; s < S; s++) {
+      float mx = -INFINITY, total = 0.0f, *sg = sc + g * Sr;
+      for (int64_t s = 0; s < Sr; s++) {
         if (m && !m[s]) sg[s] = -INFINITY; /* exp → 0 */
         else if (sg[s] > mx) mx = sg[s];
       }
       dead[g] = mx == -INFINITY;
       if (dead[g]) { /* its output is NaN, as SDPA's, set below */
-        for (int64_t s = 0; s < S; s++) sg[s] = 0.0f;
+        for (int64_t s = 0; s < Sr; s++) sg[s] = 0.0f;
         continue;
       }
       __m256 vmx = _mm256_set1_ps(mx), vt = _mm256_setzero_ps();
       int64_t s = 0;
-      for (; s + 8 <= S; s += 8) {
+      for (; s + 8 <= Sr; s += 8) {
         __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sg + s), vmx));
         _mm256_storeu_ps(sg + s, e);
         vt = _mm256_add_ps(vt, e);
       }
       total = hsum8(vt);
-      for (; s < S; s++) total += (sg[s] = sg[s] == -INFINITY ? 0.0f : expf(sg[s] - mx));
+      for (; s < Sr; s++) total += (sg[s] = sg[s] == -INFINITY ? 0.0f : expf(sg[s] - mx));
       float inv = 1.0f / total;
-      for (s = 0; s < S; s++) sg[s] *= inv;
+      for (s = 0; s < Sr; s++) sg[s] *= inv;
     }
     /* out_g = Σ_s p_gs · v_s, 16 dims of up to 4 heads at a time in registers, each value row read once */
     for (int64_t g0 = 0; g0 < G; g0 += 4) {
@@ -119,11 +124,11 @@ void gemma3_decode_attention(const float *q, const float *k, const float *v, int
       for (; c + 16 <= hd; c += 16) {
         __m256 a[4][2];
         for (int gi = 0; gi < 4; gi++) a[gi][0] = a[gi][1] = _mm256_setzero_ps();
-        for (int64_t s = 0; s < S; s++) {
+        for (int64_t s = 0; s < Sr; s++) {
           if (m && !m[s]) continue;
           __m256 v0 = _mm256_loadu_ps(vv + s * hd + c), v1 = _mm256_loadu_ps(vv + s * hd + c + 8);
           for (int gi = 0; gi < gn; gi++) {
-            __m256 p = _mm256_set1_ps(sc[(g0 + gi) * S + s]);
+            __m256 p = _mm256_set1_ps(sc[(g0 + gi) * Sr + s]);
             a[gi][0] = _mm256_fmadd_ps(p, v0, a[gi][0]);
             a[gi][1] = _mm256_fmadd_ps(p, v1, a[gi][1]);
           }
@@ -136,8 +141,8 @@ void gemma3_decode_attention(const float *q, const float *k, const float *v, int
       for (; c < hd; c++)
         for (int gi = 0; gi < gn; gi++) {
           float acc = 0.0f;
-          for (int64_t s = 0; s < S; s++)
-            if (!m || m[s]) acc += sc[(g0 + gi) * S + s] * vv[s * hd + c];
+          for (int64_t s = 0; s < Sr; s++)
+            if (!m || m[s]) acc += sc[(g0 + gi) * Sr + s] * vv[s * hd + c];
           o[(g0 + gi) * hd + c] = acc;
         }
     }

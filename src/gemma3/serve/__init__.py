@@ -1,0 +1,3 @@
+"""`gemma3 serve`: an OpenAI-compatible server, a thin HTTP layer (app.py, request models in protocol.py) over a
+scheduler that owns the model and batches every running request (scheduler.py). Optional extra:
+pip install 'gemma3[serve]'."""

@@ -1,0 +1,315 @@
+"""Continuous batching: one thread owns the model and serves every request in one running batch.
+
+    submit(request) ──► waiting queue ──► a free cache row (slot) ──► prefill, one chunk per loop turn
+                                                                         │
+                          every loop turn: one decode step for all decoding rows ◄──┘
+                                                │
+                          each row: sample its token, stream its text, finish ──► row freed
+
+Why batch: a decode step on a CPU is bound by reading the weights (for the embedded 270M, ~250 MB a
+token), and the kernels read each weight once for up to 8 rows, so 8 running requests cost little more than
+one. Requests join the batch at a step boundary and leave when they finish, each in its own row of a
+`SlotKVCache` (its own length and positions), so nobody waits for the longest request of a batch. A new
+prompt is prefilled in chunks of `prefill_chunk` tokens, one chunk per turn, so the running rows keep
+streaming while it is read.
+
+Batching is invisible in the results: a row is prefilled alone, its decode step computes the same bits as
+alone (each row of the kernels' products is summed in the same order whatever the other rows hold, and the
+attention kernel leaves the other rows' longer caches out of its sums), and each request samples with its own
+parameters and its own seeded generator. The tests check that greedy outputs of 8 staggered requests equal
+the requests served one at a time.
+
+The HTTP side never touches tensors: it submits a `Request` with a `sink` callback and receives `TokenEvent`s,
+then one `Finished` (or `Failed`), on the scheduler's thread (the server forwards them to its event loop).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from gemma3.errors import Gemma3Error
+from gemma3.generate import DEFAULT_STOP_IDS
+from gemma3.kv_cache import SlotKVCache
+from gemma3.sampling import SamplingParams, next_token
+from gemma3.streaming import TextStreamer
+
+
+class QueueFull(Gemma3Error):
+    """The waiting queue holds --max-queue requests already (HTTP 429)."""
+
+
+@dataclass
+class Request:
+    """One completion to generate. Validated by the caller (the HTTP layer) before it is submitted."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    sink: Callable[[object], None]  # called with each event, on the scheduler thread; must not block
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0))
+    seed: int | None = None
+    stop_strings: tuple[str, ...] = ()
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in what was generated
+    logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob and the k most likely
+    grammar: object | None = None  # a gemma3.structured.JsonGrammar
+    id: str = ""
+    cancelled: bool = False  # set by the HTTP side (client gone); the row is freed at the next step
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class TokenEvent:
+    token_id: int
+    text: str  # the text this token released (may be "": half a character, or a possible stop string)
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    is_stop_token: bool = False
+
+
+@dataclass
+class Finished:
+    reason: str  # "stop" or "length" (OpenAI's finish_reason)
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+class _Sequence:
+    """A request's state while it holds a row."""
+
+    def __init__(self, request: Request, row: int, scheduler: "Scheduler"):
+        self.request, self.row = request, row
+        self.order = next(_admitted)  # prefills run first come, first served
+        self.prefilled = 0
+        self.generated: list[int] = []
+        self.next_input: int | None = None  # the sampled token to feed at the next decode step
+        self.streamer = TextStreamer(scheduler.tokenizer, request.stop_strings)
+        seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(8), "little")
+        self.generator = torch.Generator().manual_seed(seed)
+        self.history = torch.tensor([request.prompt_ids], dtype=torch.long)
+        self.counts: torch.Tensor | None = None
+        if request.presence_penalty or request.frequency_penalty:
+            self.counts = torch.zeros(scheduler.vocab, dtype=torch.float32)
+        self.matcher = request.grammar.matcher(scheduler.tokenizer, scheduler.stop_ids) if request.grammar else None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.request.prompt_ids)
+
+    @property
+    def position(self) -> int:  # the position of next_input
+        return len(self.request.prompt_ids) + len(self.generated) - 1
+
+
+class Scheduler:
+    """Owns the model; `submit` requests from any thread. `start()` runs the loop in a daemon thread."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 8, context: int = 4096, max_queue: int = 64,
+                 prefill_chunk: int = 256, dtype: torch.dtype | None = None):
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise Gemma3Error("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        config = model.config
+        if context > config.max_position_embeddings:
+            raise Gemma3Error(f"--context {context} is more than the model's {config.max_position_embeddings} tokens")
+        self.context, self.max_batch, self.max_queue, self.prefill_chunk = context, max_batch, max_queue, prefill_chunk
+        param = next(model.parameters())
+        dtype = dtype or (param.dtype if param.dtype.is_floating_point else torch.float32)
+        self.cache = SlotKVCache(config, max_batch, context, dtype, param.device)
+        self.vocab = min(config.vocab_size, len(tokenizer))  # rows past the tokenizer's are no tokens
+        self.stop_ids = tuple(dict.fromkeys((*config.eos_token_id, *DEFAULT_STOP_IDS)))
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._rows: dict[int, _Sequence] = {}
+        self._wake = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # decode steps run (for /health and tests)
+        self.served = 0
+
+    # ------------------------------------------------------------------ any thread
+    def start(self) -> "Scheduler":
+        self._thread = threading.Thread(target=self._loop, name="gemma3-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, request: Request) -> None:
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise Gemma3Error("the prompt is empty")
+        if n >= self.context:
+            raise Gemma3Error(f"the prompt has {n} tokens, but the context is {self.context}")
+        if request.max_tokens < 1:
+            raise Gemma3Error("max_tokens must be >= 1")
+        with self._wake:
+            if self._stop:
+                raise Gemma3Error("the server is shutting down")
+            if len(self._waiting) >= self.max_queue + max(0, self.max_batch - len(self._rows)):
+                raise QueueFull(f"the server is busy: {len(self._waiting)} requests are waiting")
+            self._waiting.append(request)
+            self._wake.notify()
+
+    def stats(self) -> dict:
+        with self._wake:
+            return {"active": len(self._rows), "waiting": len(self._waiting), "slots": self.max_batch,
+                    "decode_steps": self.steps, "served": self.served}
+
+    # ------------------------------------------------------------------ the scheduler thread
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._wake:
+                while not self._stop and not self._waiting and not self._rows:
+                    self._wake.wait()
+                if self._stop:
+                    break
+                self._admit()
+            try:
+                with torch.inference_mode():
+                    self._turn()
+            except Exception as e:  # noqa: BLE001 - a failed step fails the requests in it, never the server
+                for seq in list(self._rows.values()):
+                    self._fail(seq, _message(e))
+        with self._wake:
+            for seq in list(self._rows.values()):
+                self._fail(seq, "the server is shutting down")
+            while self._waiting:
+                self._waiting.popleft().sink(Failed("the server is shutting down"))
+
+    def _admit(self) -> None:
+        free = [r for r in range(self.max_batch) if r not in self._rows]
+        while self._waiting and free:
+            request = self._waiting.popleft()
+            if request.cancelled:
+                continue
+            row = free.pop(0)  # lowest first: keeps the decode batch [0, n) dense
+            self.cache.release(row)
+            try:
+                self._rows[row] = _Sequence(request, row, self)
+            except Exception as e:  # noqa: BLE001 - e.g. the grammar engine refused; the request fails alone
+                request.sink(Failed(str(e)))
+
+    def _turn(self) -> None:
+        for seq in [s for s in self._rows.values() if s.request.cancelled]:
+            self._release(seq)
+        decoding = [s for s in self._rows.values() if not s.prefilling]
+        if decoding:
+            self._decode(decoding)
+        prefilling = [s for s in self._rows.values() if s.prefilling]
+        if prefilling:
+            seq = min(prefilling, key=lambda s: s.order)
+            try:
+                self._prefill_chunk(seq)
+            except Exception as e:  # noqa: BLE001 - one request's failure (its grammar, its logits) is its own
+                self._fail(seq, _message(e))
+
+    def _prefill_chunk(self, seq: _Sequence) -> None:
+        ids = seq.request.prompt_ids
+        chunk = ids[seq.prefilled:seq.prefilled + self.prefill_chunk]
+        logits = self.model(torch.tensor([chunk]), cache=self.cache.row(seq.row), logits_to_keep=1).logits
+        seq.prefilled += len(chunk)
+        if not seq.prefilling:
+            self._sample(seq, logits[0, -1])
+
+    def _decode(self, decoding: list[_Sequence]) -> None:
+        n = max(s.row for s in decoding) + 1
+        tokens = torch.zeros(n, 1, dtype=torch.long)
+        positions = torch.full((n, 1), -1, dtype=torch.long)
+        for s in decoding:
+            tokens[s.row, 0], positions[s.row, 0] = s.next_input, s.position
+        logits = self.model(tokens, positions=positions, cache=self.cache, logits_to_keep=1).logits[:, -1]
+        self.steps += 1
+        for s in decoding:
+            try:
+                self._sample(s, logits[s.row])
+            except Exception as e:  # noqa: BLE001
+                self._fail(s, _message(e))
+
+    def _sample(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """Pick seq's next token from its logits (V,), send it, and finish or free the row when done."""
+        request = seq.request
+        logits = logits.float()[None, :self.vocab]
+        if not bool(torch.isfinite(logits.sum())):
+            self._fail(seq, "the model produced non-finite logits (NaN or inf)")
+            return
+        logprob = top = None
+        if request.logprobs is not None:
+            logp = torch.log_softmax(logits[0], dim=-1)
+        if seq.counts is not None:
+            logits = logits - request.frequency_penalty * seq.counts - request.presence_penalty * (seq.counts > 0)
+        if seq.matcher is not None:
+            logits = seq.matcher.constrain(logits)
+        token = int(next_token(logits, request.sampling, seq.history, seq.generator)[0])
+        if request.logprobs is not None:
+            logprob = float(logp[token])
+            if request.logprobs:
+                values, ids = torch.topk(logp, request.logprobs)
+                top = list(zip(ids.tolist(), values.tolist()))
+        seq.generated.append(token)
+        seq.history = torch.cat([seq.history, torch.tensor([[token]])], dim=1)
+        if seq.counts is not None:
+            seq.counts[token] += 1
+        is_stop = token in self.stop_ids
+        text, reason = "", None
+        if is_stop:
+            reason = "stop"
+        else:
+            if seq.matcher is not None:
+                seq.matcher.advance(token)
+            text = seq.streamer.push(token)
+            if seq.streamer.stopped:
+                reason = "stop"
+            elif len(seq.generated) >= request.max_tokens or seq.position + 1 >= self.context:
+                reason = "length"
+        if reason is not None and not seq.streamer.stopped:
+            text += seq.streamer.finish()
+        if not is_stop or text:
+            request.sink(TokenEvent(token, text, logprob, top, is_stop))
+        if reason is None:
+            seq.next_input = token
+            return
+        request.sink(Finished(reason, len(request.prompt_ids), len(seq.generated)))
+        self.served += 1
+        self._release(seq)
+
+    def _fail(self, seq: _Sequence, message: str) -> None:
+        seq.request.sink(Failed(message))
+        self._release(seq)
+
+    def _release(self, seq: _Sequence) -> None:
+        with self._wake:
+            self._rows.pop(seq.row, None)
+        self.cache.release(seq.row)
+
+
+def _message(e: Exception) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text if isinstance(e, Gemma3Error) else f"generation failed: {text}"
+
+
+_ids = itertools.count()
+_admitted = itertools.count()
+
+
+def request_id(prefix: str) -> str:
+    return f"{prefix}-{os.getpid():x}{int(time.time() * 1000) % (1 << 32):08x}{next(_ids):06d}"
