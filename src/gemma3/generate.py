@@ -39,6 +39,8 @@ class GenerationConfig:
     stop_token_ids: tuple[int, ...] | None = None  # None: the checkpoint's eos ids plus 1 and 106
     seed: int | None = None
     prefill_chunk: int = 512
+    # gemma3.structured.JsonGrammar: constrain the output to JSON (any object, or one matching a schema)
+    grammar: Any = None
 
     def validate(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -167,6 +169,9 @@ class _Run:
         self.finish: list[str | None] = [None] * len(prompt_ids)
         self.timings = Timings()
         self.stop_ids = set(gen.stop_ids(config))
+        self.matchers = None
+        if config.grammar is not None:
+            self.matchers = [config.grammar.matcher(gen.tokenizer, tuple(self.stop_ids)) for _ in prompt_ids]
 
     def stream_text(self, pieces: list[str]) -> Iterator[str]:
         """The text of a one-prompt run as it becomes final; every piece is also appended to `pieces`."""
@@ -219,6 +224,9 @@ class _Run:
                 logits = logits.float()
                 if vocab is not None and logits.shape[-1] > vocab:
                     logits[:, vocab:] = -float("inf")
+                if self.matchers is not None:
+                    logits = torch.stack([m.constrain(row) if running[r] else row
+                                          for r, (m, row) in enumerate(zip(self.matchers, logits))])
                 token = next_token(logits, cfg.sampling, history.to(device), generator).cpu()
                 history = torch.cat([history, token[:, None]], dim=1)
                 for r in range(B):
@@ -229,6 +237,10 @@ class _Run:
                     delta = "" if t in self.stop_ids else streamers[r].push(t)
                     reason = "stop" if streamers[r].stopped else stop_reason(
                         t, len(self.generated[r]), stop_token_ids=self.stop_ids, max_new_tokens=cfg.max_new_tokens)
+                    if self.matchers is not None and t not in self.stop_ids:
+                        self.matchers[r].advance(t)
+                        if self.matchers[r].finished:  # the grammar took its end token (no stop id was set)
+                            reason = "stop"
                     if reason:
                         self.finish[r], running[r] = reason, False
                     yield r, t, delta

@@ -26,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (text, token ids, prompt tokens, finish reason, timings) "
                         "instead of streaming")
+    p.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="constrain the output to JSON matching the JSON schema in FILE ('{}' = any JSON); needs "
+                        "llguidance (pip install 'gemma3[serve]'). The output is complete JSON when the finish "
+                        "reason is stop; -n too small cuts it")
     add_model_args(p)
     p.set_defaults(func=run_generate)
 
@@ -91,6 +95,14 @@ def run_generate(args: argparse.Namespace) -> int:
     from gemma3.generate import Generator
 
     config = generation_config(args)  # validate flags before the (slow) load
+    if args.json_schema is not None:
+        from gemma3.structured import MAX_SCHEMA_BYTES, JsonGrammar
+
+        schema = read_text_arg(None, args.json_schema, "JSON schema", cap=MAX_SCHEMA_BYTES)
+        try:
+            config.grammar = JsonGrammar.from_schema(schema)
+        except Gemma3Error as e:
+            raise Gemma3Error(f"{args.json_schema}: {e}") from None
     device, dtype = prepare_run(args)
     prompt = read_text_arg(args.prompt, args.file, "prompt")
     if not prompt.strip():

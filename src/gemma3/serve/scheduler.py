@@ -130,7 +130,8 @@ class Scheduler:
         param = next(model.parameters())
         dtype = dtype or (param.dtype if param.dtype.is_floating_point else torch.float32)
         self.cache = SlotKVCache(config, max_batch, context, dtype, param.device)
-        self.vocab = min(config.vocab_size, len(tokenizer))  # rows past the tokenizer's are no tokens
+        # embedding rows past the tokenizer's vocabulary (the 4B-27B's padding rows) are no tokens
+        self.vocab = min(config.vocab_size, len(tokenizer)) if hasattr(tokenizer, "__len__") else config.vocab_size
         self.stop_ids = tuple(dict.fromkeys((*config.eos_token_id, *DEFAULT_STOP_IDS)))
         self._waiting: collections.deque[Request] = collections.deque()
         self._rows: dict[int, _Sequence] = {}
