@@ -78,10 +78,10 @@ def test_rows_of_a_batch_are_independent_and_threads_give_the_same_bits(embedded
     threads = torch.get_num_threads()
     try:
         for qt in samples(embedded):
-            x = torch.randn(8, qt.shape[1], generator=g)
+            x = torch.randn(20, qt.shape[1], generator=g)  # > 8 rows: the kernel 8 rows at a time
             torch.set_num_threads(1)
             one = qt.matmul(x)
-            single = torch.cat([qt.matmul(x[i:i + 1]) for i in range(8)])
+            single = torch.cat([qt.matmul(x[i:i + 1]) for i in range(20)])
             torch.set_num_threads(2)
             assert torch.equal(qt.matmul(x), one), qt
             assert torch.equal(single, one), qt
@@ -97,7 +97,7 @@ def test_rows_not_a_multiple_of_the_block_are_padded(shape):
         qt = QuantizedTensor.quantize(w, fmt)
         assert qt.shape == shape and qt.padded_in % 32 == 0
         ref = reference_weight(qt)
-        for rows in (1, 9):  # the kernel, and the dequantized GEMM
+        for rows in (1, 9, 40):  # the kernel, the kernel twice, and the dequantized GEMM
             x = torch.randn(rows, shape[1], generator=g)
             y = QuantizedLinear(qt)(x)
             assert y.shape == (rows, shape[0])
@@ -145,7 +145,7 @@ def test_bad_shapes_and_formats_are_rejected():
 def test_many_rows_take_a_tiled_dequantized_gemm(monkeypatch):
     g = torch.Generator().manual_seed(2)
     qt = QuantizedTensor.quantize(torch.randn(300, 64, generator=g), "Q4_1")
-    x = torch.randn(20, 64, generator=g)
+    x = torch.randn(40, 64, generator=g)  # more than MAX_DECODE_ROWS
     whole = qt.matmul(x)
     torch.testing.assert_close(whole, F.linear(x, qt.dequantize()), rtol=0, atol=0)
     monkeypatch.setattr("gemma3.quantize.GEMM_TILE_BYTES", 64 * 4 * 7)  # 7 rows a tile
