@@ -157,7 +157,10 @@ def main() -> None:
         servers["llama.cpp"] = Server("llama.cpp", [
             sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
             "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx", str(args.context),
-            "--model_alias", "gemma-3-270m"], r"Uvicorn running on (http://127\.0\.0\.1:\d+)", env)
+            "--model_alias", "gemma-3-270m",
+            # its default interrupts a running request when another arrives (that client gets one token):
+            # queue them instead, so every request completes
+            "--interrupt_requests", "False"], r"Uvicorn running on (http://127\.0\.0\.1:\d+)", env)
         print(f"llama-cpp-python {llama_cpp.__version__}")
     try:
         import torch

@@ -361,9 +361,7 @@ class _Reply:
                         return Response(status_code=499)
                     continue
                 if isinstance(event, Failed):
-                    raise APIError(500 if event.message.startswith("generation failed") else 400, event.message,
-                                   kind="server_error" if event.message.startswith("generation failed")
-                                   else "invalid_request_error")
+                    raise APIError(event.status, event.message, kind="server_error")
                 self._apply(index, event)
                 if isinstance(event, Finished):
                     pending -= 1

@@ -86,6 +86,7 @@ class Finished:
 @dataclass
 class Failed:
     message: str
+    status: int = 500  # the HTTP status it maps to: 500 a failed step, 503 a server shutting down
 
 
 class _Sequence:
@@ -193,9 +194,9 @@ class Scheduler:
                     self._fail(seq, _message(e))
         with self._wake:
             for seq in list(self._rows.values()):
-                self._fail(seq, "the server is shutting down")
+                self._fail(seq, "the server is shutting down", 503)
             while self._waiting:
-                self._waiting.popleft().sink(Failed("the server is shutting down"))
+                self._waiting.popleft().sink(Failed("the server is shutting down", 503))
 
     def _admit(self) -> None:
         free = [r for r in range(self.max_batch) if r not in self._rows]
@@ -293,8 +294,8 @@ class Scheduler:
         self.served += 1
         self._release(seq)
 
-    def _fail(self, seq: _Sequence, message: str) -> None:
-        seq.request.sink(Failed(message))
+    def _fail(self, seq: _Sequence, message: str, status: int = 500) -> None:
+        seq.request.sink(Failed(message, status))
         self._release(seq)
 
     def _release(self, seq: _Sequence) -> None:
