@@ -80,9 +80,11 @@ def scores(gguf_path, real_tokenizer_ids):
     prefill GEMM uses the exact weights: tests/test_quantize.py); int8 / int4 = quantized from fp32 at load;
     bf16 = the float model in bf16."""
     native = build(gguf_path, None)
+    # bf16 is read 8 tokens at a time too, as generation runs it (the native bf16 kernel): on a CPU without
+    # AVX-512 BF16 the 512-row bf16 GEMM takes 3x as long, for the same perplexity to 0.05 % (measured)
     models = {"native (kernel)": (native, CHUNK),
               "int8": (build(gguf_path, "int8"), 512), "int4": (build(gguf_path, "int4"), 512),
-              "bf16": (build(gguf_path, "none", torch.bfloat16), 512)}
+              "bf16": (build(gguf_path, "none", torch.bfloat16), CHUNK)}
     out = evaluate(build(gguf_path, "none"), models, real_tokenizer_ids)
     print("\n" + "\n".join(f"{name:16} ppl {v['ppl']:.4f}  KL vs fp32 {v['kl']:.2e}" for name, v in out.items()))
     return out
@@ -100,8 +102,8 @@ def test_int8_perplexity_within_0p5_percent_of_bf16(scores):
 
 
 def test_int4_perplexity_regression_bound(scores):
-    """Measured 2026-12-02: +39 % over bf16 with a Q4_1 head (3 072 tokens), +29 % with the Q8_0 head (a 1 024-token
-    probe). The weights here are the Q4_K_M file's, already
+    """Measured 2026-12-02 over the 3 072 tokens: +29.2 % over bf16 (Q4_1 layers, Q8_0 head; +38.6 % with a Q4_1
+    head). The weights here are the Q4_K_M file's, already
     on a 4-5-bit grid, and Q4_1's plain min/max rounding onto a second grid loses much; a search over each
     block's scale and min (llama.cpp's make_qkx2_quants does one) is the next step. This bound only guards
     against getting worse; the issue's 3 % is the xfail below."""
