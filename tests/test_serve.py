@@ -395,3 +395,30 @@ def test_bounded_load(server, http):
     h = wait_idle(http)
     assert (h["active"], h["waiting"]) == (0, 0), h
     assert server.rss_mb() < idle + 150, (idle, server.rss_mb())
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max-batch", "0"], "--max-batch"), (["--prefill-chunk", "-1"], "--prefill-chunk"),
+    (["--max-queue", "-2"], "--max-queue"), (["--context", "3"], "--context"), (["--port", "70000"], "--port"),
+    (["--host", "no.such.host.invalid"], "--host"), (["--api-key", " "], "--api-key"),
+])
+def test_bad_serve_flags_are_one_line_errors(flags, message, capsys):
+    from gemma3.cli import main
+
+    assert main(["serve", "--quiet", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_port_in_use_is_said_before_loading(capsys):
+    import socket
+
+    from gemma3.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        start = time.monotonic()
+        assert main(["serve", "--port", str(s.getsockname()[1])]) == 2
+        assert time.monotonic() - start < 5
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
