@@ -232,6 +232,14 @@ class GroupedQueryAttention(nn.Module):
         read once (no repeat of K and V): q (B, H, T, hd) → (B, K, G·T, hd).
         """
         B, H, T, hd = q.shape
+        probs = self.attention_probs(q, k, mask).to(q.dtype)  # (B, K, G·T, S)
+        return (probs @ v).view(B, H, T, hd)  # (B, H, T, hd)
+
+    def attention_probs(self, q, k, mask) -> torch.Tensor:
+        """The attention weights softmax(q·kᵀ·scale + mask), fp32, as (B, K, G·T, S): for KV head k, the
+        rows of its G query heads one after the other (query head h = k·G + g is rows g·T ... g·T + T - 1).
+        `_eager` multiplies them with v; gemma3.plot draws them."""
+        B, H, T, hd = q.shape
         G = H // self.num_kv_heads
         q = q.reshape(B, self.num_kv_heads, G * T, hd)  # (B, K, G·T, hd)
         scores = (q.float() @ k.float().transpose(-2, -1)) * self.scale  # (B, K, G·T, S), fp32
@@ -242,8 +250,7 @@ class GroupedQueryAttention(nn.Module):
         if T > 1:  # (B, 1, T, S) → (B, 1, G·T, S); one query's (B, 1, 1, S) row broadcasts as it is
             mask = mask[:, :, None].expand(B, 1, G, T, mask.shape[-1]).reshape(B, 1, G * T, -1)
         scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return (probs @ v).view(B, H, T, hd)  # (B, H, T, hd)
+        return F.softmax(scores, dim=-1, dtype=torch.float32)
 
 
 class FeedForward(nn.Module):

@@ -17,6 +17,7 @@ COMMAND_MODULES = {
     "gemma3.cli.weights": ("info", "convert"),
     "gemma3.cli.train": ("train", "merge-lora"),
     "gemma3.cli.serve": ("serve",),
+    "gemma3.cli.plot": ("plot",),
 }
 
 
