@@ -25,12 +25,9 @@ CHUNK = 8
 
 def held_out_ids(tokenizer, n: int) -> list[int]:
     """The first n tokens of CPython's pydoc topics, in a fixed order."""
-    from pydoc_data.topics import topics
+    from gemma3.evaluate import pydoc_ids
 
-    text = "\n\n".join(topics[key] for key in sorted(topics))[:40 * n]
-    ids = tokenizer.encode(text, add_bos=True)[:n]
-    assert len(ids) == n
-    return ids
+    return pydoc_ids(tokenizer, n)
 
 
 def build(gguf_path, quantize, dtype=torch.float32):

@@ -26,6 +26,19 @@ class PerplexityResult:
     windows: int
 
 
+def pydoc_ids(tokenizer, n: int) -> list[int]:
+    """The first n tokens (<bos> first) of CPython's pydoc topics (`pydoc_data.topics`, in every standard
+    library): long, real English prose with code, that nothing here trains on. The held-out text of the
+    accuracy tests, the pictures and the ablations."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[key] for key in sorted(topics))[:40 * n]
+    ids = tokenizer.encode(text, add_bos=True)[:n]
+    if len(ids) < n:
+        raise Gemma3Error(f"the pydoc topics hold only {len(ids)} tokens, fewer than {n}")
+    return ids
+
+
 def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first scored index) per window over token indices [1, n_tokens) (index 0 is <bos>)."""
     out, prev_end, begin = [], 1, 0

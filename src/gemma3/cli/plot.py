@@ -35,13 +35,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_plot)
 
 
-def default_text_ids(tokenizer, n: int = LONG_TEXT_TOKENS) -> list[int]:
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[key] for key in sorted(topics))[:40 * n]
-    return tokenizer.encode(text, add_bos=True)[:n]
-
-
 def run_plot(args: argparse.Namespace) -> int:
     import gemma3.plot as plots
     from gemma3.config import PRESETS, get_preset
@@ -77,7 +70,9 @@ def run_plot(args: argparse.Namespace) -> int:
         elif args.kind == "logit-lens":
             ids = tok.encode(LENS_PROMPT)
         else:
-            ids = default_text_ids(tok)
+            from gemma3.evaluate import pydoc_ids
+
+            ids = pydoc_ids(tok, LONG_TEXT_TOKENS)
         if len(ids) > 4096:
             raise Gemma3Error(f"the text has {len(ids)} tokens; plot draws at most 4096")
         model = loaded.model
