@@ -101,8 +101,9 @@ def main() -> None:
         if name.startswith("global layers local"):
             ax.axhline(ppl, ls="--", lw=1, color="C3" if "512" in name else "C1", label=name)
     ax.axvline(W, color="gray", ls=":", lw=1)
-    ax.text(W * 1.05, ax.get_ylim()[1] * 0.97, "trained W", color="gray", fontsize=8, va="top")
+    ax.text(W * 1.05, base * 1.5, f"trained W = {W}", color="gray", fontsize=8)
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set_xlabel("sliding window at inference (tokens; the last point: all earlier tokens)")
     ax.set_ylabel(f"perplexity ({T} tokens)")
     ax.set_title("Gemma 3 270M: what the window and the global layers buy", fontsize=10)
