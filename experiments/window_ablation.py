@@ -81,7 +81,7 @@ def main() -> None:
 
     out = Path(args.out)
     (out / "img").mkdir(parents=True, exist_ok=True)
-    lines = [f"# Sliding-window ablation on the real Gemma 3 270M",
+    lines = ["# Sliding-window ablation on the real Gemma 3 270M",
              "",
              f"`python experiments/window_ablation.py --tokens {args.tokens}` — {T} tokens of CPython's pydoc topics, "
              "one window, fp32, the embedded model's exact weights; only the attention masks change.",

@@ -122,9 +122,9 @@ def run_serve(args: argparse.Namespace) -> int:
 def _warm_grammar_engine(tokenizer, stop_ids) -> None:
     """Build the grammar engine's view of the vocabulary (~3.5 s) in the background, so the first request with
     a response_format does not wait for it."""
-    try:
-        import llguidance  # noqa: F401
-    except ModuleNotFoundError:
+    import importlib.util
+
+    if importlib.util.find_spec("llguidance") is None:
         return
     from gemma3.structured import engine_tokenizer
 
