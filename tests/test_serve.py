@@ -210,7 +210,7 @@ SCHEMAS = [
                                                "maxItems": 3}},
      "required": ["colour", "tags"], "additionalProperties": False},
     {"type": "object", "properties": {"ok": {"type": "boolean"},
-                                      "score": {"type": "number", "minimum": 0, "maximum": 10},
+                                      "score": {"type": "integer", "minimum": 0, "maximum": 10},
                                       "inner": {"type": "object", "properties": {"x": {"type": "integer", "minimum": -99, "maximum": 99}},
                                                 "required": ["x"], "additionalProperties": False}},
      "required": ["ok", "score", "inner"], "additionalProperties": False},
