@@ -84,6 +84,12 @@ def check_finite(logits: torch.Tensor, generated: int) -> None:
                           "dtype cannot hold its activations (Gemma 3 needs bfloat16 or float32, never float16)")
 
 
+def default_stop_ids(config) -> tuple[int, ...]:
+    """The ids that end a generation when none are given: the checkpoint's eos ids, plus <eos> and
+    <end_of_turn> (in that order, each once)."""
+    return tuple(dict.fromkeys((*config.eos_token_id, *DEFAULT_STOP_IDS)))
+
+
 class Generator:
     """Generation with one model and tokenizer. Stateless between calls except for `ChatSession`'s cache."""
 
@@ -111,7 +117,7 @@ class Generator:
     def stop_ids(self, config: GenerationConfig) -> tuple[int, ...]:
         if config.stop_token_ids is not None:
             return tuple(config.stop_token_ids)
-        return tuple(dict.fromkeys((*self.model.config.eos_token_id, *DEFAULT_STOP_IDS)))
+        return default_stop_ids(self.model.config)
 
     def encode(self, prompt: str, add_bos: bool = True) -> list[int]:
         if not isinstance(prompt, str) or not prompt.strip():

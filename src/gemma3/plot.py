@@ -128,10 +128,10 @@ def trace(model, ids: list[int], layers: Sequence[int] = ()) -> dict:
     handles = [model.layers[0].register_forward_pre_hook(lambda m, args: residual.append(args[0][0].float()))]
     for layer in model.layers:
         handles.append(layer.register_forward_hook(lambda m, args, out: residual.append(out[0].float())))
-    saved = {}
+    implementations = {}  # layer → its attention implementation, restored afterwards
     for i in layers:
         attn = model.layers[i].self_attn
-        saved[i] = (attn.implementation, attn.__dict__.get("attention_probs"))
+        implementations[i] = attn.implementation
 
         def spy(q, k, mask, attn=attn, i=i):
             p = type(attn).attention_probs(attn, q, k, mask)
@@ -144,10 +144,10 @@ def trace(model, ids: list[int], layers: Sequence[int] = ()) -> dict:
     finally:
         for h in handles:
             h.remove()
-        for i, (implementation, _) in saved.items():
+        for i, implementation in implementations.items():
             attn = model.layers[i].self_attn
             attn.implementation = implementation
-            del attn.attention_probs
+            del attn.attention_probs  # the instance's spy; the class's method shows through again
     return {"residual": residual, "probs": probs}
 
 

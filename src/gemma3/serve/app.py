@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -37,9 +39,10 @@ from gemma3.errors import Gemma3Error
 from gemma3.sampling import SamplingParams
 from gemma3.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                    _Sampling)
-from gemma3.serve.scheduler import Failed, Finished, QueueFull, Request, Scheduler, TokenEvent, request_id
+from gemma3.serve.scheduler import Failed, Finished, QueueFull, Request, Scheduler, TokenEvent
 
 MAX_BODY_BYTES = 1 << 20
+_request_numbers = itertools.count()
 # Gemma 3's own sampling defaults (generation_config.json of the IT checkpoints), used where a request is silent
 DEFAULTS = SamplingParams()
 
@@ -50,6 +53,11 @@ class ServerConfig:
     api_key: str | None = None
     max_body_bytes: int = MAX_BODY_BYTES
     chat_template: Any = None  # gemma3.chat.ChatTemplate, None = the built-in Gemma 3 format
+
+
+def request_id(prefix: str) -> str:
+    """OpenAI-style ids ("chatcmpl-...", "cmpl-..."), unique within and across this server's runs."""
+    return f"{prefix}-{os.getpid():x}{int(time.time() * 1000) % (1 << 32):08x}{next(_request_numbers):06d}"
 
 
 class APIError(Exception):

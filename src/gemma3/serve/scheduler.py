@@ -29,17 +29,19 @@ import collections
 import itertools
 import os
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from gemma3.errors import Gemma3Error
-from gemma3.generate import DEFAULT_STOP_IDS
+from gemma3.generate import check_finite, default_stop_ids
 from gemma3.kv_cache import SlotKVCache
 from gemma3.sampling import SamplingParams, next_token
 from gemma3.streaming import TextStreamer
+
+
+_admitted = itertools.count()  # admission order: prefills run first come, first served
 
 
 class QueueFull(Gemma3Error):
@@ -94,7 +96,7 @@ class _Sequence:
 
     def __init__(self, request: Request, row: int, scheduler: "Scheduler"):
         self.request, self.row = request, row
-        self.order = next(_admitted)  # prefills run first come, first served
+        self.order = next(_admitted)
         self.prefilled = 0
         self.generated: list[int] = []
         self.next_input: int | None = None  # the sampled token to feed at the next decode step
@@ -133,7 +135,7 @@ class Scheduler:
         self.cache = SlotKVCache(config, max_batch, context, dtype, param.device)
         # embedding rows past the tokenizer's vocabulary (the 4B-27B's padding rows) are no tokens
         self.vocab = min(config.vocab_size, len(tokenizer)) if hasattr(tokenizer, "__len__") else config.vocab_size
-        self.stop_ids = tuple(dict.fromkeys((*config.eos_token_id, *DEFAULT_STOP_IDS)))
+        self.stop_ids = default_stop_ids(config)
         self._waiting: collections.deque[Request] = collections.deque()
         self._rows: dict[int, _Sequence] = {}
         self._wake = threading.Condition()
@@ -251,9 +253,7 @@ class Scheduler:
         """Pick seq's next token from its logits (V,), send it, and finish or free the row when done."""
         request = seq.request
         logits = logits.float()[None, :self.vocab]
-        if not bool(torch.isfinite(logits.sum())):
-            self._fail(seq, "the model produced non-finite logits (NaN or inf)")
-            return
+        check_finite(logits, len(seq.generated))  # raises: the caller fails this request alone
         logprob = top = None
         if request.logprobs is not None:
             logp = torch.log_softmax(logits[0], dim=-1)
@@ -308,10 +308,3 @@ def _message(e: Exception) -> str:
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
     return text if isinstance(e, Gemma3Error) else f"generation failed: {text}"
 
-
-_ids = itertools.count()
-_admitted = itertools.count()
-
-
-def request_id(prefix: str) -> str:
-    return f"{prefix}-{os.getpid():x}{int(time.time() * 1000) % (1 << 32):08x}{next(_ids):06d}"
