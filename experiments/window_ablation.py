@@ -1,7 +1,7 @@
 """What the 5 : 1 sliding/global hybrid buys, on the real 270M: perplexity on a long held-out text as the
 sliding layers' window is shrunk or widened at inference, and with the 3 global layers turned local.
 
-    python experiments/window_ablation.py [--tokens 3072] [--out docs]
+    python experiments/window_ablation.py [--tokens 3072] [--out docs] [--overwrite]
 
 Writes docs/ablation_window.md (the table) and docs/img/ablation_window.png (the plot). The model is the
 embedded 270M's exact weights in fp32 (its Q4_K_M blocks dequantized), the text the first `--tokens` tokens of
@@ -51,9 +51,20 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=3072)
     parser.add_argument("--out", default="docs", help="directory for the table (and img/ for the plot)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--overwrite", action="store_true", help="replace the table and plot if they exist")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from gemma3.errors import Gemma3Error
+    from gemma3.files import check_output_file
+
+    out = Path(args.out)
+    try:  # before the (minutes-long) run: never replace a file without --overwrite
+        table = check_output_file(out / "ablation_window.md", overwrite=args.overwrite, flag="--out")
+        plot = check_output_file(out / "img" / "ablation_window.png", overwrite=args.overwrite, flag="--out")
+    except Gemma3Error as e:
+        print(f"window_ablation: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
     from gemma3.evaluate import pydoc_ids
     from gemma3.loading import load
@@ -79,8 +90,7 @@ def main() -> None:
         print(f"{name:44} ppl {math.exp(nll):8.3f}  ({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
     base = math.exp(trained)
 
-    out = Path(args.out)
-    (out / "img").mkdir(parents=True, exist_ok=True)
+    plot.parent.mkdir(parents=True, exist_ok=True)
     lines = ["# Sliding-window ablation on the real Gemma 3 270M",
              "",
              f"`python experiments/window_ablation.py --tokens {args.tokens}` — {T} tokens of CPython's pydoc topics, "
@@ -89,7 +99,7 @@ def main() -> None:
              "| variant | perplexity | vs trained |", "|---|--:|--:|"]
     for name, _, _, ppl in rows:
         lines.append(f"| {name} | {ppl:.3f} | {(ppl / base - 1) * 100:+.1f} % |")
-    (out / "ablation_window.md").write_text("\n".join(lines) + "\n")
+    table.write_text("\n".join(lines) + "\n")
 
     from matplotlib.figure import Figure
 
@@ -109,7 +119,7 @@ def main() -> None:
     ax.set_title("Gemma 3 270M: what the window and the global layers buy", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "img" / "ablation_window.png", dpi=110)
+    fig.savefig(plot, dpi=110)
     print("\n".join(lines))
 
 

@@ -86,3 +86,17 @@ def test_cli_plot_writes_only_what_it_may(tmp_path, capsys):
     assert main(["plot", "masks", "-o", str(tmp_path)]) == 2
     assert main(["plot", "logit-lens", "--positions", "0", "-o", str(tmp_path / "l.png")]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k.svg", "m.png"]
+
+
+def test_window_ablation_refuses_to_replace_its_outputs_without_overwrite(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "experiments" / "window_ablation.py"
+    (tmp_path / "ablation_window.md").write_text("someone's notes\n")
+    r = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr
+    assert (tmp_path / "ablation_window.md").read_text() == "someone's notes\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ablation_window.md"]
