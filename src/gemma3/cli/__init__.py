@@ -18,6 +18,7 @@ COMMAND_MODULES = {
     "gemma3.cli.train": ("train", "merge-lora"),
     "gemma3.cli.serve": ("serve",),
     "gemma3.cli.plot": ("plot",),
+    "gemma3.cli.harness": ("lm-eval",),
 }
 
 
@@ -31,7 +32,8 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="gemma3",
-        description="Gemma 3 text models in clean PyTorch: generate, chat, convert, inspect and train.",
+        description="Gemma 3 text models in clean PyTorch: generate, chat, serve, convert, inspect, train, "
+        "plot and evaluate.",
         epilog="With no -m/--model, commands use the embedded Gemma 3 270M (a PyPI package, no download). "
         "Run `gemma3 COMMAND --help` for a command's options.",
     )
