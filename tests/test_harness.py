@@ -214,3 +214,27 @@ def test_cli_runs_lm_eval_with_gemma3_registered(task_dir, tmp_path):
     assert bad.stderr.strip().splitlines()[-1] == (
         "gemma3 lm-eval: error: unknown gemma3 model_args: colour (see gemma3.harness.Gemma3LM)")
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("generation_prompt", [True, False])
+def test_chat_rendering_equals_transformers_apply_chat_template(hf_checkpoint, generation_prompt):
+    """--apply_chat_template: the prompt string equals what the hf backend renders with the checkpoint's template
+    (continue_final_message when there is no generation prompt, as hf does)."""
+    from transformers import AutoTokenizer
+
+    from gemma3.harness import render_chat_for_lm_eval
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_checkpoint)
+    conversations = [
+        [{"role": "user", "content": "What is 2 + 2?"}],
+        [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Capital of Italy?"},
+         {"role": "assistant", "content": "Rome"}, {"role": "user", "content": "And of France?"}],
+        [{"role": "user", "content": "Q: 3 + 4?"}, {"role": "assistant", "content": "A: 7"},
+         {"role": "user", "content": "Q: 5 + 1?"}, {"role": "assistant", "content": "A:"}],
+    ]
+    for messages in conversations:
+        if generation_prompt and messages[-1]["role"] == "assistant":
+            continue
+        expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                                 continue_final_message=not generation_prompt)
+        assert render_chat_for_lm_eval(messages, generation_prompt) == expected

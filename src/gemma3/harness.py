@@ -156,6 +156,17 @@ class Gemma3LM(TemplateLM):
     def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
+    # ------------------------------------------------------------------ chat (--apply_chat_template)
+    @property
+    def tokenizer_name(self) -> str:
+        return f"gemma3-{self.config.vocab_size}"  # part of lm-eval's request-cache key
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return "gemma3.chat.render_chat (Gemma 3 turns)" if chat_template else None
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return render_chat_for_lm_eval(chat_history, add_generation_prompt)
+
     # ------------------------------------------------------------------ scoring
     @torch.inference_mode()
     def _score_batch(self, rows: list[tuple[tuple[int, ...], list[list[int]]]]) -> list[list[tuple[float, bool]]]:
@@ -295,6 +306,17 @@ class Gemma3LM(TemplateLM):
                 bar.update(len(chunk))
         bar.close()
         return results  # type: ignore[return-value]
+
+
+def render_chat_for_lm_eval(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """A conversation as lm-eval's `hf` backend renders it with transformers' `apply_chat_template`: the Gemma 3
+    turns; without a generation prompt the last message is left open, to be continued (`hf` passes
+    `continue_final_message=True` then)."""
+    from gemma3.chat import render_chat
+
+    text = render_chat(messages, add_generation_prompt=add_generation_prompt)
+    end = "<end_of_turn>\n"
+    return text if add_generation_prompt or not text.endswith(end) else text[:-len(end)]
 
 
 def main(argv: list[str] | None = None) -> int:
