@@ -22,7 +22,7 @@ from tokenizer_corpus import corpus
 
 OFFICIAL_SHA256 = "4667f2089529e8e7657cfb6d1c19910ae71ff5f28aa7ab2ff2763330affad795"
 CORPUS = corpus(seed=0)
-SOURCES = ["json", "gguf", "sentencepiece"]
+SOURCES = ["json", "gguf", "gguf_cached", "sentencepiece"]
 
 
 # --- a tokenizer.model written from the GGUF arrays --------------------------------------------------------------
@@ -100,10 +100,17 @@ def sentencepiece_file(tmp_path_factory, gguf_metadata) -> Path:
 
 
 @pytest.fixture(scope="module")
-def built(official_tokenizer, gguf_path, sentencepiece_file) -> dict[str, Tokenizer]:
-    return {"json": Tokenizer.from_file(official_tokenizer / "tokenizer.json"),
-            "gguf": Tokenizer.from_gguf(gguf_path),
-            "sentencepiece": Tokenizer.from_sentencepiece(sentencepiece_file)}
+def built(official_tokenizer, gguf_path, sentencepiece_file, tmp_path_factory) -> dict[str, Tokenizer]:
+    """Every source; "gguf" is rebuilt into an empty cache, "gguf_cached" is the same GGUF read back from it."""
+    cache = tmp_path_factory.mktemp("tokenizer_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GEMMA3_TOKENIZER_CACHE", str(cache))
+        rebuilt = Tokenizer.from_gguf(gguf_path)
+        assert len(list(cache.iterdir())) == 1
+        cached = Tokenizer.from_gguf(gguf_path)
+        sentencepiece = Tokenizer.from_sentencepiece(sentencepiece_file)
+    return {"json": Tokenizer.from_file(official_tokenizer / "tokenizer.json"), "gguf": rebuilt,
+            "gguf_cached": cached, "sentencepiece": sentencepiece}
 
 
 # --- exactness -------------------------------------------------------------------------------------------------
@@ -131,7 +138,7 @@ def test_ids_match_the_official_tokenizer(built, reference, source):
             assert tokenizer.encode(text) == reference.encode(text).ids, text
 
 
-@pytest.mark.parametrize("source", ["gguf", "sentencepiece"])
+@pytest.mark.parametrize("source", ["gguf", "gguf_cached", "sentencepiece"])
 def test_rebuild_is_byte_identical_to_the_official_file(built, tmp_path, source):
     out = tmp_path / "tokenizer.json"
     built[source].save(out)
@@ -312,3 +319,41 @@ def test_bad_gguf_metadata():
         metadata = {k: v for k, v in metadata.items() if v is not None}
         with pytest.raises(CheckpointError, match=f"model.gguf: .*{message}"):
             Tokenizer.from_gguf_metadata(metadata, source="model.gguf")
+
+
+def test_tokenizer_cache_is_used_only_when_it_is_ours_and_sound(gguf_metadata, tmp_path, monkeypatch):
+    """A rebuilt tokenizer is kept under a hash of what it was built from; a cached file that is corrupt, names
+    other pieces, or is writable by others is not used (it is rebuilt and replaced); GEMMA3_TOKENIZER_CACHE=0
+    writes nothing."""
+    import os
+
+    from gemma3 import tokenizer as tokenizer_module
+
+    monkeypatch.setenv("GEMMA3_TOKENIZER_CACHE", str(tmp_path))
+    builds = []
+    real_build = tokenizer_module._build
+    monkeypatch.setattr(tokenizer_module, "_build", lambda *a: builds.append(1) or real_build(*a))
+    first = Tokenizer.from_gguf_metadata(gguf_metadata)
+    (cached,) = tmp_path.iterdir()
+    assert builds == [1] and oct(cached.stat().st_mode & 0o777) == "0o600"
+    second = Tokenizer.from_gguf_metadata(gguf_metadata)
+    assert builds == [1] and second.encode("Hello  world\n\tdef") == first.encode("Hello  world\n\tdef")
+
+    for spoil in ("corrupt", "other pieces", "world-writable"):
+        (cached,) = tmp_path.iterdir()
+        if spoil == "corrupt":
+            cached.write_text("{not json")
+        elif spoil == "other pieces":
+            cached.write_text(cached.read_text().replace('"<bos>"', '"<BOS>"', 1))
+        else:
+            os.chmod(cached, 0o666)
+        again = Tokenizer.from_gguf_metadata(gguf_metadata)
+        assert again.encode("Hello world") == first.encode("Hello world")
+        assert len(builds) >= 2, spoil
+        builds.clear()
+        builds.append(1)
+
+    monkeypatch.setenv("GEMMA3_TOKENIZER_CACHE", "0")
+    cached.unlink()
+    Tokenizer.from_gguf_metadata(gguf_metadata)
+    assert not list(tmp_path.iterdir())

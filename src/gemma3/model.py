@@ -66,6 +66,13 @@ class TiedEmbedding(nn.Embedding):
     def attend(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.weight)
 
+    def reset_parameters(self) -> None:
+        # A model built on the meta device (to load weights into) has no values to draw, and drawing N(0, 1) on
+        # meta imports torch's Python reference kernels (~900 modules, 1-2 s of every load). On a real device
+        # this is nn.Embedding's own init; Gemma3Model.init_weights sets the trained-from-scratch one.
+        if self.weight.device.type != "meta":
+            super().reset_parameters()
+
 
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (rotate-half / GPT-NeoX pairing: dim j pairs with dim j + hd/2).
