@@ -44,6 +44,15 @@ def gguf_path() -> Path:
     return Path(assemble())
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_tokenizer_cache(tmp_path_factory):
+    """Tokenizers rebuilt by the tests (hundreds of tiny random vocabularies) are kept in a directory of this
+    session, not in the user's ~/.cache/gemma3/tokenizers (subprocesses inherit it)."""
+    if "GEMMA3_TOKENIZER_CACHE" not in os.environ:
+        os.environ["GEMMA3_TOKENIZER_CACHE"] = str(tmp_path_factory.mktemp("tokenizer_cache"))
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -67,7 +67,7 @@ def test_shakespeare_ablation_trains_every_variant_on_a_small_corpus(tmp_path):
         (texts / f"play{i}.txt").write_text(("To be, or not to be, that is the question. " * 40) + f"Act {i}.\n")
     r = subprocess.run([sys.executable, str(EXPERIMENTS / "shakespeare_ablation.py"), "--texts", str(texts),
                         "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--window", "8", "--eval-every", "1",
-                        "--eval-batches", "1", "--out", str(tmp_path / "out"), "--threads", "1"],
+                        "--eval-batches", "1", "--final-batches", "2", "--out", str(tmp_path / "out"), "--threads", "1"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     table = (tmp_path / "out" / "ablation_shakespeare.md").read_text()

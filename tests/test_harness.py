@@ -106,10 +106,23 @@ def evaluate(model, model_args, task_dir, batch_size=1):
 
 
 @pytest.fixture(scope="module")
-def runs(hf_checkpoint, task_dir):
+def ours(hf_checkpoint):
+    """One gemma3 model for the module (lm-eval takes an LM instance as well as a name)."""
+    from gemma3.harness import Gemma3LM
+
+    return Gemma3LM(pretrained=str(hf_checkpoint), dtype="float32", max_length=MAX_LENGTH, progress=False)
+
+
+@pytest.fixture(scope="module")
+def runs(hf_checkpoint, task_dir, ours):
     args = f"pretrained={hf_checkpoint},dtype=float32,max_length={MAX_LENGTH}"
-    return {"hf": evaluate("hf", args, task_dir), "gemma3": evaluate("gemma3", args, task_dir),
-            "gemma3_b4": evaluate("gemma3", args + ",progress=False", task_dir, batch_size=4)}
+    out = {"hf": evaluate("hf", args, task_dir), "gemma3": evaluate(ours, None, task_dir)}
+    ours._batch = 4
+    try:
+        out["gemma3_b4"] = evaluate(ours, None, task_dir, batch_size=4)
+    finally:
+        ours._batch = 1
+    return out
 
 
 def flat_scores(samples, task):
@@ -165,11 +178,10 @@ def test_batches_score_as_single_requests(runs):
     assert one["g3_gen"] == four["g3_gen"]
 
 
-def test_shared_contexts_are_scored_once(hf_checkpoint, monkeypatch):
+def test_shared_contexts_are_scored_once(ours, monkeypatch):
     """Choices that differ only in their last token read one forward pass; the scores are unchanged."""
-    from gemma3.harness import Gemma3LM
-
-    lm = Gemma3LM(pretrained=str(hf_checkpoint), progress=False, batch_size=8)
+    lm = ours
+    monkeypatch.setattr(lm, "_batch", 8)
     context = lm.tok_encode("The capital of France is")
     requests = [(None, context, lm.tok_encode(w, add_special_tokens=False)) for w in (" Paris", " Rome", " Lyon")]
     assert all(len(r[2]) == 1 for r in requests)
