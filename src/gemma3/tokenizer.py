@@ -236,6 +236,8 @@ def _build_cached(pieces: list[str], scores: Any, types: Any, source: str) -> _B
 
     import tokenizers
 
+    from gemma3.kernels import _owned_and_private  # the kernel cache's check: ours, writable by nobody else
+
     if os.environ.get("GEMMA3_TOKENIZER_CACHE") == "0":
         return _build(pieces, scores, types, source)
     try:
@@ -248,7 +250,7 @@ def _build_cached(pieces: list[str], scores: Any, types: Any, source: str) -> _B
     directory, name = tokenizer_cache_dir(), key.hexdigest()[:32]
     with contextlib.suppress(OSError):
         for path in sorted(directory.glob(f"{name}.*.json")):
-            data = path.read_bytes() if _private(path) else b""
+            data = path.read_bytes() if _owned_and_private(path) else b""
             if data and hashlib.sha256(data).hexdigest()[:16] == path.name.split(".")[1]:
                 with contextlib.suppress(Exception):  # tokenizers raises a bare Exception on a bad file
                     return _Backend.from_str(data.decode("utf-8"))
@@ -269,14 +271,6 @@ def _build_cached(pieces: list[str], scores: Any, types: Any, source: str) -> _B
         finally:
             tmp.unlink(missing_ok=True)
     return backend
-
-
-def _private(path: Path) -> bool:
-    """Ours and writable by nobody else: a tokenizer read from here decides every id this process encodes."""
-    if not hasattr(os, "getuid"):
-        return True
-    st = path.stat()
-    return st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
 def _build(pieces: list[str], scores: Any, types: Any, source: str) -> _Backend:
