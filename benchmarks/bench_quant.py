@@ -79,7 +79,21 @@ def run_llama(args) -> dict:
     import numpy as np
     from llama_cpp import Llama
 
+    if args.no_extra_bufts:  # llama.cpp without its extra CPU buffer types (AMX, repacked weights): see main
+        import llama_cpp.llama_cpp as low_level  # the module Llama takes its default parameters from
+
+        default = low_level.llama_model_default_params
+
+        def params():
+            p = default()
+            p.use_extra_bufts = False
+            return p
+
+        low_level.llama_model_default_params = params
     llm = Llama(args.file, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=1024, verbose=False)
+    if args.probe:  # one short forward: does this build run on this CPU as configured?
+        llm.eval([2, 818, 5279])
+        return {}
     ids = prompt_ids(args)
     vocab = llm.n_vocab()
 
@@ -116,7 +130,17 @@ def worker(args) -> None:
 def spawn(args, side: str, file: str, threads: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--file", file, "--threads", str(threads),
            "--prompt-file", args.prompt_file, "--new-tokens", str(args.new_tokens)]
+    if side == "llama.cpp" and args.no_extra_bufts:
+        cmd.append("--no-extra-bufts")
     return run_worker(cmd, threads, side)
+
+
+def llama_needs_plain_buffers(file: str, threads: int) -> bool:
+    """True when llama.cpp crashes on a short forward with its default extra CPU buffer types (AMX tiles and
+    repacked weights). Seen on an AMX-capable Xeon with llama-cpp-python 0.3.36 built with native flags: a
+    segmentation fault in its first decode, and none with use_extra_bufts off."""
+    cmd = [sys.executable, __file__, "--worker", "llama.cpp", "--file", file, "--threads", str(threads), "--probe"]
+    return subprocess.run(cmd, capture_output=True).returncode != 0
 
 
 PICKS = (("ttft_s", min), ("decode_tok_s", max), ("peak_rss_mb", min), ("load_to_first_s", min))
@@ -144,6 +168,8 @@ def main() -> None:
     parser.add_argument("--worker", choices=("gemma3", "llama.cpp"), help=argparse.SUPPRESS)
     parser.add_argument("--file", help=argparse.SUPPRESS)
     parser.add_argument("--prompt-file", help=argparse.SUPPRESS)
+    parser.add_argument("--no-extra-bufts", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         args.threads = args.threads[0]
@@ -159,6 +185,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, llama-cpp-python {llama_cpp.__version__}, {args.prompt_tokens}-token "
           f"prompt, {args.new_tokens} new tokens, best of {args.repeats}; load average {os.getloadavg()[0]:.1f}")
     print(f"gemma3 kernels: {kernels.status()}")
+    args.no_extra_bufts = llama_needs_plain_buffers(str(embedded_gguf_path()), args.threads[0])
+    if args.no_extra_bufts:
+        print("llama.cpp crashed on a probe forward with its extra CPU buffer types (AMX / repacked weights) on this "
+              "machine: it runs with use_extra_bufts=False (its plain ggml CPU kernels)")
     from gemma3.tokenizer import Tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:

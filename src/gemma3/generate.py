@@ -106,6 +106,9 @@ class Generator:
             from gemma3.packed import pack_model
 
             pack_model(self.model)  # a quantized model gets the fused norm and attention steps only
+        # A quantized model decodes one sequence with its whole step in one native call (gemma3.decode_step);
+        # pack_weights=False keeps every step on the modules.
+        self.fuse_steps = bool(pack_weights)
         self.tokenizer = tokenizer
         param = next(model.parameters())
         self.device, self.dtype = param.device, dtype or param.dtype
@@ -179,6 +182,17 @@ class _Run:
         if config.grammar is not None:
             self.matchers = [config.grammar.matcher(gen.tokenizer, tuple(self.stop_ids)) for _ in prompt_ids]
 
+    def _fused_step(self):
+        """The decode step in one native call (gemma3.decode_step) where it applies, else None."""
+        if not self.gen.fuse_steps or len(self.prompt_ids) != 1 or type(self.cache) is not KVCache:
+            return None
+        from gemma3.decode_step import FusedDecodeStep, reason_not_fused
+
+        if reason_not_fused(self.gen.model) is not None or self.cache.keys[0].dtype != torch.float32 \
+                or self.cache.keys[0].device.type != "cpu":
+            return None
+        return FusedDecodeStep(self.gen.model, self.cache)
+
     def stream_text(self, pieces: list[str]) -> Iterator[str]:
         """The text of a one-prompt run as it becomes final; every piece is also appended to `pieces`."""
         streamer = TextStreamer(self.gen.tokenizer, self.config.stop_strings)
@@ -224,6 +238,7 @@ class _Run:
 
             t1 = time.perf_counter()
             running = [True] * B
+            fused = self._fused_step()
             # Embedding rows past the tokenizer's vocabulary (the 4B-27B's 64 padding rows) are no tokens.
             vocab = len(gen.tokenizer) if hasattr(gen.tokenizer, "__len__") else None
             for step in range(self.budget):
@@ -255,7 +270,10 @@ class _Run:
                     break
                 if step + 1 == self.budget:  # the context is full before max_new_tokens
                     break
-                logits = model(token[:, None].to(device), cache=self.cache, logits_to_keep=1).logits[:, -1]
+                if fused is not None:
+                    logits = fused(int(token[0]))
+                else:
+                    logits = model(token[:, None].to(device), cache=self.cache, logits_to_keep=1).logits[:, -1]
                 check_finite(logits, step + 1)
             self.timings.decode_s = time.perf_counter() - t1
         for r in range(B):

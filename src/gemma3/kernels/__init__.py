@@ -1,6 +1,8 @@
 """Native CPU kernels, built on first use with the system C compiler: the matrix-vector products of a decode
-step in bf16 and fp32 (`linear.c`, which says why it beats oneDNN and MKL there), and the same products and
-the dequantization for weights in ggml's block formats (`quants.c`, used by gemma3.quantize).
+step in bf16 and fp32 (`linear.c`, which says why it beats oneDNN and MKL there), the same products and
+the dequantization for weights in ggml's block formats (`quants.c`, used by gemma3.quantize), the fused
+norm and one-token attention (`decode.c`), and a quantized model's whole decode step in one call (`step.c`,
+used by gemma3.decode_step).
 
 Nothing here is needed: without a C compiler, off x86-64, with `GEMMA3_NATIVE_KERNELS=0`, or when the build
 fails, `available()` is False and the model uses torch's own kernels (same results up to the order of
@@ -30,7 +32,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("linear.c", "quants.c", "decode.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("linear.c", "quants.c", "decode.c", "step.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 DISABLE_ENV = "GEMMA3_NATIVE_KERNELS"
 
@@ -123,6 +125,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.gemma3_decode_attention.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ctypes.c_float,
                                             ptr, ptr]
     lib.gemma3_rms_norm.restype = lib.gemma3_decode_attention.restype = None
+    lib.gemma3_decode_step.argtypes = [ptr, ptr, ptr]  # gemma3.decode_step passes its Structures by reference
+    lib.gemma3_decode_step.restype = ctypes.c_int
     isa = "AVX-512 BF16" if lib.gemma3_kernel_isa() == 512 else "AVX2"
     return lib, f"native kernels ({isa}, {path})"
 

@@ -74,6 +74,83 @@ void gemma3_rms_norm(const float *x, const float *gain, int64_t rows, int64_t di
  * them; mask (B, S) bytes (1 = may attend) or NULL; out (B, KH, G, hd). `scores` is scratch of
  * B·KH·G·S floats. Each key and value is read once for all G query heads that share it (they are the
  * bytes that count: 2 × 512 × 256 fp32 = 1 MiB a layer for the 270M at a full window). */
+/* The attention of G query heads qi (G, hd) that share one KV head: keys kk and values vv (S of them, hd
+ * floats apart), mask m (S bytes, 1 = may attend) or NULL; scratch sc of G·S floats; out o (G, hd). A head's
+ * result does not depend on G (the fused decode step, step.c, calls this one head at a time). */
+void gemma3_attend_heads(const float *qi, const float *kk, const float *vv, const uint8_t *m, int64_t S, int64_t G,
+                         int64_t hd, float scale, float *sc, float *o) {
+  int dead[G]; /* heads that may see no key */
+  /* Keys past the row's last visible one are left out, not summed as zeros: the vector/tail split of the
+   * sums below then depends only on this row's keys, so a row's result is the same bits whatever the
+   * other rows of the batch hold (a batched server's rows equal the same request run alone). */
+  int64_t Sr = S;
+  if (m) while (Sr > 0 && !m[Sr - 1]) Sr--;
+  for (int64_t s = 0; s < Sr; s++) {
+    if (m && !m[s]) continue;
+    for (int64_t g = 0; g < G; g++) sc[g * Sr + s] = dot(qi + g * hd, kk + s * hd, hd) * scale;
+  }
+  for (int64_t g = 0; g < G; g++) {
+    float mx = -INFINITY, total = 0.0f, *sg = sc + g * Sr;
+    for (int64_t s = 0; s < Sr; s++) {
+      if (m && !m[s]) sg[s] = -INFINITY; /* exp → 0 */
+      else if (sg[s] > mx) mx = sg[s];
+    }
+    dead[g] = mx == -INFINITY;
+    if (dead[g]) { /* its output is NaN, as SDPA's, set below */
+      for (int64_t s = 0; s < Sr; s++) sg[s] = 0.0f;
+      continue;
+    }
+    __m256 vmx = _mm256_set1_ps(mx), vt = _mm256_setzero_ps();
+    int64_t s = 0;
+    for (; s + 8 <= Sr; s += 8) {
+      __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sg + s), vmx));
+      _mm256_storeu_ps(sg + s, e);
+      vt = _mm256_add_ps(vt, e);
+    }
+    total = hsum8(vt);
+    for (; s < Sr; s++) total += (sg[s] = sg[s] == -INFINITY ? 0.0f : expf(sg[s] - mx));
+    float inv = 1.0f / total;
+    for (s = 0; s < Sr; s++) sg[s] *= inv;
+  }
+  /* out_g = Σ_s p_gs · v_s, 16 dims of up to 4 heads at a time in registers, each value row read once */
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    int64_t gn = G - g0 < 4 ? G - g0 : 4;
+    int64_t c = 0;
+    for (; c + 16 <= hd; c += 16) {
+      __m256 a[4][2];
+      for (int gi = 0; gi < 4; gi++) a[gi][0] = a[gi][1] = _mm256_setzero_ps();
+      for (int64_t s = 0; s < Sr; s++) {
+        if (m && !m[s]) continue;
+        __m256 v0 = _mm256_loadu_ps(vv + s * hd + c), v1 = _mm256_loadu_ps(vv + s * hd + c + 8);
+        for (int gi = 0; gi < gn; gi++) {
+          __m256 p = _mm256_set1_ps(sc[(g0 + gi) * Sr + s]);
+          a[gi][0] = _mm256_fmadd_ps(p, v0, a[gi][0]);
+          a[gi][1] = _mm256_fmadd_ps(p, v1, a[gi][1]);
+        }
+      }
+      for (int gi = 0; gi < gn; gi++) {
+        _mm256_storeu_ps(o + (g0 + gi) * hd + c, a[gi][0]);
+        _mm256_storeu_ps(o + (g0 + gi) * hd + c + 8, a[gi][1]);
+      }
+    }
+    for (; c < hd; c++)
+      for (int gi = 0; gi < gn; gi++) {
+        float acc = 0.0f;
+        for (int64_t s = 0; s < Sr; s++)
+          if (!m || m[s]) acc += sc[(g0 + gi) * Sr + s] * vv[s * hd + c];
+        o[(g0 + gi) * hd + c] = acc;
+      }
+  }
+  for (int64_t g = 0; g < G; g++)
+    if (dead[g])
+      for (int64_t i = 0; i < hd; i++) o[g * hd + i] = NAN;
+}
+
+/* One query token per row. q (B, KH, G, hd) contiguous: the G query heads that share KV head kh; keys and
+ * values of row b, head kh start at k + b·kb + kh·kh_stride, one key of hd values per `hd` floats, S of
+ * them; mask (B, S) bytes (1 = may attend) or NULL; out (B, KH, G, hd). `scores` is scratch of
+ * B·KH·G·S floats. Each key and value is read once for all G query heads that share it (they are the
+ * bytes that count: 2 × 512 × 256 fp32 = 1 MiB a layer for the 270M at a full window). */
 void gemma3_decode_attention(const float *q, const float *k, const float *v, int64_t B, int64_t KH, int64_t G,
                              int64_t S, int64_t hd, int64_t kb, int64_t kh_stride, const uint8_t *mask, float scale,
                              float *scores, float *out) {
@@ -81,73 +158,7 @@ void gemma3_decode_attention(const float *q, const float *k, const float *v, int
 #pragma omp parallel for schedule(static) if (items > 1 && S * hd * G * items >= (1 << 16))
   for (int64_t it = 0; it < items; it++) {
     int64_t b = it / KH, kh = it % KH;
-    const float *qi = q + it * G * hd, *kk = k + b * kb + kh * kh_stride, *vv = v + b * kb + kh * kh_stride;
-    const uint8_t *m = mask ? mask + b * S : 0;
-    float *sc = scores + it * G * S, *o = out + it * G * hd;
-    int dead[G]; /* heads that may see no key */
-    /* Keys past the row's last visible one are left out, not summed as zeros: the vector/tail split of the
-     * sums below then depends only on this row's keys, so a row's result is the same bits whatever the
-     * other rows of the batch hold (a batched server's rows equal the same request run alone). */
-    int64_t Sr = S;
-    if (m) while (Sr > 0 && !m[Sr - 1]) Sr--;
-    for (int64_t s = 0; s < Sr; s++) {
-      if (m && !m[s]) continue;
-      for (int64_t g = 0; g < G; g++) sc[g * Sr + s] = dot(qi + g * hd, kk + s * hd, hd) * scale;
-    }
-    for (int64_t g = 0; g < G; g++) {
-      float mx = -INFINITY, total = 0.0f, *sg = sc + g * Sr;
-      for (int64_t s = 0; s < Sr; s++) {
-        if (m && !m[s]) sg[s] = -INFINITY; /* exp → 0 */
-        else if (sg[s] > mx) mx = sg[s];
-      }
-      dead[g] = mx == -INFINITY;
-      if (dead[g]) { /* its output is NaN, as SDPA's, set below */
-        for (int64_t s = 0; s < Sr; s++) sg[s] = 0.0f;
-        continue;
-      }
-      __m256 vmx = _mm256_set1_ps(mx), vt = _mm256_setzero_ps();
-      int64_t s = 0;
-      for (; s + 8 <= Sr; s += 8) {
-        __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sg + s), vmx));
-        _mm256_storeu_ps(sg + s, e);
-        vt = _mm256_add_ps(vt, e);
-      }
-      total = hsum8(vt);
-      for (; s < Sr; s++) total += (sg[s] = sg[s] == -INFINITY ? 0.0f : expf(sg[s] - mx));
-      float inv = 1.0f / total;
-      for (s = 0; s < Sr; s++) sg[s] *= inv;
-    }
-    /* out_g = Σ_s p_gs · v_s, 16 dims of up to 4 heads at a time in registers, each value row read once */
-    for (int64_t g0 = 0; g0 < G; g0 += 4) {
-      int64_t gn = G - g0 < 4 ? G - g0 : 4;
-      int64_t c = 0;
-      for (; c + 16 <= hd; c += 16) {
-        __m256 a[4][2];
-        for (int gi = 0; gi < 4; gi++) a[gi][0] = a[gi][1] = _mm256_setzero_ps();
-        for (int64_t s = 0; s < Sr; s++) {
-          if (m && !m[s]) continue;
-          __m256 v0 = _mm256_loadu_ps(vv + s * hd + c), v1 = _mm256_loadu_ps(vv + s * hd + c + 8);
-          for (int gi = 0; gi < gn; gi++) {
-            __m256 p = _mm256_set1_ps(sc[(g0 + gi) * Sr + s]);
-            a[gi][0] = _mm256_fmadd_ps(p, v0, a[gi][0]);
-            a[gi][1] = _mm256_fmadd_ps(p, v1, a[gi][1]);
-          }
-        }
-        for (int gi = 0; gi < gn; gi++) {
-          _mm256_storeu_ps(o + (g0 + gi) * hd + c, a[gi][0]);
-          _mm256_storeu_ps(o + (g0 + gi) * hd + c + 8, a[gi][1]);
-        }
-      }
-      for (; c < hd; c++)
-        for (int gi = 0; gi < gn; gi++) {
-          float acc = 0.0f;
-          for (int64_t s = 0; s < Sr; s++)
-            if (!m || m[s]) acc += sc[(g0 + gi) * Sr + s] * vv[s * hd + c];
-          o[(g0 + gi) * hd + c] = acc;
-        }
-    }
-    for (int64_t g = 0; g < G; g++)
-      if (dead[g])
-        for (int64_t i = 0; i < hd; i++) o[g * hd + i] = NAN;
+    gemma3_attend_heads(q + it * G * hd, k + b * kb + kh * kh_stride, v + b * kb + kh * kh_stride,
+                        mask ? mask + b * S : 0, S, G, hd, scale, scores + it * G * S, out + it * G * hd);
   }
 }

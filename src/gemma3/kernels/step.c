@@ -1,0 +1,201 @@
+/* One whole decode step of a quantized Gemma 3 model for one sequence, in one call: the embedding lookup,
+ * every layer (norms, q/k/v, QK-norm, RoPE, the KV-cache write, attention, o, the GeGLU MLP, residuals), the
+ * final norm and the tied output head. gemma3/decode_step.py builds the descriptors below from the model's
+ * swapped-in modules (gemma3/quantize.py) and calls this in place of `model(token, cache=...)`.
+ *
+ * Why: the same step through the modules is ~700 dispatched ops (each a ctypes or torch call costing
+ * microseconds in Python) around 127 matrix products and 18 attentions; measured on the 2-core test machine
+ * that overhead was a third of the step. Here the products, norms and attention are the very functions the
+ * modules call (quants.c, decode.c), so each output is the same bits as the module path; only GELU (tanhf
+ * here, torch's vectorised tanh there) may differ by an ulp.
+ *
+ * Threads: one OpenMP region for the whole step. Each matrix product splits its output rows across the
+ * threads (q, k and v as one range of rows, gate and up as another), the attention splits its query heads;
+ * the small elementwise work between them runs on one thread (`single`), and barriers keep the order. An
+ * output row is computed by one thread with row_dots, whatever the thread count: 1 and 2 threads give the
+ * same bits.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+/* from quants.c and decode.c */
+size_t gemma3_q_act_bytes(int64_t M, int64_t K);
+void gemma3_q_act_prepare(const float *x, int64_t M, int64_t K, void *scratch);
+void gemma3_q_rows(int fmt, const uint8_t *w, int64_t row_bytes, int64_t lo, int64_t hi, const void *act, int M,
+                   float *y, int64_t ldy);
+int gemma3_q_dequantize(int fmt, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K, const int64_t *ids,
+                        int64_t R, float *out);
+void gemma3_rms_norm(const float *x, const float *gain, int64_t rows, int64_t dim, float eps, float *out);
+void gemma3_attend_heads(const float *qi, const float *kk, const float *vv, const uint8_t *m, int64_t S, int64_t G,
+                         int64_t hd, float scale, float *sc, float *o);
+
+/* The layouts below are mirrored by ctypes Structures in gemma3/decode_step.py: change both together. */
+typedef struct {
+  const uint8_t *w; /* (n, row_bytes) blocks */
+  int64_t fmt, row_bytes, n, k;
+} qmat_t;
+
+typedef struct {
+  qmat_t q, k, v, o, gate, up, down;
+  const float *input_norm, *post_attn_norm, *pre_ffn_norm, *post_ffn_norm, *q_norm, *k_norm; /* (1 + w), fp32 */
+  float *keys, *values; /* this sequence's cache: (kv_heads, slots, head_dim), contiguous */
+  int64_t slots;
+  int64_t kind; /* 0 sliding, 1 global: which of the step's slot / mask / rotation it uses */
+} layer_t;
+
+typedef struct {
+  int64_t n_layers, d, heads, kv_heads, head_dim, ffn;
+  float eps, attn_scale, embed_scale, pad_;
+  const layer_t *layers;
+  const float *final_norm; /* (1 + w), fp32 */
+  qmat_t embed; /* the tied embedding: looked up at the start, the output head at the end */
+} model_t;
+
+typedef struct {
+  int64_t token;
+  int64_t slot[2];          /* the slot this token's key and value go to, per kind */
+  int64_t visible[2];       /* key slots the query may look at ([0, visible)), per kind */
+  const uint8_t *mask[2];   /* (visible) bytes, 1 = may attend, per kind */
+  const float *cos[2], *sin[2]; /* (head_dim) cos and signed sin (model.RotaryEmbedding), per kind */
+} step_t;
+
+/* this thread's share [lo, hi) of n rows */
+static inline void share(int64_t n, int64_t *lo, int64_t *hi) {
+  int64_t T = omp_get_num_threads(), t = omp_get_thread_num();
+  *lo = n * t / T;
+  *hi = n * (t + 1) / T;
+}
+
+/* y[0 : Σn) = the products of up to three matrices with the same prepared activation, their outputs one
+ * after another; the threads split the concatenated rows. */
+static void products(const qmat_t *const *mats, int count, const void *act, float *y) {
+  int64_t total = 0;
+  for (int i = 0; i < count; i++) total += mats[i]->n;
+  int64_t lo, hi;
+  share(total, &lo, &hi);
+  int64_t base = 0;
+  for (int i = 0; i < count; i++) {
+    const qmat_t *w = mats[i];
+    int64_t a = lo > base ? lo - base : 0, b = hi - base < w->n ? hi - base : w->n;
+    if (a < b) gemma3_q_rows((int)w->fmt, w->w, w->row_bytes, a, b, act, 1, y + base, w->n);
+    base += w->n;
+  }
+}
+
+/* x' = x·cos + rotate_half(x)·sin, as model.apply_rotary: x·cos + roll(x, hd/2)·signed_sin, the two products
+ * rounded apart and then added (no fused multiply-add: this file is built as ISO C, -ffp-contract=off). */
+static void rotate(float *x, int64_t hd, const float *cos, const float *sin, float *tmp) {
+  int64_t half = hd / 2;
+  for (int64_t i = 0; i < hd; i++) {
+    float a = x[i] * cos[i];
+    float b = x[(i + half) % hd] * sin[i];
+    tmp[i] = a + b;
+  }
+  memcpy(x, tmp, (size_t)hd * sizeof(float));
+}
+
+static inline float gelu_tanh(float x) { /* as torch's F.gelu(approximate="tanh") spells it */
+  const float beta = (float)(1.41421356237309504880 * 1.12837916709551257390 * 0.5), kappa = 0.044715f;
+  float cube = x * x * x;
+  float inner = beta * (x + kappa * cube);
+  return 0.5f * x * (1.0f + tanhf(inner));
+}
+
+/* logits (embed.n) for `s.token` at the step's position. Returns 0, -1 for a bad token or shape, -2 when out
+ * of memory (nothing written to the cache then). */
+int gemma3_decode_step(const model_t *m, const step_t *s, float *logits) {
+  const int64_t d = m->d, H = m->heads, KH = m->kv_heads, hd = m->head_dim, F = m->ffn, G = H / KH;
+  if (s->token < 0 || s->token >= m->embed.n || m->embed.k != d || G * KH != H) return -1;
+  int64_t widest = d > H * hd ? d : H * hd;
+  if (F > widest) widest = F;
+  int64_t most_keys = s->visible[0] > s->visible[1] ? s->visible[0] : s->visible[1];
+  size_t act_bytes = gemma3_q_act_bytes(1, widest);
+  float *x = malloc(sizeof(float) * (size_t)(3 * d + (H + 2 * KH) * hd + H * hd + 2 * F + hd));
+  float *scores = malloc(sizeof(float) * (size_t)(H * (most_keys > 0 ? most_keys : 1)));
+  void *act = aligned_alloc(64, (act_bytes + 63) / 64 * 64);
+  if (!x || !scores || !act) {
+    free(x); free(scores); free(act);
+    return -2;
+  }
+  float *h = x + d, *o = h + d, *qkv = o + d, *att = qkv + (H + 2 * KH) * hd, *gu = att + H * hd, *tmp = gu + 2 * F;
+  float *q = qkv, *k = qkv + H * hd, *v = k + KH * hd;
+  if (gemma3_q_dequantize((int)m->embed.fmt, m->embed.w, m->embed.row_bytes, m->embed.n, d, &s->token, 1, x)) {
+    free(x); free(scores); free(act);
+    return -1;
+  }
+  for (int64_t i = 0; i < d; i++) x[i] = x[i] * m->embed_scale;
+
+#pragma omp parallel
+  {
+    for (int64_t l = 0; l < m->n_layers; l++) {
+      const layer_t *L = m->layers + l;
+      const int kind = (int)L->kind;
+#pragma omp single
+      {
+        gemma3_rms_norm(x, L->input_norm, 1, d, m->eps, h);
+        gemma3_q_act_prepare(h, 1, d, act);
+      }
+      const qmat_t *qkv_mats[3] = {&L->q, &L->k, &L->v};
+      products(qkv_mats, 3, act, qkv);
+#pragma omp barrier
+#pragma omp single
+      {
+        gemma3_rms_norm(q, L->q_norm, H, hd, m->eps, q);
+        gemma3_rms_norm(k, L->k_norm, KH, hd, m->eps, k);
+        for (int64_t i = 0; i < H; i++) rotate(q + i * hd, hd, s->cos[kind], s->sin[kind], tmp);
+        for (int64_t i = 0; i < KH; i++) {
+          rotate(k + i * hd, hd, s->cos[kind], s->sin[kind], tmp);
+          memcpy(L->keys + (i * L->slots + s->slot[kind]) * hd, k + i * hd, (size_t)hd * sizeof(float));
+          memcpy(L->values + (i * L->slots + s->slot[kind]) * hd, v + i * hd, (size_t)hd * sizeof(float));
+        }
+      }
+      const int64_t S = s->visible[kind];
+#pragma omp for schedule(static)
+      for (int64_t head = 0; head < H; head++) {
+        int64_t kh = head / G;
+        gemma3_attend_heads(q + head * hd, L->keys + kh * L->slots * hd, L->values + kh * L->slots * hd,
+                            s->mask[kind], S, 1, hd, m->attn_scale, scores + head * S, att + head * hd);
+      }
+#pragma omp single
+      gemma3_q_act_prepare(att, 1, H * hd, act);
+      const qmat_t *o_mat[1] = {&L->o};
+      products(o_mat, 1, act, o);
+#pragma omp barrier
+#pragma omp single
+      {
+        gemma3_rms_norm(o, L->post_attn_norm, 1, d, m->eps, o);
+        for (int64_t i = 0; i < d; i++) x[i] = x[i] + o[i];
+        gemma3_rms_norm(x, L->pre_ffn_norm, 1, d, m->eps, h);
+        gemma3_q_act_prepare(h, 1, d, act);
+      }
+      const qmat_t *gu_mats[2] = {&L->gate, &L->up};
+      products(gu_mats, 2, act, gu);
+#pragma omp barrier
+#pragma omp single
+      {
+        for (int64_t i = 0; i < F; i++) gu[i] = gelu_tanh(gu[i]) * gu[F + i];
+        gemma3_q_act_prepare(gu, 1, F, act);
+      }
+      const qmat_t *down_mat[1] = {&L->down};
+      products(down_mat, 1, act, o);
+#pragma omp barrier
+#pragma omp single
+      {
+        gemma3_rms_norm(o, L->post_ffn_norm, 1, d, m->eps, o);
+        for (int64_t i = 0; i < d; i++) x[i] = x[i] + o[i];
+      }
+    }
+#pragma omp single
+    {
+      gemma3_rms_norm(x, m->final_norm, 1, d, m->eps, h);
+      gemma3_q_act_prepare(h, 1, d, act);
+    }
+    const qmat_t *head[1] = {&m->embed};
+    products(head, 1, act, logits);
+  }
+  free(x); free(scores); free(act);
+  return 0;
+}

@@ -1,0 +1,138 @@
+"""The fused decode step (gemma3.decode_step, kernels/step.c) against the module path it replaces: the same
+logits (to GELU's last bits), the same cache contents, the same greedy tokens, 1 and 2 threads giving the
+same bits, and the models and caches it must leave to the modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gemma3.config import Gemma3Config
+from gemma3.decode_step import FusedDecodeStep, reason_not_fused
+from gemma3.errors import Gemma3Error
+from gemma3.generate import GenerationConfig, Generator
+from gemma3.kv_cache import KVCache
+from gemma3.packed import pack_model
+from gemma3.quantize import QuantizedTensor, quantize_model, quantize_state, split_state
+from gemma3.sampling import SamplingParams
+from reference import random_model
+from test_generate import LetterTokenizer
+from test_kernels import needs_kernel
+
+pytestmark = needs_kernel
+
+CONFIG = Gemma3Config(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=4,
+                      layer_types=("sliding_attention", "full_attention", "sliding_attention"))
+# layer 0 mixes formats within its q/k/v and gate/up products (one range of rows over several matrices)
+MIXED = {"layers.0.self_attn.k_proj.weight": "Q5_0", "layers.0.self_attn.v_proj.weight": "Q4_1",
+         "layers.0.mlp.up_proj.weight": "Q4_0", "layers.1.self_attn.o_proj.weight": "Q5_0"}
+
+
+def quantized_model(config: Gemma3Config = CONFIG, seed: int = 0):
+    torch.manual_seed(seed)
+    model = random_model(config)
+    state = quantize_state(model.state_dict(), "int8")
+    for name, fmt in MIXED.items():
+        if name in state:
+            state[name] = QuantizedTensor.quantize(model.state_dict()[name], fmt)
+    floats, blocks = split_state(state)
+    out = random_model(config)
+    quantize_model(out, blocks, torch.float32)
+    out.load_state_dict(floats, strict=True)
+    return pack_model(out.eval())  # the fused norms and attention generation runs the modules with
+
+
+def prompt(n: int = 5) -> torch.Tensor:
+    return torch.randint(0, 512, (1, n), generator=torch.Generator().manual_seed(1))
+
+
+@torch.inference_mode()
+def run_both(model, steps: int = 20):
+    """(module logits, fused logits, module cache, fused cache) over `steps` decode steps after a prefill,
+    each path feeding the tokens the module path picks."""
+    caches = [KVCache(model.config, 1, 32), KVCache(model.config, 1, 32)]
+    ids = prompt()
+    first = [model(ids, cache=c, logits_to_keep=1).logits[:, -1] for c in caches]
+    fused = FusedDecodeStep(model, caches[1])
+    token = int(first[0].argmax())
+    plain, ours = [], []
+    for _ in range(steps):
+        plain.append(model(torch.tensor([[token]]), cache=caches[0], logits_to_keep=1).logits[:, -1])
+        ours.append(fused(token))
+        token = int(plain[-1].argmax())
+    return torch.cat(plain), torch.cat(ours), caches[0], caches[1]
+
+
+def test_fused_step_matches_the_module_path_across_the_window():
+    model = quantized_model()
+    assert reason_not_fused(model) is None
+    plain, ours, cache_plain, cache_ours = run_both(model)  # 25 positions: the window of 4 is crossed 5 times
+    assert ours.shape == plain.shape == (20, 512)
+    # Only GELU's tanh differs (an ulp on some values); the activation's int16 rounding can turn an ulp into
+    # one code step (1/32767 of a block's largest value), so the logits part by a few 1e-5 of their range.
+    scale = plain.abs().max()
+    assert (ours - plain).abs().max() <= 1e-4 * scale, float((ours - plain).abs().max() / scale)
+    assert torch.equal(ours.argmax(-1), plain.argmax(-1))
+    # the first layer's keys and values come before any GELU: the same arithmetic, so the same bits
+    assert torch.equal(cache_plain.keys[0], cache_ours.keys[0]) and torch.equal(cache_plain.values[0], cache_ours.values[0])
+    for k_plain, k_ours in zip(cache_plain.keys + cache_plain.values, cache_ours.keys + cache_ours.values):
+        assert (k_plain - k_ours).abs().max() <= 2e-4 * k_plain.abs().max()
+    assert cache_plain.seq_len == cache_ours.seq_len == 25
+    assert torch.equal(cache_plain.ring_pos, cache_ours.ring_pos)
+
+
+def test_one_and_two_threads_give_the_same_bits():
+    model = quantized_model()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_both(model, steps=8)[1]
+        torch.set_num_threads(2)
+        two = run_both(model, steps=8)[1]
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+def test_generation_takes_the_fused_step_for_one_sequence_and_gives_the_same_tokens(monkeypatch):
+    model = quantized_model(seed=2)
+    calls = []
+    original = FusedDecodeStep.__call__
+    monkeypatch.setattr(FusedDecodeStep, "__call__", lambda self, token: calls.append(token) or original(self, token))
+    config = GenerationConfig(max_new_tokens=24, sampling=SamplingParams(temperature=0.0), stop_token_ids=())
+    ids = prompt(6)[0].tolist()
+    gen = Generator(model, LetterTokenizer())
+    fused = gen.generate(ids, config).token_ids
+    assert len(calls) == 23  # every step after the prefill's first token
+    gen.fuse_steps = False
+    calls.clear()
+    assert gen.generate(ids, config).token_ids == fused and not calls
+    gen.fuse_steps = True
+    gen.generate_batch([ids, ids[:4]], config)  # a batch of two runs on the modules
+    assert not calls
+
+
+def test_models_and_caches_it_cannot_run_are_left_to_the_modules():
+    assert "not quantized" in reason_not_fused(random_model(CONFIG))
+    model = quantized_model()
+    model.layers[1].self_attn.implementation = "eager"
+    assert "eager" in reason_not_fused(model)
+    model.layers[1].self_attn.implementation = "sdpa"
+    with pytest.raises(Gemma3Error, match="batch-1 fp32"):
+        FusedDecodeStep(model, KVCache(CONFIG, 2, 16))
+    with pytest.raises(Gemma3Error, match="batch-1 fp32"):
+        FusedDecodeStep(model, KVCache(CONFIG, 1, 16, dtype=torch.bfloat16))
+    capped = Gemma3Config(**{**CONFIG.__dict__, "attn_logit_softcapping": 50.0})
+    assert "soft-capping" in reason_not_fused(quantized_model(capped))
+
+
+@torch.inference_mode()
+def test_a_bad_token_is_an_error_and_writes_nothing():
+    model = quantized_model()
+    cache = KVCache(CONFIG, 1, 16)
+    model(prompt(), cache=cache, logits_to_keep=1)
+    keys = [k.clone() for k in cache.keys]
+    with pytest.raises(Gemma3Error, match="kernel error -1"):
+        FusedDecodeStep(model, cache)(512)
+    assert all(torch.equal(a, b) for a, b in zip(keys, cache.keys))
