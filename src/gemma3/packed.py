@@ -188,11 +188,11 @@ class PackedAttention(GroupedQueryAttention):
             return super()._decode(q, k, v, mask)
         q = q.reshape(B, self.num_kv_heads, H // self.num_kv_heads, hd).contiguous()  # (B, K, G, hd)
         out = torch.empty_like(q)
-        scores = torch.empty(q.shape[:-1] + (S,))
         m = None if mask is None else mask.reshape(B, S).contiguous().view(torch.uint8)
-        self._lib.gemma3_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), B, self.num_kv_heads, q.shape[2],
-                                          S, hd, k.stride(0), k.stride(1), None if m is None else m.data_ptr(),
-                                          self.scale, scores.data_ptr(), out.data_ptr())
+        if self._lib.gemma3_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), B, self.num_kv_heads,
+                                             q.shape[2], S, hd, k.stride(0), k.stride(1),
+                                             None if m is None else m.data_ptr(), self.scale, out.data_ptr()):
+            raise MemoryError("decode attention: out of memory for its partial sums")
         return out.view(B, H, 1, hd)
 
     def plain(self) -> GroupedQueryAttention:

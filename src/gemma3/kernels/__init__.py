@@ -123,8 +123,9 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         fn.restype = ctypes.c_int
     lib.gemma3_rms_norm.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr]
     lib.gemma3_decode_attention.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ctypes.c_float,
-                                            ptr, ptr]
-    lib.gemma3_rms_norm.restype = lib.gemma3_decode_attention.restype = None
+                                            ptr]
+    lib.gemma3_decode_attention.restype = ctypes.c_int
+    lib.gemma3_rms_norm.restype = None
     lib.gemma3_decode_step.argtypes = [ptr, ptr, ptr]  # gemma3.decode_step passes its Structures by reference
     lib.gemma3_decode_step.restype = ctypes.c_int
     isa = "AVX-512 BF16" if lib.gemma3_kernel_isa() == 512 else "AVX2"

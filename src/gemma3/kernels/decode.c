@@ -12,6 +12,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <immintrin.h>
 #include <omp.h>
 
@@ -74,91 +75,133 @@ void gemma3_rms_norm(const float *x, const float *gain, int64_t rows, int64_t di
  * them; mask (B, S) bytes (1 = may attend) or NULL; out (B, KH, G, hd). `scores` is scratch of
  * B·KH·G·S floats. Each key and value is read once for all G query heads that share it (they are the
  * bytes that count: 2 × 512 × 256 fp32 = 1 MiB a layer for the 270M at a full window). */
-/* The attention of G query heads qi (G, hd) that share one KV head: keys kk and values vv (S of them, hd
- * floats apart), mask m (S bytes, 1 = may attend) or NULL; scratch sc of G·S floats; out o (G, hd). A head's
- * result does not depend on G (the fused decode step, step.c, calls this one head at a time). */
-void gemma3_attend_heads(const float *qi, const float *kk, const float *vv, const uint8_t *m, int64_t S, int64_t G,
-                         int64_t hd, float scale, float *sc, float *o) {
-  int dead[G]; /* heads that may see no key */
-  /* Keys past the row's last visible one are left out, not summed as zeros: the vector/tail split of the
-   * sums below then depends only on this row's keys, so a row's result is the same bits whatever the
-   * other rows of the batch hold (a batched server's rows equal the same request run alone). */
-  int64_t Sr = S;
-  if (m) while (Sr > 0 && !m[Sr - 1]) Sr--;
-  for (int64_t s = 0; s < Sr; s++) {
-    if (m && !m[s]) continue;
-    for (int64_t g = 0; g < G; g++) sc[g * Sr + s] = dot(qi + g * hd, kk + s * hd, hd) * scale;
+/* Attention of one token's G query heads (those sharing one KV head) over S cached keys, split into parts of
+ * KEY_PART keys (flash-decoding's split-K). Each part keeps its own max, sum of exponentials and unnormalised
+ * weighted sum of values; `attend_combine` rescales the parts to the largest max and adds them in part order.
+ * The parts are fixed by the key count alone, not by the threads that compute them, so 1 and 2 threads give
+ * the same bits; and they let two threads share the keys of the 270M's one KV head, each reading half of the
+ * cache once (a part's keys and values are read once for all G heads).
+ *
+ * Keys past the row's last visible one are left out, not summed as zeros, so a row's result depends only on its
+ * own keys (a batched server's row equals the same request run alone). A head that may see no key gets NaN,
+ * as SDPA gives. */
+#define KEY_PART 256
+
+static int64_t visible_end(const uint8_t *m, int64_t S) {
+  if (m) while (S > 0 && !m[S - 1]) S--;
+  return S;
+}
+
+int64_t gemma3_attend_key_part(void) { return KEY_PART; }
+
+int64_t gemma3_attend_parts(const uint8_t *m, int64_t S) {
+  int64_t n = (visible_end(m, S) + KEY_PART - 1) / KEY_PART;
+  return n > 0 ? n : 1;
+}
+
+/* Part `part` of the keys: o (G, hd) = Σ exp(score - mx_g) · v, l_g = Σ exp(score - mx_g), mx_g the part's
+ * largest score (-inf and zeros when the part has no visible key). sc: scratch of G · KEY_PART floats. */
+void gemma3_attend_part(const float *q, const float *kk, const float *vv, const uint8_t *m, int64_t S, int64_t G,
+                        int64_t hd, float scale, int64_t part, float *sc, float *o, float *mx, float *l) {
+  int64_t end = visible_end(m, S), s0 = part * KEY_PART, s1 = s0 + KEY_PART < end ? s0 + KEY_PART : end;
+  int64_t n = s1 > s0 ? s1 - s0 : 0;
+  for (int64_t i = 0; i < n; i++) {
+    int64_t s = s0 + i;
+    for (int64_t g = 0; g < G; g++)
+      sc[g * KEY_PART + i] = (m && !m[s]) ? -INFINITY : dot(q + g * hd, kk + s * hd, hd) * scale;
   }
   for (int64_t g = 0; g < G; g++) {
-    float mx = -INFINITY, total = 0.0f, *sg = sc + g * Sr;
-    for (int64_t s = 0; s < Sr; s++) {
-      if (m && !m[s]) sg[s] = -INFINITY; /* exp → 0 */
-      else if (sg[s] > mx) mx = sg[s];
-    }
-    dead[g] = mx == -INFINITY;
-    if (dead[g]) { /* its output is NaN, as SDPA's, set below */
-      for (int64_t s = 0; s < Sr; s++) sg[s] = 0.0f;
+    float top = -INFINITY, *sg = sc + g * KEY_PART;
+    for (int64_t i = 0; i < n; i++)
+      if (sg[i] > top) top = sg[i];
+    mx[g] = top;
+    if (top == -INFINITY) { /* nothing visible in this part */
+      for (int64_t i = 0; i < n; i++) sg[i] = 0.0f;
+      l[g] = 0.0f;
       continue;
     }
-    __m256 vmx = _mm256_set1_ps(mx), vt = _mm256_setzero_ps();
-    int64_t s = 0;
-    for (; s + 8 <= Sr; s += 8) {
-      __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sg + s), vmx));
-      _mm256_storeu_ps(sg + s, e);
+    __m256 vmx = _mm256_set1_ps(top), vt = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) { /* exp(-inf) is 0: masked keys weigh nothing */
+      __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sg + i), vmx));
+      _mm256_storeu_ps(sg + i, e);
       vt = _mm256_add_ps(vt, e);
     }
-    total = hsum8(vt);
-    for (; s < Sr; s++) total += (sg[s] = sg[s] == -INFINITY ? 0.0f : expf(sg[s] - mx));
-    float inv = 1.0f / total;
-    for (s = 0; s < Sr; s++) sg[s] *= inv;
+    float total = hsum8(vt);
+    for (; i < n; i++) total += (sg[i] = sg[i] == -INFINITY ? 0.0f : expf(sg[i] - top));
+    l[g] = total;
   }
-  /* out_g = Σ_s p_gs · v_s, 16 dims of up to 4 heads at a time in registers, each value row read once */
-  for (int64_t g0 = 0; g0 < G; g0 += 4) {
-    int64_t gn = G - g0 < 4 ? G - g0 : 4;
-    int64_t c = 0;
-    for (; c + 16 <= hd; c += 16) {
-      __m256 a[4][2];
-      for (int gi = 0; gi < 4; gi++) a[gi][0] = a[gi][1] = _mm256_setzero_ps();
-      for (int64_t s = 0; s < Sr; s++) {
-        if (m && !m[s]) continue;
-        __m256 v0 = _mm256_loadu_ps(vv + s * hd + c), v1 = _mm256_loadu_ps(vv + s * hd + c + 8);
-        for (int gi = 0; gi < gn; gi++) {
-          __m256 p = _mm256_set1_ps(sc[(g0 + gi) * Sr + s]);
-          a[gi][0] = _mm256_fmadd_ps(p, v0, a[gi][0]);
-          a[gi][1] = _mm256_fmadd_ps(p, v1, a[gi][1]);
-        }
-      }
-      for (int gi = 0; gi < gn; gi++) {
-        _mm256_storeu_ps(o + (g0 + gi) * hd + c, a[gi][0]);
-        _mm256_storeu_ps(o + (g0 + gi) * hd + c + 8, a[gi][1]);
-      }
+  /* o_g = Σ_s e_gs · v_s, streaming each value row once (front to back) for all G heads */
+  for (int64_t x = 0; x < G * hd; x++) o[x] = 0.0f;
+  for (int64_t i = 0; i < n; i++) {
+    int64_t s = s0 + i;
+    if (m && !m[s]) continue;
+    const float *vs = vv + s * hd;
+    for (int64_t g = 0; g < G; g++) {
+      __m256 p = _mm256_set1_ps(sc[g * KEY_PART + i]);
+      float *og = o + g * hd;
+      int64_t c = 0;
+      for (; c + 8 <= hd; c += 8) _mm256_storeu_ps(og + c, _mm256_fmadd_ps(p, _mm256_loadu_ps(vs + c), _mm256_loadu_ps(og + c)));
+      for (; c < hd; c++) og[c] += sc[g * KEY_PART + i] * vs[c];
     }
-    for (; c < hd; c++)
-      for (int gi = 0; gi < gn; gi++) {
-        float acc = 0.0f;
-        for (int64_t s = 0; s < Sr; s++)
-          if (!m || m[s]) acc += sc[(g0 + gi) * Sr + s] * vv[s * hd + c];
-        o[(g0 + gi) * hd + c] = acc;
-      }
   }
-  for (int64_t g = 0; g < G; g++)
-    if (dead[g])
-      for (int64_t i = 0; i < hd; i++) o[g * hd + i] = NAN;
+}
+
+/* out (G, hd) from `parts` parts' (o, mx, l), each part's o G·hd floats and mx, l G floats apart. */
+void gemma3_attend_combine(int64_t G, int64_t hd, int64_t parts, const float *o, const float *mx, const float *l,
+                           float *out) {
+  for (int64_t g = 0; g < G; g++) {
+    float top = -INFINITY;
+    for (int64_t p = 0; p < parts; p++)
+      if (mx[p * G + g] > top) top = mx[p * G + g];
+    float *og = out + g * hd;
+    if (top == -INFINITY) { /* no visible key at all */
+      for (int64_t c = 0; c < hd; c++) og[c] = NAN;
+      continue;
+    }
+    float total = 0.0f;
+    for (int64_t c = 0; c < hd; c++) og[c] = 0.0f;
+    for (int64_t p = 0; p < parts; p++) {
+      if (mx[p * G + g] == -INFINITY) continue;
+      float w = expf(mx[p * G + g] - top);
+      total += w * l[p * G + g];
+      const float *op = o + (p * G + g) * hd;
+      for (int64_t c = 0; c < hd; c++) og[c] += w * op[c];
+    }
+    float inv = 1.0f / total;
+    for (int64_t c = 0; c < hd; c++) og[c] *= inv;
+  }
 }
 
 /* One query token per row. q (B, KH, G, hd) contiguous: the G query heads that share KV head kh; keys and
  * values of row b, head kh start at k + b·kb + kh·kh_stride, one key of hd values per `hd` floats, S of
- * them; mask (B, S) bytes (1 = may attend) or NULL; out (B, KH, G, hd). `scores` is scratch of
- * B·KH·G·S floats. Each key and value is read once for all G query heads that share it (they are the
- * bytes that count: 2 × 512 × 256 fp32 = 1 MiB a layer for the 270M at a full window). */
-void gemma3_decode_attention(const float *q, const float *k, const float *v, int64_t B, int64_t KH, int64_t G,
-                             int64_t S, int64_t hd, int64_t kb, int64_t kh_stride, const uint8_t *mask, float scale,
-                             float *scores, float *out) {
+ * them; mask (B, S) bytes (1 = may attend) or NULL; out (B, KH, G, hd). Returns 0, or -2 when out of memory. */
+int gemma3_decode_attention(const float *q, const float *k, const float *v, int64_t B, int64_t KH, int64_t G,
+                            int64_t S, int64_t hd, int64_t kb, int64_t kh_stride, const uint8_t *mask, float scale,
+                            float *out) {
+  int64_t P = (S + KEY_PART - 1) / KEY_PART;
+  if (P < 1) P = 1;
   int64_t items = B * KH;
-#pragma omp parallel for schedule(static) if (items > 1 && S * hd * G * items >= (1 << 16))
-  for (int64_t it = 0; it < items; it++) {
-    int64_t b = it / KH, kh = it % KH;
-    gemma3_attend_heads(q + it * G * hd, k + b * kb + kh * kh_stride, v + b * kb + kh * kh_stride,
-                        mask ? mask + b * S : 0, S, G, hd, scale, scores + it * G * S, out + it * G * hd);
+  float *o = malloc(sizeof(float) * (size_t)(items * P * G * (hd + 2)));
+  float *sc = malloc(sizeof(float) * (size_t)(items * P * G * KEY_PART));
+  if (!o || !sc) {
+    free(o); free(sc);
+    return -2;
   }
+  float *mx = o + items * P * G * hd, *l = mx + items * P * G;
+#pragma omp parallel for schedule(static) if (items * P > 1 && S * hd * G * items >= (1 << 16))
+  for (int64_t w = 0; w < items * P; w++) {
+    int64_t it = w / P, part = w % P, b = it / KH, kh = it % KH;
+    const uint8_t *m = mask ? mask + b * S : 0;
+    if (part >= gemma3_attend_parts(m, S)) continue;
+    gemma3_attend_part(q + it * G * hd, k + b * kb + kh * kh_stride, v + b * kb + kh * kh_stride, m, S, G, hd, scale,
+                       part, sc + w * G * KEY_PART, o + w * G * hd, mx + w * G, l + w * G);
+  }
+  for (int64_t it = 0; it < items; it++) {
+    const uint8_t *m = mask ? mask + (it / KH) * S : 0;
+    gemma3_attend_combine(G, hd, gemma3_attend_parts(m, S), o + it * P * G * hd, mx + it * P * G, l + it * P * G,
+                          out + it * G * hd);
+  }
+  free(o); free(sc);
+  return 0;
 }

@@ -29,8 +29,12 @@ void gemma3_q_rows(int fmt, const uint8_t *w, int64_t row_bytes, int64_t lo, int
 int gemma3_q_dequantize(int fmt, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K, const int64_t *ids,
                         int64_t R, float *out);
 void gemma3_rms_norm(const float *x, const float *gain, int64_t rows, int64_t dim, float eps, float *out);
-void gemma3_attend_heads(const float *qi, const float *kk, const float *vv, const uint8_t *m, int64_t S, int64_t G,
-                         int64_t hd, float scale, float *sc, float *o);
+int64_t gemma3_attend_key_part(void);
+int64_t gemma3_attend_parts(const uint8_t *m, int64_t S);
+void gemma3_attend_part(const float *q, const float *kk, const float *vv, const uint8_t *m, int64_t S, int64_t G,
+                        int64_t hd, float scale, int64_t part, float *sc, float *o, float *mx, float *l);
+void gemma3_attend_combine(int64_t G, int64_t hd, int64_t parts, const float *o, const float *mx, const float *l,
+                           float *out);
 
 /* The layouts below are mirrored by ctypes Structures in gemma3/decode_step.py: change both together. */
 typedef struct {
@@ -112,9 +116,11 @@ int gemma3_decode_step(const model_t *m, const step_t *s, float *logits) {
   int64_t widest = d > H * hd ? d : H * hd;
   if (F > widest) widest = F;
   int64_t most_keys = s->visible[0] > s->visible[1] ? s->visible[0] : s->visible[1];
+  const int64_t P = (most_keys + gemma3_attend_key_part() - 1) / gemma3_attend_key_part() + 1; /* parts, at most */
   size_t act_bytes = gemma3_q_act_bytes(1, widest);
   float *x = malloc(sizeof(float) * (size_t)(3 * d + (H + 2 * KH) * hd + H * hd + 2 * F + hd));
-  float *scores = malloc(sizeof(float) * (size_t)(H * (most_keys > 0 ? most_keys : 1)));
+  /* per (KV head, part): scores G·KEY_PART, then partial sums G·hd, maxima G, sums G */
+  float *scores = malloc(sizeof(float) * (size_t)(KH * P * G * (gemma3_attend_key_part() + hd + 2)));
   void *act = aligned_alloc(64, (act_bytes + 63) / 64 * 64);
   if (!x || !scores || !act) {
     free(x); free(scores); free(act);
@@ -152,15 +158,24 @@ int gemma3_decode_step(const model_t *m, const step_t *s, float *logits) {
           memcpy(L->values + (i * L->slots + s->slot[kind]) * hd, v + i * hd, (size_t)hd * sizeof(float));
         }
       }
-      const int64_t S = s->visible[kind];
+      /* the keys in parts of KEY_PART (decode.c): the threads share them, each part read once for all G heads
+         of its KV head; then each KV head's parts are combined in order */
+      const int64_t S = s->visible[kind], parts = gemma3_attend_parts(s->mask[kind], S);
+      float *o_part = scores + KH * P * G * gemma3_attend_key_part(), *mx = o_part + KH * P * G * hd, *sums = mx + KH * P * G;
 #pragma omp for schedule(static)
-      for (int64_t head = 0; head < H; head++) {
-        int64_t kh = head / G;
-        gemma3_attend_heads(q + head * hd, L->keys + kh * L->slots * hd, L->values + kh * L->slots * hd,
-                            s->mask[kind], S, 1, hd, m->attn_scale, scores + head * S, att + head * hd);
+      for (int64_t w = 0; w < KH * parts; w++) {
+        int64_t kh = w / parts;
+        gemma3_attend_part(q + kh * G * hd, L->keys + kh * L->slots * hd, L->values + kh * L->slots * hd,
+                           s->mask[kind], S, G, hd, m->attn_scale, w % parts, scores + w * G * gemma3_attend_key_part(),
+                           o_part + w * G * hd, mx + w * G, sums + w * G);
       }
 #pragma omp single
-      gemma3_q_act_prepare(att, 1, H * hd, act);
+      {
+        for (int64_t kh = 0; kh < KH; kh++)
+          gemma3_attend_combine(G, hd, parts, o_part + kh * parts * G * hd, mx + kh * parts * G, sums + kh * parts * G,
+                                att + kh * G * hd);
+        gemma3_q_act_prepare(att, 1, H * hd, act);
+      }
       const qmat_t *o_mat[1] = {&L->o};
       products(o_mat, 1, act, o);
 #pragma omp barrier
