@@ -266,3 +266,24 @@ def test_fused_rms_norm_and_decode_attention_match_torch():
     lib.gemma3_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), B, KH, G, S, hd, k.stride(0), k.stride(1),
                                 m8.data_ptr(), 0.0625, got.data_ptr())
     assert got.isnan().all()
+
+
+def test_fused_gelu_matches_torch():
+    """GeGLU's gelu_tanh(g) · u as the fused decode step computes it (kernels/decode.c): as close to an fp64
+    gelu as torch's own fp32 one, signs and non-finite values kept."""
+    lib = kernels.library()
+    x = torch.cat([torch.randn(100_000, generator=torch.Generator().manual_seed(9)) * 4, torch.linspace(-40, 40, 10_001),
+                   torch.tensor([0.0, -0.0, 1e-30, -1e-30, float("inf"), -float("inf"), float("nan")])])
+    u = torch.rand_like(x) + 0.5
+    out = torch.empty_like(x)
+    lib.gemma3_gelu_tanh_mul(x.data_ptr(), u.data_ptr(), x.numel(), out.data_ptr())
+    exact = F.gelu(x.double(), approximate="tanh") * u.double()
+    scale = exact.abs().clamp(min=1.0)  # relative error, absolute below 1
+    ours = (out.double() - exact).abs() / scale
+    theirs = (F.gelu(x, approximate="tanh").double() * u.double() - exact).abs() / scale
+    finite = exact.isfinite()
+    print(f"max error: ours {ours[finite].max():.2e}, torch's {theirs[finite].max():.2e}")
+    assert ours[finite].max() <= 2 * theirs[finite].max()
+    assert torch.equal(out[-7:-3], F.gelu(x[-7:-3], approximate="tanh") * u[-7:-3])  # ±0 and tiny values exactly
+    assert out[-3] == float("inf") and out[-2].isnan() == F.gelu(x[-2:-1], approximate="tanh").isnan().item()
+    assert out[-1].isnan()

@@ -126,6 +126,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
                                             ptr]
     lib.gemma3_decode_attention.restype = ctypes.c_int
     lib.gemma3_rms_norm.restype = None
+    lib.gemma3_gelu_tanh_mul.argtypes = [ptr, ptr, i64, ptr]
+    lib.gemma3_gelu_tanh_mul.restype = None
     lib.gemma3_decode_step.argtypes = [ptr, ptr, ptr]  # gemma3.decode_step passes its Structures by reference
     lib.gemma3_decode_step.restype = ctypes.c_int
     isa = "AVX-512 BF16" if lib.gemma3_kernel_isa() == 512 else "AVX2"

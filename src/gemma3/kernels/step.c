@@ -6,8 +6,8 @@
  * Why: the same step through the modules is ~700 dispatched ops (each a ctypes or torch call costing
  * microseconds in Python) around 127 matrix products and 18 attentions; measured on the 2-core test machine
  * that overhead was a third of the step. Here the products, norms and attention are the very functions the
- * modules call (quants.c, decode.c), so each output is the same bits as the module path; only GELU (tanhf
- * here, torch's vectorised tanh there) may differ by an ulp.
+ * modules call (quants.c, decode.c), so each output is the same bits as the module path; only GELU (decode.c's
+ * vectorised form here, torch's there) differs, by an ulp or two.
  *
  * Threads: one OpenMP region for the whole step. Each matrix product splits its output rows across the
  * threads (q, k and v as one range of rows, gate and up as another), the attention splits its query heads;
@@ -29,6 +29,7 @@ void gemma3_q_rows(int fmt, const uint8_t *w, int64_t row_bytes, int64_t lo, int
 int gemma3_q_dequantize(int fmt, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K, const int64_t *ids,
                         int64_t R, float *out);
 void gemma3_rms_norm(const float *x, const float *gain, int64_t rows, int64_t dim, float eps, float *out);
+void gemma3_gelu_tanh_mul(const float *g, const float *u, int64_t n, float *out);
 int64_t gemma3_attend_key_part(void);
 int64_t gemma3_attend_parts(const uint8_t *m, int64_t S);
 void gemma3_attend_part(const float *q, const float *kk, const float *vv, const uint8_t *m, int64_t S, int64_t G,
@@ -99,13 +100,6 @@ static void rotate(float *x, int64_t hd, const float *cos, const float *sin, flo
     tmp[i] = a + b;
   }
   memcpy(x, tmp, (size_t)hd * sizeof(float));
-}
-
-static inline float gelu_tanh(float x) { /* as torch's F.gelu(approximate="tanh") spells it */
-  const float beta = (float)(1.41421356237309504880 * 1.12837916709551257390 * 0.5), kappa = 0.044715f;
-  float cube = x * x * x;
-  float inner = beta * (x + kappa * cube);
-  return 0.5f * x * (1.0f + tanhf(inner));
 }
 
 /* logits (embed.n) for `s.token` at the step's position. Returns 0, -1 for a bad token or shape, -2 when out
@@ -191,7 +185,7 @@ int gemma3_decode_step(const model_t *m, const step_t *s, float *logits) {
 #pragma omp barrier
 #pragma omp single
       {
-        for (int64_t i = 0; i < F; i++) gu[i] = gelu_tanh(gu[i]) * gu[F + i];
+        gemma3_gelu_tanh_mul(gu, gu + F, F, gu);
         gemma3_q_act_prepare(gu, 1, F, act);
       }
       const qmat_t *down_mat[1] = {&L->down};
