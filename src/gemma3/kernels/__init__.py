@@ -35,6 +35,12 @@ log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(name) for name in ("linear.c", "quants.c", "decode.c", "step.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 DISABLE_ENV = "GEMMA3_NATIVE_KERNELS"
+# extra compiler flags, e.g. "-mno-avx512f" to build (and test) the AVX2 kernels on an AVX-512 machine
+FLAGS_ENV = "GEMMA3_KERNEL_CFLAGS"
+
+
+def _flags() -> list[str]:
+    return FLAGS + os.environ.get(FLAGS_ENV, "").split()
 
 
 def cache_dir() -> Path:
@@ -65,7 +71,7 @@ def _owned_and_private(path: Path) -> bool:
 def _build(compiler: str) -> Path:
     """The compiled library for this source, flags and CPU: from the cache, or compiled into it."""
     source = b"".join(p.read_bytes() for p in SOURCES)
-    key = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join([compiler, *_flags()]).encode() + _cpu_flags().encode()).hexdigest()[:16]
     directory = cache_dir()
     try:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -82,7 +88,7 @@ def _build(compiler: str) -> Path:
     fd, partial = tempfile.mkstemp(dir=directory, suffix=".so.partial")
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", partial], capture_output=True, text=True,
+        done = subprocess.run([compiler, *_flags(), *map(str, SOURCES), "-o", partial], capture_output=True, text=True,
                               timeout=120)
         if done.returncode != 0:
             lines = (done.stderr or done.stdout).strip().splitlines()
@@ -131,7 +137,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.gemma3_decode_step.argtypes = [ptr, ptr, ptr]  # gemma3.decode_step passes its Structures by reference
     lib.gemma3_decode_step.restype = ctypes.c_int
     isa = "AVX-512 BF16" if lib.gemma3_kernel_isa() == 512 else "AVX2"
-    return lib, f"native kernels ({isa}, {path})"
+    quants = "AVX-512 VNNI" if lib.gemma3_q_isa() == 512 else "AVX2"
+    return lib, f"native kernels ({isa}; block formats {quants}; {path})"
 
 
 def library() -> ctypes.CDLL | None:
