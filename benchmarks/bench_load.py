@@ -2,13 +2,17 @@
 
     python benchmarks/bench_load.py [--threads 2] [--repeats 3] [--transformers]
 
-Each figure is the best of `--repeats` runs in this process (imports excluded, page cache warm).
-`--transformers` also times transformers loading the same GGUF (model, then tokenizer) for comparison.
+Each figure is the best of `--repeats` runs in this process (imports excluded, page cache warm), except the
+last: a whole `gemma3 generate PROMPT -n 1` process, from exec to exit (Python, torch and our imports
+included; the kernel and tokenizer caches warm). `--transformers` also times transformers loading the same
+GGUF (model, then tokenizer) for comparison.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,11 +39,25 @@ def main() -> None:
 
     import gemma3.model  # noqa: F401  (imports are not what we measure)
     import gemma3.tokenizer  # noqa: F401
-    from gemma3.cli.weights import convert
+    from gemma3.weights.convert import convert
     from gemma3.loading import embedded_gguf_path, load
+
+    from gemma3.generate import GenerationConfig, Generator
+    from gemma3.sampling import SamplingParams
 
     gguf = embedded_gguf_path()
     print(f"embedded GGUF -> model + tokenizer:        {best_of(args.repeats, lambda: load(progress=False)):6.2f} s")
+
+    def first_token():  # what the CLI does by default: the file's own blocks, then one greedy token
+        model, tokenizer, _ = load(progress=False, quantize=None)
+        Generator(model, tokenizer).generate("The capital of France is", GenerationConfig(
+            max_new_tokens=1, sampling=SamplingParams(temperature=0.0)))
+
+    print(f"embedded GGUF -> first token (own blocks): {best_of(args.repeats, first_token):6.2f} s")
+    command = [sys.executable, "-m", "gemma3", "generate", "The capital of France is", "-n", "1", "--temperature", "0",
+               "-t", str(args.threads)]
+    process = best_of(args.repeats, lambda: subprocess.run(command, check=True, capture_output=True))
+    print(f"`gemma3 generate ... -n 1`, whole process:   {process:6.2f} s")
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in ("bfloat16", "float32"):
             out = convert(None, Path(tmp) / dtype, dtype=dtype, progress=False)

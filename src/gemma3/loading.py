@@ -199,13 +199,30 @@ def load_tokenizer(resolved: ResolvedSource, gguf_metadata: dict | None = None):
     """The tokenizer that belongs to `resolved` (None for a checkpoint directory that has none)."""
     from gemma3.tokenizer import Tokenizer
 
+    tokenizer = None
     if resolved.kind == "gguf":
         if gguf_metadata is not None:
-            return Tokenizer.from_gguf_metadata(gguf_metadata, source=str(resolved.path))
-        return Tokenizer.from_gguf(resolved.path)
-    if (resolved.path / "tokenizer.json").is_file() or (resolved.path / "tokenizer.model").is_file():
-        return Tokenizer.from_dir(resolved.path)
-    return None
+            tokenizer = Tokenizer.from_gguf_metadata(gguf_metadata, source=str(resolved.path))
+        else:
+            tokenizer = Tokenizer.from_gguf(resolved.path)
+    elif (resolved.path / "tokenizer.json").is_file() or (resolved.path / "tokenizer.model").is_file():
+        tokenizer = Tokenizer.from_dir(resolved.path)
+    _return_freed_memory()
+    return tokenizer
+
+
+def _return_freed_memory() -> None:
+    """Hand the C heap's freed pages back to the system (glibc's malloc_trim). Parsing a 262k-piece tokenizer
+    (its 33 MB of JSON, 514k merges) leaves ~280 MB freed but still resident in the process: measured on the
+    embedded model, RSS while generating 891 -> 615 MB. A no-op where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def chat_template_of(resolved: ResolvedSource, gguf_metadata: dict | None = None):
