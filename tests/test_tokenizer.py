@@ -330,21 +330,38 @@ def test_tokenizer_cache_is_used_only_when_it_is_ours_and_sound(gguf_metadata, t
     from gemma3 import tokenizer as tokenizer_module
 
     monkeypatch.setenv("GEMMA3_TOKENIZER_CACHE", str(tmp_path))
-    builds = []
-    real_build = tokenizer_module._build
-    monkeypatch.setattr(tokenizer_module, "_build", lambda *a: builds.append(1) or real_build(*a))
+    builds = []  # each time the merges are derived (the slow part the cache saves)
+    real_derive = tokenizer_module._bpe_merges
+    monkeypatch.setattr(tokenizer_module, "_bpe_merges", lambda *a: builds.append(1) or real_derive(*a))
+    stale = tmp_path / ("0" * 32 + "." + "1" * 16 + ".json")  # what the cache kept before (format 1)
+    stale.write_text("{}")
+    os.chmod(stale, 0o600)
     first = Tokenizer.from_gguf_metadata(gguf_metadata)
+    assert not stale.exists()  # removed once the new entry is written
     (cached,) = tmp_path.iterdir()
     assert builds == [1] and oct(cached.stat().st_mode & 0o777) == "0o600"
     second = Tokenizer.from_gguf_metadata(gguf_metadata)
     assert builds == [1] and second.encode("Hello  world\n\tdef") == first.encode("Hello  world\n\tdef")
 
-    for spoil in ("corrupt", "other pieces", "world-writable"):
+    for spoil in ("corrupt", "ids out of range", "a pickle", "world-writable"):
         (cached,) = tmp_path.iterdir()
         if spoil == "corrupt":
-            cached.write_text("{not json")
-        elif spoil == "other pieces":
-            cached.write_text(cached.read_text().replace('"<bos>"', '"<BOS>"', 1))
+            cached.write_bytes(b"\x93NUMPY garbage")
+        elif spoil in ("ids out of range", "a pickle"):
+            # a well-formed file under a matching content hash, holding what must not be used
+            import hashlib
+            import io
+
+            buffer = io.BytesIO()
+            if spoil == "a pickle":
+                np.save(buffer, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+            else:
+                np.save(buffer, np.array([[0, len(gguf_metadata["tokenizer.ggml.tokens"])]], dtype=np.int32))
+            data = buffer.getvalue()
+            cached.unlink()
+            cached = tmp_path / f"{cached.name.split('.')[0]}.{hashlib.sha256(data).hexdigest()[:16]}.npy"
+            cached.write_bytes(data)
+            os.chmod(cached, 0o600)
         else:
             os.chmod(cached, 0o666)
         again = Tokenizer.from_gguf_metadata(gguf_metadata)

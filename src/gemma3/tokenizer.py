@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import re
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -214,7 +215,7 @@ class Tokenizer:
 
 # ------------------------------------------------------------------------------------------- the rebuild
 # ------------------------------------------------------------------------------ the rebuilt tokenizer, cached
-CACHE_FORMAT = 1  # bump when `_build` changes what it makes
+CACHE_FORMAT = 2  # bump when what the cache keeps changes (2: merges as piece-id pairs, not tokenizer.json)
 
 
 def tokenizer_cache_dir() -> Path:
@@ -227,21 +228,22 @@ def tokenizer_cache_dir() -> Path:
 
 
 def _build_cached(pieces: list[str], scores: Any, types: Any, source: str) -> _Backend:
-    """`_build`, with its result kept as a tokenizer.json named by a hash of everything it was built from (the
-    pieces, scores and types, this cache format and the `tokenizers` version) and by a hash of the file's own
-    bytes. Rebuilding derives 514k merges in Python (~1.7 s); reading the kept file back takes ~0.5 s. A file
-    whose bytes do not match its name, one not ours or writable by others, or one that does not load is not
-    used: the tokenizer is rebuilt and kept again. A cache that cannot be written costs only the time."""
+    """`_build`, with the merges it derives kept in the cache: an (M, 2) int32 .npy of the merged pieces' ids,
+    named by a hash of everything they were derived from (the pieces, scores and types, this cache format) and
+    by a hash of the file's own bytes. Deriving 514k merges in Python takes ~1.5-2 s; reading 4 MB back and
+    handing them to `tokenizers` ~1 s. (Until 2026-12-02 the whole tokenizer.json was kept: as fast to read,
+    but parsing its 33 MB of JSON took 440 MB at its peak against 260 MB for this build.) A file whose bytes
+    do not match its name, one not ours or writable by others, or one that does not hold valid merges is not
+    used: the merges are derived again and kept again. A cache that cannot be written costs only the time."""
     import hashlib
-
-    import tokenizers
+    import io
 
     from gemma3.kernels import _owned_and_private  # the kernel cache's check: ours, writable by nobody else
 
     if os.environ.get("GEMMA3_TOKENIZER_CACHE") == "0":
         return _build(pieces, scores, types, source)
     try:
-        key = hashlib.sha256(f"{CACHE_FORMAT}\0{tokenizers.__version__}\0".encode())
+        key = hashlib.sha256(f"{CACHE_FORMAT}\0".encode())
         key.update("\0".join(pieces).encode("utf-8", "surrogatepass"))
         key.update(np.asarray(scores, dtype=np.float64).tobytes())
         key.update(np.asarray(types, dtype=np.int64).tobytes())
@@ -249,20 +251,29 @@ def _build_cached(pieces: list[str], scores: Any, types: Any, source: str) -> _B
         return _build(pieces, scores, types, source)  # let _build name what is wrong
     directory, name = tokenizer_cache_dir(), key.hexdigest()[:32]
     with contextlib.suppress(OSError):
-        for path in sorted(directory.glob(f"{name}.*.json")):
+        for path in sorted(directory.glob(f"{name}.*.npy")):
             data = path.read_bytes() if _owned_and_private(path) else b""
             if data and hashlib.sha256(data).hexdigest()[:16] == path.name.split(".")[1]:
-                with contextlib.suppress(Exception):  # tokenizers raises a bare Exception on a bad file
-                    return _Backend.from_str(data.decode("utf-8"))
-    backend = _build(pieces, scores, types, source)
+                with contextlib.suppress(ValueError, OSError):
+                    merges = np.load(io.BytesIO(data), allow_pickle=False)
+                    if merges.dtype == np.int32 and merges.ndim == 2 and merges.shape[1] == 2 and (
+                            merges.size == 0 or (merges.min() >= 0 and merges.max() < len(pieces))):
+                        return _build(pieces, scores, types, source, merges)
+    merges = _checked_merges(pieces, scores, types, source)
+    backend = _build(pieces, scores, types, source, merges)
     with contextlib.suppress(OSError):
         from gemma3.files import temp_path
 
-        data = backend.to_str().encode("utf-8")
-        path = directory / f"{name}.{hashlib.sha256(data).hexdigest()[:16]}.json"
+        buffer = io.BytesIO()
+        np.save(buffer, merges, allow_pickle=False)
+        data = buffer.getvalue()
+        path = directory / f"{name}.{hashlib.sha256(data).hexdigest()[:16]}.npy"
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for old in directory.glob(f"{name}.*.json"):  # a spoiled copy under the same key
+        for old in directory.glob(f"{name}.*.npy"):  # a spoiled copy under the same key
             old.unlink()
+        for old in directory.glob("*.*.json"):  # what CACHE_FORMAT 1 kept (whole tokenizer.json files, ~14 MB)
+            if re.fullmatch(r"[0-9a-f]{32}\.[0-9a-f]{16}\.json", old.name) and _owned_and_private(old):
+                old.unlink()
         tmp = temp_path(path)
         try:
             tmp.write_bytes(data)
@@ -273,11 +284,8 @@ def _build_cached(pieces: list[str], scores: Any, types: Any, source: str) -> _B
     return backend
 
 
-def _build(pieces: list[str], scores: Any, types: Any, source: str) -> _Backend:
-    """The official Gemma 3 `tokenizer.json`, as an HF tokenizer, from SentencePiece-style vocab arrays.
-
-    This is what `transformers`' `GemmaConverter` does to a `tokenizer.model`, minus the detour through
-    `sentencepiece` and protobuf, and with the special flags of the published file."""
+def _checked(pieces: list[str], scores: Any, types: Any, source: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(scores, types, vocab) of SentencePiece-style vocab arrays, or a CheckpointError naming what is wrong."""
     try:
         scores = np.asarray(scores, dtype=np.float64)
         types = np.asarray(types, dtype=np.int64)
@@ -295,13 +303,30 @@ def _build(pieces: list[str], scores: Any, types: Any, source: str) -> _Backend:
     for piece in ("<unk>", "<bos>"):
         if piece not in vocab:
             raise CheckpointError(f"{source}: not a Gemma 3 tokenizer (no {piece} token)")
+    return scores, types, vocab
 
+
+def _checked_merges(pieces: list[str], scores: Any, types: Any, source: str) -> np.ndarray:
+    scores, types, vocab = _checked(pieces, scores, types, source)
     # SentencePiece gives every non-NORMAL piece score 0.0, which ranks their merges first.
-    scores = np.where(types == NORMAL, scores, 0.0)
     with _gc_paused():
-        merges = _bpe_merges(pieces, vocab, scores)
-        backend = _Backend(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True,
+        return _bpe_merges(pieces, vocab, np.where(types == NORMAL, scores, 0.0))
+
+
+def _build(pieces: list[str], scores: Any, types: Any, source: str, merges: np.ndarray | None = None) -> _Backend:
+    """The official Gemma 3 `tokenizer.json`, as an HF tokenizer, from SentencePiece-style vocab arrays (and the
+    merges they imply, as piece-id pairs, when already derived).
+
+    This is what `transformers`' `GemmaConverter` does to a `tokenizer.model`, minus the detour through
+    `sentencepiece` and protobuf, and with the special flags of the published file."""
+    scores, types, vocab = _checked(pieces, scores, types, source)
+    if merges is None:
+        merges = _checked_merges(pieces, scores, types, source)
+    with _gc_paused():
+        pairs = [(pieces[a], pieces[b]) for a, b in merges.tolist()]
+        backend = _Backend(models.BPE(vocab=vocab, merges=pairs, unk_token="<unk>", fuse_unk=True,
                                       byte_fallback=True))
+        del pairs
     backend.normalizer = normalizers.Replace(" ", "▁")
     # A no-op after the normalizer (no spaces remain), kept because the official file has it.
     backend.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
@@ -329,7 +354,7 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _bpe_merges(pieces: list[str], vocab: Mapping[str, int], scores: np.ndarray) -> list[tuple[str, str]]:
+def _bpe_merges(pieces: list[str], vocab: Mapping[str, int], scores: np.ndarray) -> np.ndarray:
     """BPE merges implied by a SentencePiece BPE vocabulary, in the official order.
 
     SentencePiece BPE has no merge list: a piece is any vocab entry, preferred by score. HF's converter
@@ -337,17 +362,17 @@ def _bpe_merges(pieces: list[str], vocab: Mapping[str, int], scores: np.ndarray)
     of a piece into two vocab entries is a merge, ranked by (piece score desc, left length desc, right
     length desc); equal keys (only possible between pieces of equal score) stay in id order. The same ranking
     here is one `lexsort` over the found splits instead of per-piece Python sorts: ~1 s instead of ~3 s
-    for Gemma 3's 514 906 merges."""
-    lefts: list[str] = []
-    rights: list[str] = []
+    for Gemma 3's 514 906 merges. Returns them as (M, 2) int32 ids of the left and right pieces."""
+    lefts: list[int] = []  # ids of the two pieces each merge joins
+    rights: list[int] = []
     owner: list[int] = []  # id of the piece each merge produces
     cut: list[int] = []  # length of its left part
     for index, piece in enumerate(pieces):
         for k in range(1, len(piece)):
-            left = piece[:k]
-            if left in vocab:
-                right = piece[k:]
-                if right in vocab:
+            left = vocab.get(piece[:k])
+            if left is not None:
+                right = vocab.get(piece[k:])
+                if right is not None:
                     lefts.append(left)
                     rights.append(right)
                     owner.append(index)
@@ -357,7 +382,7 @@ def _bpe_merges(pieces: list[str], vocab: Mapping[str, int], scores: np.ndarray)
     right_len = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))[owner_ids] - left_len
     # np.lexsort sorts by the last key first.
     order = np.lexsort((owner_ids, -right_len, -left_len, -scores[owner_ids]))
-    return [(lefts[i], rights[i]) for i in order.tolist()]
+    return np.stack([np.array(lefts, dtype=np.int32), np.array(rights, dtype=np.int32)], axis=1)[order]
 
 
 # ------------------------------------------------------------------------------- SentencePiece protobuf
