@@ -195,6 +195,22 @@ static inline void q4_k_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
   }
 }
 
+/* All 8 sub-blocks' scales (d · sc_j, to `scale`) and mins (dmin · mn_j, as a vector) of one Q4_K super-block
+ * at once: the 12 scale bytes as three words u0 u1 u2, where byte j of u0 / u1 holds sc_j / mn_j (j < 4) in
+ * its low 6 bits and bits 4-5 of sc_{j+4} / mn_{j+4} in its top 2, and byte j of u2 the low 4 bits of sc_{j+4}
+ * (low nibble) and mn_{j+4} (high nibble). The same values as q4_k_scale_min, 8 at a time. */
+static inline void q4_k_scales_mins(const uint8_t *blk, float *scale, __m256 *mins) {
+  uint32_t u[3], sc[2], mn[2];
+  memcpy(u, blk + 4, 12);
+  sc[0] = u[0] & 0x3f3f3f3f;
+  mn[0] = u[1] & 0x3f3f3f3f;
+  sc[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+  mn[1] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+  __m128i s8 = _mm_set_epi32(0, 0, (int)sc[1], (int)sc[0]), m8 = _mm_set_epi32(0, 0, (int)mn[1], (int)mn[0]);
+  _mm256_storeu_ps(scale, _mm256_mul_ps(_mm256_set1_ps(f16(blk)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(s8))));
+  *mins = _mm256_mul_ps(_mm256_set1_ps(f16(blk + 2)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m8)));
+}
+
 /* Q6_K: group g (0..7) of one 256-value super-block, codes - 32. Half h = g / 4 (128 values) reads
  * ql[64h..64h+63] and qh[32h..32h+31]; run r = g % 4 of that half is
  *   r 0: low nibbles of ql[0:32]  | bits 0-1 of qh       r 1: low nibbles of ql[32:64] | bits 2-3
@@ -227,9 +243,9 @@ static inline __m256i q6_k_scales(const uint8_t *blk, int g) {
 typedef __m512i wv_t;
 typedef __m512 acc_t;
 static inline wv_t widen_w(__m256i v) { return _mm512_cvtepi8_epi16(v); }
-static inline wv_t scale_w(wv_t w, __m256i sc) { /* Q6_K: values 0-15 × the first sub-scale, 16-31 × the second */
-  return _mm512_mullo_epi16(w, _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_permute2x128_si256(sc, sc, 0x00)),
-                                                  _mm256_permute2x128_si256(sc, sc, 0x11), 1));
+/* Q6_K's two sub-scales per group as lane factors: the products' lanes 0-7 hold values 0-15, lanes 8-15 values 16-31 */
+static inline acc_t halves(float first, float second) {
+  return _mm512_insertf32x8(_mm512_set1_ps(first), _mm256_set1_ps(second), 1);
 }
 static inline acc_t acc_zero(void) { return _mm512_setzero_ps(); }
 static inline float acc_sum(acc_t a, acc_t b) { return _mm512_reduce_add_ps(_mm512_add_ps(a, b)); }
@@ -244,6 +260,17 @@ static inline __attribute__((always_inline)) void group_fma(wv_t w, float scale,
     acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(scale * x->d[m * x->G + g]), acc[m]);
   }
 }
+
+/* the same with a factor per lane (Q6_K's sub-scales) */
+static inline __attribute__((always_inline)) void group_fma_lanes(wv_t w, acc_t lanes, float scale, const act_t *x,
+                                                                  int64_t g, int M, acc_t *acc) {
+  for (int m = 0; m < M; m++) {
+    const int16_t *xq = x->q + m * x->K + g * QK;
+    __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512((const void *)xq));
+    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(lanes, _mm512_set1_ps(scale * x->d[m * x->G + g])),
+                             acc[m]);
+  }
+}
 #else
 #define QUANTS_ISA 2
 typedef w16_t wv_t;
@@ -252,11 +279,9 @@ static inline wv_t widen_w(__m256i v) { /* even and odd bytes as int16, two shif
   w16_t w = {_mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8), _mm256_srai_epi16(v, 8)};
   return w;
 }
-static inline wv_t scale_w(wv_t w, __m256i sc) {
-  w.a = _mm256_mullo_epi16(w.a, sc);
-  w.b = _mm256_mullo_epi16(w.b, sc);
-  return w;
-}
+/* Q6_K's two sub-scales per group as lane factors: with the even/odd split the products' lanes 0-3 hold values
+ * 0-15 and lanes 4-7 values 16-31 */
+static inline acc_t halves(float first, float second) { return _mm256_setr_m128(_mm_set1_ps(first), _mm_set1_ps(second)); }
 static inline acc_t acc_zero(void) { return _mm256_setzero_ps(); }
 static inline float acc_sum(acc_t a, acc_t b) { return hsum(_mm256_add_ps(a, b)); }
 
@@ -280,6 +305,18 @@ static inline __attribute__((always_inline)) void group_fma(wv_t w, float scale,
     __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w.a, _mm256_loadu_si256((const __m256i *)xq)),
                                  _mm256_madd_epi16(w.b, _mm256_loadu_si256((const __m256i *)(xq + 16))));
     acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scale * x->d[m * x->G + g]), acc[m]);
+  }
+}
+
+/* the same with a factor per lane (Q6_K's sub-scales) */
+static inline __attribute__((always_inline)) void group_fma_lanes(wv_t w, acc_t lanes, float scale, const act_t *x,
+                                                                  int64_t g, int M, acc_t *acc) {
+  for (int m = 0; m < M; m++) {
+    const int16_t *xq = x->q + m * x->K + g * QK;
+    __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w.a, _mm256_loadu_si256((const __m256i *)xq)),
+                                 _mm256_madd_epi16(w.b, _mm256_loadu_si256((const __m256i *)(xq + 16))));
+    acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(lanes, _mm256_set1_ps(scale * x->d[m * x->G + g])),
+                             acc[m]);
   }
 }
 #endif
@@ -325,22 +362,25 @@ static inline __attribute__((always_inline)) void row_dots_m(int fmt, const uint
         }
       for (; g < G; g++, row += 22) group_fma(widen_w(unpack_q5_0(row)), f16(row), x, g, M, acc);
       break;
-    case F_Q4_K:
+    case F_Q4_K: { /* the min term dmin · Σ_j mn_j · (x summed over sub-block j) as 8 lanes, one FMA a block */
+      __m256 mins[MAX_ROWS];
+      for (int m = 0; m < M; m++) mins[m] = _mm256_setzero_ps();
       for (; g < G; g += 8, row += 144) {
-        float d = f16(row), dmin = f16(row + 2);
-        for (int j = 0; j < 8; j++) {
-          int sc, mn;
-          q4_k_scale_min(row + 4, j, &sc, &mn);
-          group_fma(widen_w(unpack_q4_k(row, j)), d * (float)sc, x, g + j, M, acc);
-          for (int m = 0; m < M; m++) minus[m] += dmin * (float)mn * x->sum[m * G + g + j];
-        }
+        float scale[8];
+        __m256 mn;
+        q4_k_scales_mins(row, scale, &mn);
+        for (int j = 0; j < 8; j++) group_fma(widen_w(unpack_q4_k(row, j)), scale[j], x, g + j, M, acc);
+        for (int m = 0; m < M; m++) mins[m] = _mm256_fmadd_ps(mn, _mm256_loadu_ps(x->sum + m * G + g), mins[m]);
       }
+      for (int m = 0; m < M; m++) minus[m] = hsum(mins[m]);
       break;
+    }
     case F_Q6_K:
       for (; g < G; g += 8, row += 210) {
         float d = f16(row + 208);
         for (int j = 0; j < 8; j++) {
-          group_fma(scale_w(widen_w(unpack_q6_k(row, j)), q6_k_scales(row, j)), d, x, g + j, M, acc);
+          const int8_t *sc = (const int8_t *)(row + 192) + 2 * j; /* values 0-15 × sc[0], 16-31 × sc[1] */
+          group_fma_lanes(widen_w(unpack_q6_k(row, j)), halves((float)sc[0], (float)sc[1]), d, x, g + j, M, acc);
         }
       }
       break;
