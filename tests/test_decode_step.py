@@ -132,7 +132,8 @@ def test_a_bad_token_is_an_error_and_writes_nothing():
     model = quantized_model()
     cache = KVCache(CONFIG, 1, 16)
     model(prompt(), cache=cache, logits_to_keep=1)
-    keys = [k.clone() for k in cache.keys]
-    with pytest.raises(Gemma3Error, match="kernel error -1"):
-        FusedDecodeStep(model, cache)(512)
-    assert all(torch.equal(a, b) for a, b in zip(keys, cache.keys))
+    keys, length = [k.clone() for k in cache.keys], cache.seq_len
+    for bad in (512, -1):
+        with pytest.raises(Gemma3Error, match="outside the vocabulary"):
+            FusedDecodeStep(model, cache)(bad)
+    assert all(torch.equal(a, b) for a, b in zip(keys, cache.keys)) and cache.seq_len == length

@@ -129,6 +129,8 @@ class FusedDecodeStep:
 
     def __call__(self, token: int) -> torch.Tensor:
         cache, model = self.cache, self.model
+        if not 0 <= token < self.vocab:  # checked before the cache takes the step's slot
+            raise Gemma3Error(f"token id {token} is outside the vocabulary [0, {self.vocab})")
         positions = cache.next_positions()[:, None]  # (1, 1)
         step = cache.begin(positions)  # the cache's own bookkeeping: slot positions and the masks
         start, ring = step.start, cache.ring_size
