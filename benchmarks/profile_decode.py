@@ -3,8 +3,9 @@
     python benchmarks/profile_decode.py [--dtype bfloat16|float32] [--quantize native|none|int8|int4]
                                         [--threads 2] [--context 512] [--steps 32]
 
-Prefills `--context` tokens, then times `--steps` greedy decode steps three ways:
-    step        the whole step as generation runs it (forward with the KV cache + argmax)
+Prefills `--context` tokens, then times `--steps` greedy decode steps three ways through the modules (and, for a
+quantized model, a fourth: `fused`, the whole step in one native call, which generation uses):
+    step        the whole step through the modules (forward with the KV cache + argmax)
     matmuls     the same steps with every projection and the output head timed on its own
                 (their sum is what streaming the weights costs; the head is one matmul over the
                 262 144 × 640 tied embedding, 61% of the bytes a step reads)
@@ -64,6 +65,22 @@ def main() -> None:
             profiler.stop()
         return seconds
 
+    from gemma3.decode_step import FusedDecodeStep, reason_not_fused
+
+    fusable = reason_not_fused(model) is None
+
+    def run_fused(steps: int) -> float:
+        """Seconds per decode step through FusedDecodeStep, what generation runs for one quantized sequence."""
+        cache = KVCache(model.config, 1, args.context + steps + 4, dtype)
+        token = int(model(prompt, cache=cache, logits_to_keep=1).logits[0, -1].float().argmax())
+        fused = FusedDecodeStep(model, cache)
+        for _ in range(3):
+            token = int(fused(token).argmax())
+        start = time.perf_counter()
+        for _ in range(steps):
+            token = int(fused(token).argmax())
+        return (time.perf_counter() - start) / steps
+
     # every matrix product of a step: the layers' projections (forward) and the tied head (attend)
     patched = [(cls, "forward") for cls in (PackedLinear, QuantizedLinear)] + \
               [(cls, "attend") for cls in (PackedEmbedding, QuantizedEmbedding)]
@@ -94,10 +111,13 @@ def main() -> None:
     def restore(_fn):
         return _fn
 
-    best = {"step": float("inf"), "head": float("inf"), "layers": float("inf"), "overhead": float("inf")}
+    best = {"step": float("inf"), "head": float("inf"), "layers": float("inf"), "overhead": float("inf"),
+            "fused": float("inf")}
     with torch.inference_mode():
         for _ in range(3):  # interleaved rounds, best of each: the machine may be shared
             best["step"] = min(best["step"], run(args.steps))
+            if fusable:
+                best["fused"] = min(best["fused"], run_fused(args.steps))
             install(timing)
             run(args.steps)
             best["head"] = min(best["head"], spent["head"] / args.steps)
@@ -116,6 +136,9 @@ def main() -> None:
     print(f"  step       {step * 1e3:6.2f} ms   ({1 / step:.1f} tok/s)")
     print(f"  matmuls    {(head + layers) * 1e3:6.2f} ms   (head {head * 1e3:.2f} ms, 72 layer projections {layers * 1e3:.2f} ms)")
     print(f"  overhead   {overhead * 1e3:6.2f} ms   (step with every matmul replayed from a cache)")
+    if fusable:
+        print(f"  fused      {best['fused'] * 1e3:6.2f} ms   ({1 / best['fused']:.1f} tok/s: the whole step in one native "
+              "call, gemma3.decode_step, what generation runs for one quantized sequence)")
     print("\nbusiest ops of the overhead run (8 decode steps):")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
