@@ -195,5 +195,6 @@ def test_the_avx2_build_passes_the_kernel_tests_too(tmp_path):
     assert "AVX2; block formats AVX2" in status, status
     tests = Path(__file__).parent
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / "test_quantize.py"),
-                           str(tests / "test_decode_step.py")], env=env, capture_output=True, text=True, cwd=tests.parent)
+                           str(tests / "test_decode_step.py"), "-k", "not torch_fallback and not many_rows"],
+                          env=env, capture_output=True, text=True, cwd=tests.parent)
     assert done.returncode == 0, done.stdout[-3000:]
