@@ -137,3 +137,21 @@ def test_a_bad_token_is_an_error_and_writes_nothing():
         with pytest.raises(Gemma3Error, match="outside the vocabulary"):
             FusedDecodeStep(model, cache)(bad)
     assert all(torch.equal(a, b) for a, b in zip(keys, cache.keys)) and cache.seq_len == length
+
+
+@torch.inference_mode()
+def test_the_kernel_refuses_a_step_outside_the_cache():
+    """kernels/step.c checks the slots and key counts it is handed against every layer's cache before writing."""
+    import ctypes
+
+    from gemma3.decode_step import _Step
+
+    model = quantized_model()
+    cache = KVCache(CONFIG, 1, 16)
+    fused = FusedDecodeStep(model, cache)
+    logits = torch.empty(1, 512)
+    for slot, visible in ((4, 1), (0, 17), (-1, 1), (0, 0)):  # the ring holds 4 slots, the global layer 16
+        args = _Step()
+        args.token, args.slot[0], args.slot[1], args.visible[0], args.visible[1] = 3, slot, 0, 1, visible
+        assert fused.lib.gemma3_decode_step(ctypes.byref(fused._model), ctypes.byref(args), logits.data_ptr()) == -1
+    assert all(not k.any() for k in cache.keys)

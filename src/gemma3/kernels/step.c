@@ -107,6 +107,11 @@ static void rotate(float *x, int64_t hd, const float *cos, const float *sin, flo
 int gemma3_decode_step(const model_t *m, const step_t *s, float *logits) {
   const int64_t d = m->d, H = m->heads, KH = m->kv_heads, hd = m->head_dim, F = m->ffn, G = H / KH;
   if (s->token < 0 || s->token >= m->embed.n || m->embed.k != d || G * KH != H) return -1;
+  for (int64_t l = 0; l < m->n_layers; l++) { /* every write and read stays inside the layer's cache */
+    const layer_t *L = m->layers + l;
+    int kind = L->kind == 1;
+    if (s->slot[kind] < 0 || s->slot[kind] >= L->slots || s->visible[kind] < 1 || s->visible[kind] > L->slots) return -1;
+  }
   int64_t widest = d > H * hd ? d : H * hd;
   if (F > widest) widest = F;
   int64_t most_keys = s->visible[0] > s->visible[1] ? s->visible[0] : s->visible[1];
