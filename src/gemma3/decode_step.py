@@ -7,10 +7,10 @@ calls cost as much as a third of the step. `FusedDecodeStep` hands the whole ste
 products, norms and attention functions the modules call, in the same order, inside one OpenMP region. What
 stays in Python is what decides *what* the step does, from the model's own code: the KV cache's bookkeeping
 (`KVCache.begin`: positions, slots, masks) and the rotary tables (`model.rope`), so the fused step cannot
-drift from the model's semantics on those. Logits equal the module path's up to GELU's tanh (glibc's tanhf
-here, torch's vectorised one there: an ulp on some values); tests/test_decode_step.py measures it.
+drift from the model's semantics on those. Logits equal the module path's up to GELU (decode.c's vectorised
+form here, torch's there: an ulp or two on some values); tests/test_decode_step.py measures it.
 
-Used when it applies (`reason_not_fused(model)` says why not): every projection and the tied embedding
+Used when it applies (`reason_not_fused(model, cache)` says why not): every projection and the tied embedding
 quantized (gemma3.quantize), native kernels built, no attention soft-capping, the SDPA implementation, and
 a batch-1 fp32 KVCache on the CPU. Anything else runs the modules as before.
 """
@@ -63,8 +63,13 @@ def _qmat(module) -> _QMat:
     return _QMat(qt.data.data_ptr(), qt.format.ggml_type, qt.data.shape[1], qt.shape[0], qt.shape[1])
 
 
-def reason_not_fused(model) -> str | None:
-    """None when `FusedDecodeStep` can run this model's decode steps, else why not (one line)."""
+def reason_not_fused(model, cache: KVCache | None = None) -> str | None:
+    """None when `FusedDecodeStep` can run this model's decode steps (over `cache`, when given), else why not
+    (one line)."""
+    if cache is not None and (type(cache) is not KVCache or cache.batch_size != 1 or any(
+            k.dtype != torch.float32 or k.device.type != "cpu" or not k.is_contiguous()
+            for k in cache.keys + cache.values)):
+        return "the KV cache is not a batch-1 fp32 KVCache on the CPU"
     if kernels.library() is None:
         return f"no native kernels ({kernels.status()})"
     if not isinstance(model.embed_tokens, QuantizedEmbedding):
@@ -95,12 +100,9 @@ class FusedDecodeStep:
     not change the model (or swap its modules) while it is in use. The norm gains are taken at build time."""
 
     def __init__(self, model, cache: KVCache):
-        why = reason_not_fused(model)
+        why = reason_not_fused(model, cache)
         if why is not None:
-            raise Gemma3Error(f"the fused decode step cannot run this model: {why}")
-        if cache.batch_size != 1 or any(k.dtype != torch.float32 or k.device.type != "cpu" or not k.is_contiguous()
-                                        for k in cache.keys + cache.values):
-            raise Gemma3Error("the fused decode step needs a batch-1 fp32 KV cache on the CPU")
+            raise Gemma3Error(f"the fused decode step cannot run here: {why}")
         self.model, self.cache, self.lib = model, cache, kernels.library()
         config = model.config
         self._keep = []  # tensors whose memory the structures point into

@@ -184,12 +184,11 @@ class _Run:
 
     def _fused_step(self):
         """The decode step in one native call (gemma3.decode_step) where it applies, else None."""
-        if not self.gen.fuse_steps or len(self.prompt_ids) != 1 or type(self.cache) is not KVCache:
+        if not self.gen.fuse_steps:
             return None
         from gemma3.decode_step import FusedDecodeStep, reason_not_fused
 
-        if reason_not_fused(self.gen.model) is not None or self.cache.keys[0].dtype != torch.float32 \
-                or self.cache.keys[0].device.type != "cpu":
+        if reason_not_fused(self.gen.model, self.cache) is not None:
             return None
         return FusedDecodeStep(self.gen.model, self.cache)
 
