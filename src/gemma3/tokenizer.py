@@ -259,8 +259,9 @@ def _build_cached(pieces: list[str], scores: Any, types: Any, source: str) -> _B
                     if merges.dtype == np.int32 and merges.ndim == 2 and merges.shape[1] == 2 and (
                             merges.size == 0 or (merges.min() >= 0 and merges.max() < len(pieces))):
                         return _build(pieces, scores, types, source, merges)
-    merges = _checked_merges(pieces, scores, types, source)
-    backend = _build(pieces, scores, types, source, merges)
+    scores, types, vocab = _checked(pieces, scores, types, source)
+    merges = _derived_merges(pieces, vocab, scores, types)
+    backend = _assemble(pieces, vocab, types, merges)
     with contextlib.suppress(OSError):
         from gemma3.files import temp_path
 
@@ -306,8 +307,7 @@ def _checked(pieces: list[str], scores: Any, types: Any, source: str) -> tuple[n
     return scores, types, vocab
 
 
-def _checked_merges(pieces: list[str], scores: Any, types: Any, source: str) -> np.ndarray:
-    scores, types, vocab = _checked(pieces, scores, types, source)
+def _derived_merges(pieces: list[str], vocab: Mapping[str, int], scores: np.ndarray, types: np.ndarray) -> np.ndarray:
     # SentencePiece gives every non-NORMAL piece score 0.0, which ranks their merges first.
     with _gc_paused():
         return _bpe_merges(pieces, vocab, np.where(types == NORMAL, scores, 0.0))
@@ -320,8 +320,11 @@ def _build(pieces: list[str], scores: Any, types: Any, source: str, merges: np.n
     This is what `transformers`' `GemmaConverter` does to a `tokenizer.model`, minus the detour through
     `sentencepiece` and protobuf, and with the special flags of the published file."""
     scores, types, vocab = _checked(pieces, scores, types, source)
-    if merges is None:
-        merges = _checked_merges(pieces, scores, types, source)
+    return _assemble(pieces, vocab, types, _derived_merges(pieces, vocab, scores, types) if merges is None else merges)
+
+
+def _assemble(pieces: list[str], vocab: dict[str, int], types: np.ndarray, merges: np.ndarray) -> _Backend:
+    """The HF tokenizer from checked vocab arrays and their merges (piece-id pairs)."""
     with _gc_paused():
         pairs = [(pieces[a], pieces[b]) for a, b in merges.tolist()]
         backend = _Backend(models.BPE(vocab=vocab, merges=pairs, unk_token="<unk>", fuse_unk=True,
