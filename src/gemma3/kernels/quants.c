@@ -184,21 +184,10 @@ static inline __m256i unpack_q4_k(const uint8_t *blk, int j) {
   return _mm256_and_si256(v, _mm256_set1_epi8(15));
 }
 
-/* Q4_K's 6-bit scale and min of sub-block j (ggml's get_scale_min_k4). */
-static inline void q4_k_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
-  if (j < 4) {
-    *sc = s[j] & 63;
-    *mn = s[j + 4] & 63;
-  } else {
-    *sc = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
-    *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-  }
-}
-
 /* All 8 sub-blocks' scales (d · sc_j, to `scale`) and mins (dmin · mn_j, as a vector) of one Q4_K super-block
  * at once: the 12 scale bytes as three words u0 u1 u2, where byte j of u0 / u1 holds sc_j / mn_j (j < 4) in
  * its low 6 bits and bits 4-5 of sc_{j+4} / mn_{j+4} in its top 2, and byte j of u2 the low 4 bits of sc_{j+4}
- * (low nibble) and mn_{j+4} (high nibble). The same values as q4_k_scale_min, 8 at a time. */
+ * (low nibble) and mn_{j+4} (high nibble) — ggml's get_scale_min_k4, 8 sub-blocks at a time. */
 static inline void q4_k_scales_mins(const uint8_t *blk, float *scale, __m256 *mins) {
   uint32_t u[3], sc[2], mn[2];
   memcpy(u, blk + 4, 12);
@@ -251,26 +240,13 @@ static inline acc_t acc_zero(void) { return _mm512_setzero_ps(); }
 static inline float acc_sum(acc_t a, acc_t b) { return _mm512_reduce_add_ps(_mm512_add_ps(a, b)); }
 static void order_codes(int16_t *q, int64_t K) { (void)q; (void)K; } /* value order, as widen_w gives */
 
-/* acc[m] += (Σ over the group of w · x_m) · scale · x_m's block scale, for every row m. */
-static inline __attribute__((always_inline)) void group_fma(wv_t w, float scale, const act_t *x, int64_t g,
-                                                            int M, acc_t *acc) {
-  for (int m = 0; m < M; m++) {
-    const int16_t *xq = x->q + m * x->K + g * QK;
-    __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512((const void *)xq));
-    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(scale * x->d[m * x->G + g]), acc[m]);
-  }
+/* Σ over the group of w · x's codes, exact in int32 lanes, as floats */
+static inline acc_t group_sum(wv_t w, const int16_t *xq) {
+  return _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512((const void *)xq)));
 }
-
-/* the same with a factor per lane (Q6_K's sub-scales) */
-static inline __attribute__((always_inline)) void group_fma_lanes(wv_t w, acc_t lanes, float scale, const act_t *x,
-                                                                  int64_t g, int M, acc_t *acc) {
-  for (int m = 0; m < M; m++) {
-    const int16_t *xq = x->q + m * x->K + g * QK;
-    __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512((const void *)xq));
-    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(lanes, _mm512_set1_ps(scale * x->d[m * x->G + g])),
-                             acc[m]);
-  }
-}
+static inline acc_t acc_set1(float v) { return _mm512_set1_ps(v); }
+static inline acc_t acc_mul(acc_t a, acc_t b) { return _mm512_mul_ps(a, b); }
+static inline acc_t acc_fma(acc_t a, acc_t b, acc_t c) { return _mm512_fmadd_ps(a, b, c); }
 #else
 #define QUANTS_ISA 2
 typedef w16_t wv_t;
@@ -297,31 +273,32 @@ static void order_codes(int16_t *q, int64_t K) {
   }
 }
 
+/* Σ over the group of w · x's codes, exact in int32 lanes, as floats */
+static inline acc_t group_sum(wv_t w, const int16_t *xq) {
+  return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(w.a, _mm256_loadu_si256((const __m256i *)xq)),
+                                             _mm256_madd_epi16(w.b, _mm256_loadu_si256((const __m256i *)(xq + 16)))));
+}
+static inline acc_t acc_set1(float v) { return _mm256_set1_ps(v); }
+static inline acc_t acc_mul(acc_t a, acc_t b) { return _mm256_mul_ps(a, b); }
+static inline acc_t acc_fma(acc_t a, acc_t b, acc_t c) { return _mm256_fmadd_ps(a, b, c); }
+#endif
+
+int gemma3_q_isa(void) { return QUANTS_ISA; }
+
 /* acc[m] += (Σ over the group of w · x_m) · scale · x_m's block scale, for every row m. */
 static inline __attribute__((always_inline)) void group_fma(wv_t w, float scale, const act_t *x, int64_t g,
                                                             int M, acc_t *acc) {
-  for (int m = 0; m < M; m++) {
-    const int16_t *xq = x->q + m * x->K + g * QK;
-    __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w.a, _mm256_loadu_si256((const __m256i *)xq)),
-                                 _mm256_madd_epi16(w.b, _mm256_loadu_si256((const __m256i *)(xq + 16))));
-    acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scale * x->d[m * x->G + g]), acc[m]);
-  }
+  for (int m = 0; m < M; m++)
+    acc[m] = acc_fma(group_sum(w, x->q + m * x->K + g * QK), acc_set1(scale * x->d[m * x->G + g]), acc[m]);
 }
 
 /* the same with a factor per lane (Q6_K's sub-scales) */
 static inline __attribute__((always_inline)) void group_fma_lanes(wv_t w, acc_t lanes, float scale, const act_t *x,
                                                                   int64_t g, int M, acc_t *acc) {
-  for (int m = 0; m < M; m++) {
-    const int16_t *xq = x->q + m * x->K + g * QK;
-    __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w.a, _mm256_loadu_si256((const __m256i *)xq)),
-                                 _mm256_madd_epi16(w.b, _mm256_loadu_si256((const __m256i *)(xq + 16))));
-    acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(lanes, _mm256_set1_ps(scale * x->d[m * x->G + g])),
-                             acc[m]);
-  }
+  for (int m = 0; m < M; m++)
+    acc[m] = acc_fma(group_sum(w, x->q + m * x->K + g * QK), acc_mul(lanes, acc_set1(scale * x->d[m * x->G + g])),
+                     acc[m]);
 }
-#endif
-
-int gemma3_q_isa(void) { return QUANTS_ISA; }
 
 /* out[m] = row · x_m for one row of W in format fmt, M rows of x. `M` is a constant at each call site
  * (see row_dots), so the loops over rows unroll and the accumulators stay in registers. */
@@ -529,12 +506,11 @@ static void dequantize_row(int fmt, const uint8_t *row, int64_t K, float *out) {
       break;
     case F_Q4_K:
       for (int64_t g = 0; g < G; g += 8, row += 144) {
-        float d = f16(row), dmin = f16(row + 2);
-        for (int j = 0; j < 8; j++) {
-          int sc, mn;
-          q4_k_scale_min(row + 4, j, &sc, &mn);
-          store_group(out + (g + j) * QK, widen_32(unpack_q4_k(row, j)), d * (float)sc, dmin * (float)mn);
-        }
+        float scale[8], minus[8];
+        __m256 mins;
+        q4_k_scales_mins(row, scale, &mins);
+        _mm256_storeu_ps(minus, mins);
+        for (int j = 0; j < 8; j++) store_group(out + (g + j) * QK, widen_32(unpack_q4_k(row, j)), scale[j], minus[j]);
       }
       break;
     case F_Q6_K:
