@@ -102,6 +102,12 @@ static void rotate(float *x, int64_t hd, const float *cos, const float *sin, flo
   memcpy(x, tmp, (size_t)hd * sizeof(float));
 }
 
+/* The residual add after a sandwich norm: x += rms_norm(o) · gain (o normalised in place). */
+static void add_normed(float *x, float *o, const float *gain, int64_t d, float eps) {
+  gemma3_rms_norm(o, gain, 1, d, eps, o);
+  for (int64_t i = 0; i < d; i++) x[i] = x[i] + o[i];
+}
+
 /* logits (embed.n) for `s.token` at the step's position. Returns 0, -1 for a bad token or shape, -2 when out
  * of memory (nothing written to the cache then). */
 int gemma3_decode_step(const model_t *m, const step_t *s, float *logits) {
@@ -180,8 +186,7 @@ int gemma3_decode_step(const model_t *m, const step_t *s, float *logits) {
 #pragma omp barrier
 #pragma omp single
       {
-        gemma3_rms_norm(o, L->post_attn_norm, 1, d, m->eps, o);
-        for (int64_t i = 0; i < d; i++) x[i] = x[i] + o[i];
+        add_normed(x, o, L->post_attn_norm, d, m->eps);
         gemma3_rms_norm(x, L->pre_ffn_norm, 1, d, m->eps, h);
         gemma3_q_act_prepare(h, 1, d, act);
       }
@@ -198,8 +203,7 @@ int gemma3_decode_step(const model_t *m, const step_t *s, float *logits) {
 #pragma omp barrier
 #pragma omp single
       {
-        gemma3_rms_norm(o, L->post_ffn_norm, 1, d, m->eps, o);
-        for (int64_t i = 0; i < d; i++) x[i] = x[i] + o[i];
+        add_normed(x, o, L->post_ffn_norm, d, m->eps);
       }
     }
 #pragma omp single
