@@ -98,13 +98,14 @@ def test_gguf_export_of_the_embedded_model_names_it():
 def test_llama_cpp_chat_gets_the_same_prompt_tokens_as_ours(tiny_hf_dir, tmp_path):
     """llama.cpp's chat completion on our exported GGUF formats the conversation with the template we wrote
     (before, without tokenizer.chat_template, it fell back to another format and answered junk)."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it builds for 10-25 "
-                                                        "min, so CI leaves it out; the benchmarks install it)")
     from gemma3.chat import render_chat
     from gemma3.tokenizer import Tokenizer
+    from reference import llama_cpp_model
 
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it builds for 10-25 min, so CI "
+                                            "leaves it out; the benchmarks install it)")
     path = convert(str(tiny_hf_dir), tmp_path / "tiny.gguf", to="gguf", gguf_type="F32", progress=False)
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False, n_threads=1)
+    llm = llama_cpp_model(path, n_ctx=64, n_threads=1)
     seen = []
     generate = llm.generate
 
@@ -153,9 +154,9 @@ def test_quantized_gguf_export_runs_in_its_own_blocks_here_and_in_llama_cpp(smal
         ours, reference = native(ids).logits[0], exact(ids).logits[0]
     # the kernel rounds activations to int16 per 32 values: ~1e-4 of the largest logit at most on random weights
     torch.testing.assert_close(ours, reference, rtol=1e-3, atol=5e-4 * reference.abs().max().item())
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it builds for 10-25 "
-                                                        "min, so CI leaves it out; the benchmarks install it)")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False, n_threads=1, logits_all=True)
+    from reference import llama_cpp_model
+
+    llm = llama_cpp_model(path, n_ctx=64, n_threads=1, logits_all=True)
     llm.eval(ids[0].tolist())
     theirs = torch.tensor(llm.scores[:ids.shape[1]])
     # llama.cpp rounds activations to int8 per block (and keeps its KV cache in f16): close, not equal
