@@ -1,7 +1,9 @@
 """Tokenizer: the same ids as the official Gemma 3 tokenizer.json from every source (the json itself, the real
 270M GGUF, a SentencePiece tokenizer.model), a byte-identical rebuild, decoding, BOS once, and bad input.
 
-The reference is HF `tokenizers` running the official tokenizer.json. Each tokenizer is built once per module."""
+The reference is HF `tokenizers` running the official tokenizer.json. Each tokenizer is built once per module.
+A GGUF or tokenizer.model runs on our C BPE engine (gemma3.bpe) by default; "gguf_hf" / "gguf_cached" are the same
+GGUF on the HF `tokenizers` engine (the fallback where nothing compiles), built into an empty cache and read back."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from tokenizer_corpus import corpus
 
 OFFICIAL_SHA256 = "4667f2089529e8e7657cfb6d1c19910ae71ff5f28aa7ab2ff2763330affad795"
 CORPUS = corpus(seed=0)
-SOURCES = ["json", "gguf", "gguf_cached", "sentencepiece"]
+SOURCES = ["json", "gguf", "gguf_hf", "gguf_cached", "sentencepiece"]
 
 
 # --- a tokenizer.model written from the GGUF arrays --------------------------------------------------------------
@@ -101,16 +103,22 @@ def sentencepiece_file(tmp_path_factory, gguf_metadata) -> Path:
 
 @pytest.fixture(scope="module")
 def built(official_tokenizer, gguf_path, sentencepiece_file, tmp_path_factory) -> dict[str, Tokenizer]:
-    """Every source; "gguf" is rebuilt into an empty cache, "gguf_cached" is the same GGUF read back from it."""
+    """Every source; "gguf_hf" is rebuilt into an empty cache, "gguf_cached" is the same GGUF read back from it.
+    The native engine keeps no cache (it derives the merges in ~0.2 s)."""
     cache = tmp_path_factory.mktemp("tokenizer_cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GEMMA3_TOKENIZER_CACHE", str(cache))
-        rebuilt = Tokenizer.from_gguf(gguf_path)
-        assert len(list(cache.iterdir())) == 1
-        cached = Tokenizer.from_gguf(gguf_path)
+        native = Tokenizer.from_gguf(gguf_path)
         sentencepiece = Tokenizer.from_sentencepiece(sentencepiece_file)
-    return {"json": Tokenizer.from_file(official_tokenizer / "tokenizer.json"), "gguf": rebuilt,
-            "gguf_cached": cached, "sentencepiece": sentencepiece}
+        assert not list(cache.iterdir())
+        rebuilt = Tokenizer.from_gguf(gguf_path, engine="hf")
+        assert len(list(cache.iterdir())) == 1
+        cached = Tokenizer.from_gguf(gguf_path, engine="hf")
+    built = {"json": Tokenizer.from_file(official_tokenizer / "tokenizer.json"), "gguf": native, "gguf_hf": rebuilt,
+             "gguf_cached": cached, "sentencepiece": sentencepiece}
+    assert {name: t.engine for name, t in built.items()} == {
+        "json": "hf", "gguf": "native", "gguf_hf": "hf", "gguf_cached": "hf", "sentencepiece": "native"}
+    return built
 
 
 # --- exactness -------------------------------------------------------------------------------------------------
@@ -138,7 +146,7 @@ def test_ids_match_the_official_tokenizer(built, reference, source):
             assert tokenizer.encode(text) == reference.encode(text).ids, text
 
 
-@pytest.mark.parametrize("source", ["gguf", "gguf_cached", "sentencepiece"])
+@pytest.mark.parametrize("source", ["gguf", "gguf_hf", "gguf_cached", "sentencepiece"])
 def test_rebuild_is_byte_identical_to_the_official_file(built, tmp_path, source):
     out = tmp_path / "tokenizer.json"
     built[source].save(out)
@@ -149,6 +157,54 @@ def test_rebuild_is_byte_identical_to_the_official_file(built, tmp_path, source)
 @given(text=st.text(max_size=80))
 def test_any_text_matches_the_official_tokenizer(built, reference, text):
     assert built["gguf"].encode(text, add_bos=False) == reference.encode(text, add_special_tokens=False).ids
+
+
+# Pieces that make the engines' hard paths meet: added tokens next to and inside text (leftmost-longest
+# matching, `<unused1>` vs `<unused12>`), runs of spaces (user-defined `▁` runs ranked first), `▁` itself,
+# byte fallback, and partial special-token text.
+FRAGMENTS = ["<start_of_turn>", "<end_of_turn>", "<bos>", "<unused1>", "<unused12>", "<unused", "start_of_turn>",
+             "<", ">", " ", "  ", "    ", "\n", "\n\n", "\t", "\u2581", "\u2581\u2581", "a", "the", "The", "return",
+             "def", "ing", "天", "👍🏽", "\U000e0061", "\x00", "\x7f", "é", "e\u0301", "<0x41>", "12", "3.5", "-", "_"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=st.lists(st.sampled_from(FRAGMENTS), max_size=40))
+def test_fragment_soups_match_the_official_tokenizer(built, reference, parts):
+    text = "".join(parts)
+    assert built["gguf"].encode(text, add_bos=False) == reference.encode(text, add_special_tokens=False).ids
+
+
+def test_native_merges_are_the_python_derivation(built, gguf_metadata):
+    """bpe.c's split search + `rank_merges` give the merge list `_bpe_merges` (the HF engine's, in Python) gives,
+    in the same order."""
+    from gemma3.tokenizer import _bpe_merges, _checked
+
+    pieces = [p.replace(" ", "▁") for p in gguf_metadata["tokenizer.ggml.tokens"]]
+    scores, types, vocab = _checked(pieces, gguf_metadata["tokenizer.ggml.scores"],
+                                    gguf_metadata["tokenizer.ggml.token_type"], "gguf")
+    expected = _bpe_merges(pieces, vocab, np.where(types == NORMAL, scores, 0.0))
+    np.testing.assert_array_equal(built["gguf"]._engine.merges(), expected)
+    assert expected.shape == (514_906, 2)
+
+
+def test_engine_choice(gguf_metadata, monkeypatch):
+    from gemma3 import bpe
+
+    with pytest.raises(ValueError, match="engine must be one of"):
+        Tokenizer.from_gguf_metadata(gguf_metadata, engine="rust")
+    monkeypatch.setattr(bpe, "library", lambda: None)  # as where nothing compiles
+    with pytest.raises(Gemma3Error, match="native tokenizer engine is unavailable"):
+        Tokenizer.from_gguf_metadata(gguf_metadata, engine="native")
+    assert Tokenizer.from_gguf_metadata(gguf_metadata).engine == "hf"  # auto falls back
+
+
+@pytest.mark.parametrize("source", ["gguf", "json"])
+def test_text_that_is_not_unicode(built, source):
+    """A lone surrogate (what `open(..., errors="surrogateescape")` makes of bad bytes) cannot be UTF-8."""
+    with pytest.raises((Gemma3Error, TypeError)):
+        built[source].encode("ab\ud800c")
+    with pytest.raises(TypeError):
+        built[source].encode(b"bytes")
 
 
 def test_whitespace_runs_and_indentation(built):
@@ -300,12 +356,13 @@ def test_corrupt_tokenizer_model_fails_cleanly(tmp_path_factory, data):
 
 
 
-def test_bad_gguf_metadata():
+@pytest.mark.parametrize("engine", ["auto", "hf"])
+def test_bad_gguf_metadata(engine):
     pieces, scores, types = tiny_vocab()
     good = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": pieces,
             "tokenizer.ggml.scores": np.array(scores, dtype=np.float32),
             "tokenizer.ggml.token_type": np.array(types, dtype=np.int32)}
-    assert Tokenizer.from_gguf_metadata(good).encode("ab ab", add_bos=False) == [11, 13]
+    assert Tokenizer.from_gguf_metadata(good, engine=engine).encode("ab ab", add_bos=False) == [11, 13]
     cases = {"'gpt2'": {"tokenizer.ggml.model": "gpt2"},
              "no tokenizer.ggml.scores": {"tokenizer.ggml.scores": None},
              "disagree in length": {"tokenizer.ggml.token_type": np.array(types[:-1], dtype=np.int32)},
@@ -318,13 +375,13 @@ def test_bad_gguf_metadata():
         metadata = {**good, **change}
         metadata = {k: v for k, v in metadata.items() if v is not None}
         with pytest.raises(CheckpointError, match=f"model.gguf: .*{message}"):
-            Tokenizer.from_gguf_metadata(metadata, source="model.gguf")
+            Tokenizer.from_gguf_metadata(metadata, source="model.gguf", engine=engine)
 
 
 def test_tokenizer_cache_is_used_only_when_it_is_ours_and_sound(gguf_metadata, tmp_path, monkeypatch):
     """A rebuilt tokenizer is kept under a hash of what it was built from; a cached file that is corrupt, names
     other pieces, or is writable by others is not used (it is rebuilt and replaced); GEMMA3_TOKENIZER_CACHE=0
-    writes nothing."""
+    writes nothing. (Only the HF engine keeps one: the native engine derives the merges in ~0.2 s.)"""
     import os
 
     from gemma3 import tokenizer as tokenizer_module
@@ -336,11 +393,11 @@ def test_tokenizer_cache_is_used_only_when_it_is_ours_and_sound(gguf_metadata, t
     stale = tmp_path / ("0" * 32 + "." + "1" * 16 + ".json")  # what the cache kept before (format 1)
     stale.write_text("{}")
     os.chmod(stale, 0o600)
-    first = Tokenizer.from_gguf_metadata(gguf_metadata)
+    first = Tokenizer.from_gguf_metadata(gguf_metadata, engine="hf")
     assert not stale.exists()  # removed once the new entry is written
     (cached,) = tmp_path.iterdir()
     assert builds == [1] and oct(cached.stat().st_mode & 0o777) == "0o600"
-    second = Tokenizer.from_gguf_metadata(gguf_metadata)
+    second = Tokenizer.from_gguf_metadata(gguf_metadata, engine="hf")
     assert builds == [1] and second.encode("Hello  world\n\tdef") == first.encode("Hello  world\n\tdef")
 
     for spoil in ("corrupt", "ids out of range", "a pickle", "world-writable"):
@@ -364,7 +421,7 @@ def test_tokenizer_cache_is_used_only_when_it_is_ours_and_sound(gguf_metadata, t
             os.chmod(cached, 0o600)
         else:
             os.chmod(cached, 0o666)
-        again = Tokenizer.from_gguf_metadata(gguf_metadata)
+        again = Tokenizer.from_gguf_metadata(gguf_metadata, engine="hf")
         assert again.encode("Hello world") == first.encode("Hello world")
         assert len(builds) >= 2, spoil
         builds.clear()
@@ -372,5 +429,5 @@ def test_tokenizer_cache_is_used_only_when_it_is_ours_and_sound(gguf_metadata, t
 
     monkeypatch.setenv("GEMMA3_TOKENIZER_CACHE", "0")
     cached.unlink()
-    Tokenizer.from_gguf_metadata(gguf_metadata)
+    Tokenizer.from_gguf_metadata(gguf_metadata, engine="hf")
     assert not list(tmp_path.iterdir())

@@ -58,7 +58,7 @@ def engine_tokenizer(tokenizer, stop_ids: tuple[int, ...] = ()):
         cached = _llg_tokenizers.get(key)
         if cached is None or cached[0] is not tokenizer:
             eos = list(dict.fromkeys([tokenizer.eos_id, tokenizer.end_of_turn_id, *stop_ids]))
-            llt = llg.LLTokenizer(tokenizer._backend.to_str(), n_vocab=len(tokenizer), eos_token=eos)
+            llt = llg.LLTokenizer(tokenizer.to_json(), n_vocab=len(tokenizer), eos_token=eos)
             cached = _llg_tokenizers[key] = (tokenizer, llt)
     return cached[1]
 

@@ -1,4 +1,4 @@
-"""The Gemma 3 tokenizer: SentencePiece BPE with byte fallback, run by HF `tokenizers`.
+"""The Gemma 3 tokenizer: SentencePiece BPE with byte fallback.
 
 One `Tokenizer` class, three sources, the same ids from each:
 
@@ -18,6 +18,11 @@ What an exact rebuild from GGUF has to undo (spec §12, pitfall 24):
   transformers' GGUF loader does) splits every run of 32+ spaces differently.
 * Which added tokens are `special` (skipped by `decode(skip_special_tokens=True)`) is not recorded;
   the official file marks the nine in `SPECIAL_TOKENS`.
+
+Two engines run it, with the same ids: our BPE in C (`gemma3.bpe`, ~20 MB, built in ~0.1 s) for a GGUF or a
+tokenizer.model wherever the kernels compile; HF `tokenizers` (~95 MB, ~1 s to build, with the derived merges
+cached on disk) for an HF tokenizer.json, which it loads as it is, and where nothing compiles. `engine=` on
+the constructors chooses; `Tokenizer.engine` says which runs.
 
 BOS policy (pitfall 19: Gemma wants exactly one `<bos>`): `encode(text, add_bos=True)` prepends `<bos>`
 unless the text already starts with one. Text that spells a control token (`"<start_of_turn>"`,
@@ -40,6 +45,7 @@ import numpy as np
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
 
+from gemma3.bpe import _byte_value
 from gemma3.errors import CheckpointError, Gemma3Error
 
 # SentencePiece piece types (sentencepiece_model.proto); GGUF's `tokenizer.ggml.token_type` uses the same codes.
@@ -55,16 +61,51 @@ SPECIAL_TOKENS = frozenset({"<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>
 MAX_SENTENCEPIECE_BYTES = 64 << 20  # Gemma 3's tokenizer.model is ~4.5 MiB
 
 
-class Tokenizer:
-    """Text <-> Gemma 3 token ids. Build it with `from_file`, `from_gguf`, `from_sentencepiece` or `from_dir`."""
+ENGINES = ("auto", "native", "hf")
 
-    def __init__(self, backend: _Backend, source: str = "tokenizer"):
-        self._backend = backend
-        self.source = source
+
+class _HFEngine:
+    """HF `tokenizers` behind the interface `gemma3.bpe.NativeBPE` has."""
+
+    name = "hf"
+
+    def __init__(self, backend: _Backend):
+        self.backend = backend
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.special_ids = frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:  # the Rust engine spreads them over threads
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, index: int) -> str:
+        return self.backend.id_to_token(index)
+
+    def token_to_id(self, piece: str) -> int | None:
+        return self.backend.token_to_id(piece)
+
+    def to_json(self) -> str:
+        return self.backend.to_str(pretty=True)
+
+
+class Tokenizer:
+    """Text <-> Gemma 3 token ids. Build it with `from_file`, `from_gguf`, `from_sentencepiece` or `from_dir`.
+
+    `Tokenizer(backend)` wraps an HF `tokenizers.Tokenizer` (or an engine of this module's own)."""
+
+    def __init__(self, backend: Any, source: str = "tokenizer"):
+        self._engine = _HFEngine(backend) if isinstance(backend, _Backend) else backend
+        self.engine = self._engine.name
+        self.source = source
+        self.vocab_size = self._engine.vocab_size
 
         def require(piece: str) -> int:
-            index = backend.token_to_id(piece)
+            index = self._engine.token_to_id(piece)
             if index is None:
                 raise CheckpointError(f"{source}: not a Gemma 3 tokenizer (no {piece} token)")
             return index
@@ -75,7 +116,7 @@ class Tokenizer:
         self.start_of_turn_id = require("<start_of_turn>")
         self.end_of_turn_id = require("<end_of_turn>")
         # What decode(skip_special_tokens=True) drops; a streaming detokenizer needs the same set.
-        self.special_ids = frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
+        self.special_ids = self._engine.special_ids
 
     # ------------------------------------------------------------------------------------------- sources
     @classmethod
@@ -94,15 +135,16 @@ class Tokenizer:
         return cls(backend, str(path))
 
     @classmethod
-    def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
+    def from_gguf(cls, path: str | os.PathLike, engine: str = "auto") -> Tokenizer:
         """Rebuild the official tokenizer from the `tokenizer.ggml.*` metadata of a GGUF file."""
         # Imported here so that using the tokenizer does not pay for importing torch.
         from gemma3.weights.gguf import read_gguf_metadata
 
-        return cls.from_gguf_metadata(read_gguf_metadata(path), source=str(path))
+        return cls.from_gguf_metadata(read_gguf_metadata(path), source=str(path), engine=engine)
 
     @classmethod
-    def from_gguf_metadata(cls, metadata: Mapping[str, Any], source: str = "GGUF metadata") -> Tokenizer:
+    def from_gguf_metadata(cls, metadata: Mapping[str, Any], source: str = "GGUF metadata",
+                           engine: str = "auto") -> Tokenizer:
         """Rebuild the official tokenizer from GGUF metadata already read (`tokenizer.ggml.*` keys)."""
         model = metadata.get("tokenizer.ggml.model")
         if model != "llama":
@@ -114,28 +156,31 @@ class Tokenizer:
             types = metadata["tokenizer.ggml.token_type"]
         except KeyError as e:
             raise CheckpointError(f"{source}: no {e.args[0]} in the metadata") from None
-        if not isinstance(pieces, list) or not all(isinstance(p, str) for p in pieces):
-            raise CheckpointError(f"{source}: tokenizer.ggml.tokens is not a list of strings")
         # Spaces back to `▁`: no SentencePiece piece holds a real space, the normalizer replaced them all.
         # (The other llama.cpp edit, -1000 scores, is undone in `_build`.)
-        pieces = [p.replace(" ", "▁") for p in pieces]
-        return cls(_build_cached(pieces, scores, types, source), source)
+        try:
+            pieces = [p.replace(" ", "▁") if " " in p else p for p in pieces] if isinstance(pieces, list) else None
+        except TypeError:  # `" " in p` of a non-string
+            pieces = None
+        if pieces is None or set(map(type, pieces)) - {str}:
+            raise CheckpointError(f"{source}: tokenizer.ggml.tokens is not a list of strings")
+        return cls(_engine_for(pieces, scores, types, source, engine), source)
 
     @classmethod
-    def from_sentencepiece(cls, path: str | os.PathLike) -> Tokenizer:
+    def from_sentencepiece(cls, path: str | os.PathLike, engine: str = "auto") -> Tokenizer:
         """Build the official tokenizer from a SentencePiece `tokenizer.model` (BPE, as Gemma 3 ships it)."""
         path = Path(path)
         pieces, scores, types = _read_sentencepiece_model(path)
-        return cls(_build_cached(pieces, scores, types, str(path)), str(path))
+        return cls(_engine_for(pieces, scores, types, str(path), engine), str(path))
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike) -> Tokenizer:
+    def from_dir(cls, path: str | os.PathLike, engine: str = "auto") -> Tokenizer:
         """Load a checkpoint directory's `tokenizer.json`, or its `tokenizer.model` when there is no json."""
         path = Path(path)
         if (path / "tokenizer.json").is_file():
             return cls.from_file(path / "tokenizer.json")
         if (path / "tokenizer.model").is_file():
-            return cls.from_sentencepiece(path / "tokenizer.model")
+            return cls.from_sentencepiece(path / "tokenizer.model", engine=engine)
         raise CheckpointError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
 
     def save(self, path: str | os.PathLike) -> None:
@@ -147,42 +192,42 @@ class Tokenizer:
         path = Path(path)
         tmp = temp_path(path)
         try:
-            tmp.write_bytes(self._backend.to_str(pretty=True).encode("utf-8"))  # no newline translation
+            tmp.write_bytes(self.to_json().encode("utf-8"))  # no newline translation
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
 
+    def to_json(self) -> str:
+        """The tokenizer as HF's `tokenizer.json` text (for `save`, and for libraries that take the file, such as
+        llguidance). With the native engine, the HF form is built for this (~1 s) and not kept."""
+        return self._engine.to_json()
+
     # -------------------------------------------------------------------------------------- text <-> ids
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of `text`, with one leading `<bos>` if `add_bos` (none added if the text starts with one)."""
-        ids = self._backend.encode(text, add_special_tokens=False).ids
+        ids = self._engine.encode(text)
         return self._with_bos(ids) if add_bos else ids
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool = True) -> list[list[int]]:
-        """`encode` over many texts at once (the Rust engine spreads them over threads)."""
-        encodings = self._backend.encode_batch(list(texts), add_special_tokens=False)
-        return [self._with_bos(e.ids) if add_bos else e.ids for e in encodings]
+        """`encode` over many texts."""
+        return [self._with_bos(ids) if add_bos else ids for ids in self._engine.encode_batch(texts)]
 
     def _with_bos(self, ids: list[int]) -> list[int]:
         return ids if ids[:1] == [self.bos_id] else [self.bos_id, *ids]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`. Byte tokens that do not form valid UTF-8 come out as U+FFFD, one per byte token."""
-        return self._backend.decode(self._checked(ids), skip_special_tokens=skip_special_tokens)
+        return self._engine.decode(self._checked(ids), skip_special_tokens=skip_special_tokens)
 
     def token_bytes(self, index: int) -> bytes:
         """The exact bytes token `index` contributes to decoded text: `▁` -> space, `<0xNN>` -> that one byte,
         added and special tokens -> their text. Joining these and decoding the result incrementally lets a
         streaming detokenizer hold back half a UTF-8 character instead of printing U+FFFD."""
         (index,) = self._checked([index])
-        piece = self._backend.id_to_token(index)
+        piece = self._engine.id_to_token(index)
         # The same rule as the `ByteFallback` decoder: any piece spelled <0xNN> is one raw byte.
-        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-            try:
-                return bytes([int(piece[3:5], 16)])
-            except ValueError:
-                pass
-        return piece.replace("▁", " ").encode("utf-8")
+        value = _byte_value(piece.encode("utf-8"))
+        return piece.replace("▁", " ").encode("utf-8") if value is None else bytes([value])
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The raw bytes of `ids` (`token_bytes` joined); `decode` is this decoded as UTF-8 when it is valid."""
@@ -200,17 +245,17 @@ class Tokenizer:
     def id_to_piece(self, index: int) -> str:
         """The vocabulary entry of `index`, as spelled in tokenizer.json (`▁` for spaces, `<0xNN>` for bytes)."""
         (index,) = self._checked([index])
-        return self._backend.id_to_token(index)
+        return self._engine.id_to_token(index)
 
     def token_to_id(self, piece: str) -> int | None:
         """Id of a vocabulary entry, or None if there is no such piece."""
-        return self._backend.token_to_id(piece)
+        return self._engine.token_to_id(piece)
 
     def __len__(self) -> int:
         return self.vocab_size
 
     def __repr__(self) -> str:
-        return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size})"
+        return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, engine={self.engine!r})"
 
 
 # ------------------------------------------------------------------------------------------- the rebuild
@@ -285,8 +330,32 @@ def _build_cached(pieces: list[str], scores: Any, types: Any, source: str) -> _B
     return backend
 
 
-def _checked(pieces: list[str], scores: Any, types: Any, source: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(scores, types, vocab) of SentencePiece-style vocab arrays, or a CheckpointError naming what is wrong."""
+def _engine_for(pieces: list[str], scores: Any, types: Any, source: str, engine: str = "auto") -> Any:
+    """The engine for SentencePiece-style vocab arrays: ours (`gemma3.bpe`) unless `engine` is "hf" or it does
+    not build ("auto" then falls back to HF `tokenizers`; "native" raises)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if engine != "hf":
+        from gemma3 import bpe
+
+        lib = bpe.library()
+        if lib is not None:
+            scores, types = _checked_arrays(pieces, scores, types, source)
+            for piece in ("<unk>", "<bos>"):
+                if piece not in pieces:
+                    raise CheckpointError(f"{source}: not a Gemma 3 tokenizer (no {piece} token)")
+            added = np.flatnonzero(np.isin(types, _ADDED_TYPES))
+            extra = [] if IMAGE_SOFT_TOKEN in pieces else [(IMAGE_SOFT_TOKEN, len(pieces))]
+            return bpe.NativeBPE(pieces, scores, types, added, extra, SPECIAL_TOKENS, source, lib)
+        if engine == "native":
+            from gemma3.kernels import bpe_library
+
+            raise Gemma3Error(f"{source}: the native tokenizer engine is unavailable ({bpe_library()[1]})")
+    return _HFEngine(_build_cached(pieces, scores, types, source))
+
+
+def _checked_arrays(pieces: list[str], scores: Any, types: Any, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """(scores as float64, types as int64) of SentencePiece-style vocab arrays, or a CheckpointError."""
     try:
         scores = np.asarray(scores, dtype=np.float64)
         types = np.asarray(types, dtype=np.int64)
@@ -298,8 +367,14 @@ def _checked(pieces: list[str], scores: Any, types: Any, source: str) -> tuple[n
                               f"{scores.size} scores, {types.size} types)")
     if not np.isin(types, (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE)).all():
         raise CheckpointError(f"{source}: unknown token type in the tokenizer")
+    return scores, types
+
+
+def _checked(pieces: list[str], scores: Any, types: Any, source: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(scores, types, vocab) of SentencePiece-style vocab arrays, or a CheckpointError naming what is wrong."""
+    scores, types = _checked_arrays(pieces, scores, types, source)
     vocab = {piece: index for index, piece in enumerate(pieces)}
-    if len(vocab) != n:
+    if len(vocab) != len(pieces):
         raise CheckpointError(f"{source}: the tokenizer vocabulary has duplicate pieces")
     for piece in ("<unk>", "<bos>"):
         if piece not in vocab:

@@ -2,7 +2,8 @@
 step in bf16 and fp32 (`linear.c`, which says why it beats oneDNN and MKL there), the same products and
 the dequantization for weights in ggml's block formats (`quants.c`, used by gemma3.quantize), the fused
 norm and one-token attention (`decode.c`), and a quantized model's whole decode step in one call (`step.c`,
-used by gemma3.decode_step).
+used by gemma3.decode_step). Apart from those, `bpe.c` is the tokenizer's BPE engine (gemma3.bpe), built into
+its own small library without OpenMP or -march flags, so that tokenizing never loads torch.
 
 Nothing here is needed: without a C compiler, off x86-64, with `GEMMA3_NATIVE_KERNELS=0`, or when the build
 fails, `available()` is False and the model uses torch's own kernels (same results up to the order of
@@ -27,13 +28,17 @@ import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("linear.c", "quants.c", "decode.c", "step.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+BPE_SOURCES = [Path(__file__).with_name("bpe.c")]
+BPE_FLAGS = ["-O2", "-shared", "-fPIC", "-std=c11"]  # portable C: the same ids on any CPU
 DISABLE_ENV = "GEMMA3_NATIVE_KERNELS"
 # extra compiler flags, e.g. "-mno-avx512f" to build (and test) the AVX2 kernels on an AVX-512 machine
 FLAGS_ENV = "GEMMA3_KERNEL_CFLAGS"
@@ -68,10 +73,12 @@ def _owned_and_private(path: Path) -> bool:
     return st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
-def _build(compiler: str) -> Path:
-    """The compiled library for this source, flags and CPU: from the cache, or compiled into it."""
-    source = b"".join(p.read_bytes() for p in SOURCES)
-    key = hashlib.sha256(source + " ".join([compiler, *_flags()]).encode() + _cpu_flags().encode()).hexdigest()[:16]
+def _build(compiler: str, sources: Sequence[Path] = SOURCES, flags: Sequence[str] | None = None,
+           stem: str = "linear") -> Path:
+    """The compiled library for these sources, flags and CPU: from the cache, or compiled into it."""
+    flags = list(_flags() if flags is None else flags)
+    source = b"".join(p.read_bytes() for p in sources)
+    key = hashlib.sha256(source + " ".join([compiler, *flags]).encode() + _cpu_flags().encode()).hexdigest()[:16]
     directory = cache_dir()
     try:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -82,13 +89,13 @@ def _build(compiler: str) -> Path:
         private = False
     if not private:  # unwritable, or others could plant a library there: build for this process only
         directory = Path(tempfile.mkdtemp(prefix="gemma3-kernels-"))
-    target = directory / f"linear-{key}.so"
+    target = directory / f"{stem}-{key}.so"
     if target.exists() and _owned_and_private(target):
         return target
     fd, partial = tempfile.mkstemp(dir=directory, suffix=".so.partial")
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *_flags(), *map(str, SOURCES), "-o", partial], capture_output=True, text=True,
+        done = subprocess.run([compiler, *flags, *map(str, sources), "-o", partial], capture_output=True, text=True,
                               timeout=120)
         if done.returncode != 0:
             lines = (done.stderr or done.stdout).strip().splitlines()
@@ -101,16 +108,37 @@ def _build(compiler: str) -> Path:
     return target
 
 
+def _compiler() -> tuple[str | None, str]:
+    """(the C compiler, or None; why not)."""
+    if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, f"disabled by {DISABLE_ENV}"
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    return compiler, "" if compiler else "no C compiler (cc) found"
+
+
+@functools.cache
+def bpe_library() -> tuple[ctypes.CDLL | None, str]:
+    """(the tokenizer's BPE engine, or None; a line saying what was loaded or why not). Tried once per process.
+    Any CPU with a C compiler builds it; gemma3.bpe declares its functions."""
+    compiler, why = _compiler()
+    if not compiler:
+        return None, why
+    try:
+        path = _build(compiler, BPE_SOURCES, BPE_FLAGS, "bpe")
+        return ctypes.CDLL(str(path)), f"native BPE ({path})"
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        log.info("gemma3 native BPE unavailable: %s", e)
+        return None, f"build failed: {e}"
+
+
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, str]:
     """(the loaded library, or None; a line saying what was loaded or why not). Tried once per process."""
-    if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        return None, f"disabled by {DISABLE_ENV}"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None, f"no native kernel for {platform.machine()}"
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler, why = _compiler()
     if not compiler:
-        return None, "no C compiler (cc) found"
+        return None, why
     try:
         path = _build(compiler)
         lib = ctypes.CDLL(str(path))
@@ -162,6 +190,8 @@ class NativeLinear:
     the blocks are referenced here so their memory stays alive."""
 
     def __init__(self, weights: Sequence[torch.Tensor]):
+        import torch  # here, not at the top: the tokenizer's engine is built by this module without torch
+
         lib = _library()[0]
         if lib is None:
             raise RuntimeError(f"native kernels unavailable: {status()}")
@@ -184,6 +214,8 @@ class NativeLinear:
         if x.dtype != self.dtype or x.device.type != "cpu" or x.shape[-1] != self.in_features:
             raise ValueError(f"NativeLinear expects {self.dtype} CPU input (..., {self.in_features}), got "
                              f"{x.dtype} {tuple(x.shape)} on {x.device}")
+        import torch
+
         rows = x.numel() // self.in_features
         if not 1 <= rows <= self.max_rows:
             raise ValueError(f"NativeLinear takes 1 to {self.max_rows} rows, got {rows}")
