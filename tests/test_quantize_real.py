@@ -99,15 +99,16 @@ def test_int8_perplexity_within_0p5_percent_of_bf16(scores):
 
 
 def test_int4_perplexity_regression_bound(scores):
-    """Measured 2026-12-02 over the 3 072 tokens: +29.2 % over bf16 (Q4_1 layers, Q8_0 head; +38.6 % with a Q4_1
-    head). The weights here are the Q4_K_M file's, already
-    on a 4-5-bit grid, and Q4_1's plain min/max rounding onto a second grid loses much; a search over each
-    block's scale and min (llama.cpp's make_qkx2_quants does one) is the next step. This bound only guards
-    against getting worse; the issue's 3 % is the xfail below."""
-    assert scores["int4"]["ppl"] / scores["bf16"]["ppl"] < 1.45
+    """Measured 2026-12-03 over the 3 072 tokens: +6.45 % over bf16 (13.0233 vs 12.2344; KL from fp32 0.093), with
+    q/o/gate/up/down in Q4_1 fitted per block by least squares and k, v and the head in Q8_0. Before, with
+    gguf-py's min/max Q4_1 for every projection: +29.2 %. The weights here are the Q4_K_M file's, and q, k, gate
+    and up are Q5_0 there: a 4-bit grid cannot hold a 5-bit one. This bound guards against getting worse; the
+    issue's 3 % is the xfail below."""
+    assert scores["int4"]["ppl"] / scores["bf16"]["ppl"] < 1.08
 
 
-@pytest.mark.xfail(strict=True, reason="int4 (Q4_1 with min/max rounding) is ~+29 % on the 270M, not within 3 %")
+@pytest.mark.xfail(strict=True, reason="int4 (fitted Q4_1, k/v/head Q8_0) is +6.5 % on the 270M's already 5-bit "
+                                       "weights, not within 3 %")
 def test_int4_perplexity_within_3_percent_of_bf16(scores):
     assert abs(scores["int4"]["ppl"] / scores["bf16"]["ppl"] - 1) < 0.03
 

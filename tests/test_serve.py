@@ -353,8 +353,9 @@ def test_queue_full_is_429():
 # ------------------------------------------------------------------------------------------------ load
 
 def test_bounded_load(server, http):
-    """32 clients, 200 requests: mixed lengths, streaming or not, some disconnecting mid-stream, some
-    invalid. Every valid request is answered completely, every invalid one gets a 4xx, no 5xx, no slot
+    """16 clients, 100 requests: mixed lengths, streaming or not, some disconnecting mid-stream, some
+    invalid (twice the server's 8 batch slots, so requests queue; 32 clients and 200 requests until 2026-12-03,
+    two minutes of CI for the same checks). Every valid request is answered completely, every invalid one gets a 4xx, no 5xx, no slot
     leaked, and memory returns to its idle level."""
     headers = {"Authorization": f"Bearer {KEY}"}
 
@@ -365,8 +366,8 @@ def test_bounded_load(server, http):
         with httpx.Client(base_url=server.url, headers=headers, timeout=300) as c:
             return c.post("/v1/completions", json=body).status_code
 
-    with ThreadPoolExecutor(32) as pool:
-        assert set(pool.map(warm, range(32))) == {200}
+    with ThreadPoolExecutor(16) as pool:
+        assert set(pool.map(warm, range(16))) == {200}
     wait_idle(http)
     idle = server.rss_mb()
 
@@ -398,10 +399,10 @@ def test_bounded_load(server, http):
             choice = r.json()["choices"][0]
             return "ok" if choice["finish_reason"] in ("stop", "length") else "cut"
 
-    with ThreadPoolExecutor(32) as pool:
-        results = list(pool.map(one, range(200)))
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(100)))
     assert not [r for r in results if r.startswith("bad") or r == "cut"], results
-    assert results.count("4xx") == 40 and results.count("gone") == 40
+    assert results.count("4xx") == 20 and results.count("gone") == 20
     h = wait_idle(http)
     assert (h["active"], h["waiting"]) == (0, 0), h
     assert server.rss_mb() < idle + 100, (idle, server.rss_mb())
