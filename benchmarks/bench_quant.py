@@ -26,6 +26,7 @@ bench_generate.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -79,18 +80,14 @@ def run_llama(args) -> dict:
     import numpy as np
     from llama_cpp import Llama
 
+    plain = contextlib.nullcontext()
     if args.no_extra_bufts:  # llama.cpp without its extra CPU buffer types (AMX, repacked weights): see main
-        import llama_cpp.llama_cpp as low_level  # the module Llama takes its default parameters from
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from llama_peer import llama_cpp_plain_kernels
 
-        default = low_level.llama_model_default_params
-
-        def params():
-            p = default()
-            p.use_extra_bufts = False
-            return p
-
-        low_level.llama_model_default_params = params
-    llm = Llama(args.file, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=1024, verbose=False)
+        plain = llama_cpp_plain_kernels()
+    with plain:
+        llm = Llama(args.file, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=1024, verbose=False)
     if args.probe:  # one short forward: does this build run on this CPU as configured?
         llm.eval([2, 818, 5279])
         return {}

@@ -41,25 +41,13 @@ def random_model(config: Gemma3Config, seed: int = 0, dtype=torch.float32, norm_
 
 
 def llama_cpp_model(path, **kwargs):
-    """llama-cpp-python's Llama on `path` with its plain ggml CPU kernels (`use_extra_bufts=False`), or a skip
-    where it is not installed. Its extra buffer types (AMX tiles, repacked weights) crash with a segmentation
-    fault in the first decode on an AMX Xeon with 0.3.36 built with native flags (benchmarks/bench_quant.py
-    probes for it); the interop these tests check does not depend on them."""
+    """llama-cpp-python's Llama on `path` with its plain CPU kernels (llama_cpp_plain_kernels: the interop these
+    tests check does not depend on the others), or a skip where it is not installed."""
     import pytest
 
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it builds for 10-25 "
                                                         "min, so CI leaves it out; the benchmarks install it)")
-    import llama_cpp.llama_cpp as low_level  # the module Llama takes its default model parameters from
+    from llama_peer import llama_cpp_plain_kernels
 
-    default = low_level.llama_model_default_params
-
-    def plain():
-        params = default()
-        params.use_extra_bufts = False
-        return params
-
-    low_level.llama_model_default_params = plain
-    try:
+    with llama_cpp_plain_kernels():
         return llama_cpp.Llama(model_path=str(path), verbose=False, **kwargs)
-    finally:
-        low_level.llama_model_default_params = default
