@@ -7,8 +7,9 @@ Prints one row per variant. The reference is the embedded 270M's exact weights i
 dequantized); every variant quantizes those fp32 weights at load, the tied embedding / head always at Q8_0 (a
 Q4_1 head alone costs +10 %). The text is the first `--tokens` tokens of CPython's pydoc topics (what
 tests/test_quantize_real.py scores, with its `evaluate`: 512-token chunks through the KV cache). Q4_1 "min/max"
-is gguf-py's reference quantizer; "fitted" is gemma3's (kernels/fit_q4_1.c). `--quantize int4` is the row
-"fitted; k, v Q8_0". Takes ~1 min per variant on 2 cores (the head's Q8_0 quantization is most of it).
+is gguf-py's reference quantizer; "fitted" is gemma3's (kernels/quantize.c); "imatrix" weights each fit by
+the importance matrix measured on gemma3/data/calibration.txt (gemma3/imatrix.py: not the scored text).
+`--quantize int4` is the row "fitted + imatrix; k, v Q8_0". Takes ~20 s per variant on 2 cores.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from gemma3 import imatrix  # noqa: E402
 from gemma3.loading import build_model, embedded_gguf_path, load_weights  # noqa: E402
 from gemma3.packed import pack_model  # noqa: E402
-from gemma3.quantize import QUANTIZABLE, SCHEMES, QuantizedTensor, Scheme  # noqa: E402
+from gemma3.quantize import QUANTIZABLE, SCHEMES, QuantizedTensor, Scheme, layer_count  # noqa: E402
 
 
 def minmax_q4_1(weight: torch.Tensor) -> QuantizedTensor:
@@ -36,24 +38,32 @@ def minmax_q4_1(weight: torch.Tensor) -> QuantizedTensor:
     return QuantizedTensor("Q4_1", torch.from_numpy(np.ascontiguousarray(blocks)).reshape(-1), tuple(weight.shape))
 
 
-VARIANTS = {  # name -> (scheme, Q4_1 by gguf-py's min/max instead of the fit)
-    "Q4_1 min/max": (Scheme("Q4_1", "Q8_0"), True),
-    "Q4_1 fitted": (Scheme("Q4_1", "Q8_0"), False),
-    "fitted; v Q8_0": (Scheme("Q4_1", "Q8_0", ("v_proj",)), False),
-    "fitted; k, v Q8_0 (= int4)": (SCHEMES["int4"], False),
-    "fitted; v, down Q8_0": (Scheme("Q4_1", "Q8_0", ("v_proj", "down_proj")), False),
-    "int8 (Q8_0 everywhere)": (SCHEMES["int8"], False),
+KV = ("k_proj", "v_proj")
+VARIANTS = {  # name -> (scheme, how Q4_1 blocks are made: "minmax" (gguf-py), "fit", "imatrix" (fit, weighted))
+    "Q4_1 min/max": (Scheme("Q4_1", "Q8_0"), "minmax"),
+    "Q4_1 fitted": (Scheme("Q4_1", "Q8_0"), "fit"),
+    "fitted; v Q8_0": (Scheme("Q4_1", "Q8_0", ("v_proj",)), "fit"),
+    "fitted; k, v Q8_0": (Scheme("Q4_1", "Q8_0", KV), "fit"),
+    "fitted + imatrix": (Scheme("Q4_1", "Q8_0"), "imatrix"),
+    "fitted + imatrix; k, v Q8_0": (Scheme("Q4_1", "Q8_0", KV), "imatrix"),
+    "fitted + imatrix; k, v, gate Q8_0": (Scheme("Q4_1", "Q8_0", KV + ("gate_proj",)), "imatrix"),
+    "fitted + imatrix; k, v Q8_0, down Q8_0 in 9 layers (= int4)": (SCHEMES["int4"], "imatrix"),
+    "int8 (Q8_0 everywhere)": (SCHEMES["int8"], "fit"),
 }
 
 
-def quantized(state: dict, scheme: Scheme, minmax: bool) -> dict:
+def quantized(state: dict, scheme: Scheme, how: str, importance: dict) -> dict:
     out = {}
+    n_layers = layer_count(state)
     for name, t in state.items():
         if not QUANTIZABLE.match(name):
             out[name] = t
             continue
-        fmt = scheme.format_of(name)
-        out[name] = minmax_q4_1(t) if minmax and fmt == "Q4_1" else QuantizedTensor.quantize(t, fmt)
+        fmt = scheme.format_of(name, n_layers)
+        if how == "minmax" and fmt == "Q4_1":
+            out[name] = minmax_q4_1(t)
+        else:
+            out[name] = QuantizedTensor.quantize(t, fmt, importance.get(name) if how == "imatrix" else None)
     return out
 
 
@@ -66,20 +76,25 @@ def main() -> None:
     from gemma3.tokenizer import Tokenizer
 
     config, state, _, _ = load_weights(embedded_gguf_path(), torch.float32, progress=False, quantize="none")
-    ids = held_out_ids(Tokenizer.from_gguf(embedded_gguf_path()), args.tokens)
+    tokenizer = Tokenizer.from_gguf(embedded_gguf_path())
+    ids = held_out_ids(tokenizer, args.tokens)
+    importance = imatrix.collect(build_model(config, dict(state)), imatrix.calibration_ids(tokenizer))
     reference = pack_model(build_model(config, dict(state)))
-    models = {}
-    for name, (scheme, minmax) in VARIANTS.items():
+    models, bits = {}, {}
+    for name, (scheme, how) in VARIANTS.items():
         start = time.perf_counter()
-        models[name] = (pack_model(build_model(config, quantized(state, scheme, minmax))), 512)
+        weights = quantized(state, scheme, how, importance)
+        layer_weights = [t for n, t in weights.items() if n.startswith("layers.") and isinstance(t, QuantizedTensor)]
+        bits[name] = 8 * sum(t.nbytes for t in layer_weights) / sum(t.shape[0] * t.shape[1] for t in layer_weights)
+        models[name] = (pack_model(build_model(config, weights)), 512)
         print(f"built {name} in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     scores = evaluate(reference, models, ids)
     base = scores["reference"]["ppl"]
     print(f"{args.tokens} tokens of pydoc topics; fp32 reference perplexity {base:.4f}\n")
-    print("| variant | perplexity | vs fp32 | KL from fp32 |\n|---|--:|--:|--:|")
+    print("| variant | bits a weight (layers) | perplexity | vs fp32 | KL from fp32 |\n|---|--:|--:|--:|--:|")
     for name in VARIANTS:
         s = scores[name]
-        print(f"| {name} | {s['ppl']:.4f} | {100 * (s['ppl'] / base - 1):+.2f} % | {s['kl']:.4f} |")
+        print(f"| {name} | {bits[name]:.2f} | {s['ppl']:.4f} | {100 * (s['ppl'] / base - 1):+.2f} % | {s['kl']:.4f} |")
 
 
 if __name__ == "__main__":

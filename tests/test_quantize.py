@@ -143,7 +143,7 @@ def test_bad_shapes_and_formats_are_rejected():
 
 
 def test_q4_1_fit_beats_min_max_and_the_fallback_gives_the_same_blocks():
-    """Q4_1 by a least-squares fit of each block's scale and min (fit_q4_1.c): a smaller error than gguf-py's
+    """Q4_1 by a least-squares fit of each block's scale and min (kernels/quantize.c): a smaller error than gguf-py's
     min/max blocks on the same weights, exact on blocks that are constant or already on a 16-level grid, and
     the torch fallback gives the same bytes (but for rare ties in the last rounding)."""
     import gguf as gguf_py
@@ -167,6 +167,72 @@ def test_q4_1_fit_beats_min_max_and_the_fallback_gives_the_same_blocks():
     if kernels.library() is not None:
         same = (fit_q4_1(w) == _fit_q4_1_torch(w)).all(dim=1).float().mean()
         assert same > 0.999
+
+
+@needs_kernel
+def test_q8_0_kernel_writes_gguf_py_bytes():
+    """kernels/quantize.c's Q8_0 is gguf-py's (llama.cpp's reference) byte for byte: random scales over many
+    magnitudes, zero blocks, exact halves (round half away from zero), a tiny scale (fp16 subnormal) and one at
+    fp16's top."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 96, generator=g) * torch.logspace(-6, 2, 64)[:, None]
+    w[0] = 0.0
+    w[1, :32] = torch.arange(-16, 16) + 0.5
+    w[1, 0] = 127.0  # d = 1: every other value is an exact half
+    w[2, :32] = 3e-6 * torch.randn(32, generator=g)  # d below fp16's smallest normal
+    w[3, 40] = 65504.0
+    ours = QuantizedTensor.quantize(w, "Q8_0").data.reshape(-1).numpy()
+    ref = gguf_py.quants.quantize(w.numpy(), gguf_py.GGMLQuantizationType.Q8_0).reshape(-1)
+    assert (ours == ref).all()
+
+
+def test_importance_weighted_q4_1_fits_the_important_columns_closer():
+    """With an importance per column (gemma3/imatrix.py), the fit trades error in columns that matter little for
+    error in those that matter: the weighted error falls, and the torch fallback gives the same blocks."""
+    from gemma3.quantize import _fit_q4_1_torch, fit_q4_1
+
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(64, 96, generator=g) * 0.05
+    importance = torch.ones(96)
+    importance[::8] = 100.0  # a few loud input channels, as in the residual stream
+    plain = QuantizedTensor.quantize(w, "Q4_1").dequantize()
+    weighted = QuantizedTensor.quantize(w, "Q4_1", importance).dequantize()
+
+    def cost(back):
+        return float(((back - w) ** 2 * importance).sum())
+
+    assert cost(weighted) < 0.7 * cost(plain)
+    assert (weighted - w)[:, ::8].pow(2).mean() < 0.5 * (plain - w)[:, ::8].pow(2).mean()
+    odd = QuantizedTensor.quantize(w[:, :80], "Q4_1", importance[:80])  # padded to 96 columns, importance too
+    assert odd.shape == (64, 80)
+    if kernels.library() is not None:
+        same = (fit_q4_1(w, importance) == _fit_q4_1_torch(w, importance)).all(dim=1).float().mean()
+        assert same > 0.999
+    for bad in (torch.ones(95), -importance, importance * float("nan")):
+        with pytest.raises(Gemma3Error, match="importance"):
+            fit_q4_1(w, bad)
+
+
+def test_imatrix_is_the_mean_square_of_each_projection_input():
+    """imatrix.collect: per projection, E[x_j²] of its input over the calibration tokens — checked on layer 0,
+    whose q/k/v input is the first norm of the scaled embeddings — and the calibration text is real text."""
+    from gemma3 import imatrix
+
+    model = _tiny_model(torch.float32)
+    ids = [2] + list(range(5, 40))
+    imp = imatrix.collect(model, ids)
+    names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(imp) == {f"{n}.weight" for n in names}
+    with torch.inference_mode():
+        h = model.embed_tokens(torch.tensor([ids])) * torch.tensor(model.config.hidden_size ** 0.5)
+        x = model.layers[0].input_layernorm(h)[0]
+    expected = (x.double() ** 2).mean(0).float()
+    torch.testing.assert_close(imp["layers.0.self_attn.q_proj.weight"], expected, rtol=1e-4, atol=1e-7)
+    assert torch.equal(imp["layers.0.self_attn.q_proj.weight"], imp["layers.0.self_attn.v_proj.weight"])
+    assert all(bool((v > 0).all()) for v in imp.values())
+    assert len(imatrix.calibration_text()) > 4000
+    with pytest.raises(Gemma3Error, match="at least 2 tokens"):
+        imatrix.collect(model, [2])
 
 
 def test_many_rows_take_a_tiled_dequantized_gemm(monkeypatch):
@@ -314,3 +380,32 @@ def test_fused_gelu_matches_torch():
     assert torch.equal(out[-7:-3], F.gelu(x[-7:-3], approximate="tanh") * u[-7:-3])  # ±0 and tiny values exactly
     assert out[-3] == float("inf") and out[-2].isnan() == F.gelu(x[-2:-1], approximate="tanh").isnan().item()
     assert out[-1].isnan()
+
+
+def test_int4_load_calibrates_with_the_tokenizer_or_says_it_cannot(tiny_hf_dir, tmp_path, capsys):
+    """--quantize int4 measures the importance matrix on the calibration text with the source's tokenizer; a
+    checkpoint without one is quantized unweighted, with a one-line notice. down_proj is Q8_0 in the layers
+    llama.cpp gives it more bits (of 2 layers: the last)."""
+    import shutil
+
+    from gemma3.loading import load, load_weights
+    from gemma3.quantize import more_bits_layer
+
+    _, calibrated, _, _ = load_weights(tiny_hf_dir, quantize="int4", progress=True)
+    assert "calibrating --quantize int4 on 64 tokens" in capsys.readouterr().err  # capped at the context
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_hf_dir, bare)
+    for name in bare.iterdir():
+        if name.name.startswith(("tokenizer", "special_tokens")):
+            name.unlink()
+    _, plain, _, _ = load_weights(bare, quantize="int4", progress=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no tokenizer to calibrate with" in err[0]
+    formats = {n: t.format.name for n, t in calibrated.items() if isinstance(t, QuantizedTensor)}
+    assert [more_bits_layer(i, 2) for i in range(2)] == [False, True]
+    assert formats["layers.0.mlp.down_proj.weight"] == "Q4_1" and formats["layers.1.mlp.down_proj.weight"] == "Q8_0"
+    assert formats["layers.0.self_attn.k_proj.weight"] == "Q8_0" and formats["embed_tokens.weight"] == "Q8_0"
+    q = "layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(calibrated[q].data, plain[q].data)  # the importance changed the fit
+    model, tokenizer, _ = load(tiny_hf_dir, quantize="int4", progress=False)
+    assert tokenizer is not None and is_quantized(model)

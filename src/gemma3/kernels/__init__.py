@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("linear.c", "quants.c", "decode.c", "step.c", "fit_q4_1.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("linear.c", "quants.c", "decode.c", "step.c", "quantize.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 BPE_SOURCES = [Path(__file__).with_name("bpe.c")]
 BPE_FLAGS = ["-O2", "-shared", "-fPIC", "-std=c11"]  # portable C: the same ids on any CPU
@@ -162,8 +162,10 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.gemma3_rms_norm.restype = None
     lib.gemma3_gelu_tanh_mul.argtypes = [ptr, ptr, i64, ptr]
     lib.gemma3_gelu_tanh_mul.restype = None
-    lib.gemma3_fit_q4_1.argtypes = [ptr, i64, i64, ptr]
+    lib.gemma3_fit_q4_1.argtypes = [ptr, i64, i64, ptr, ptr]
     lib.gemma3_fit_q4_1.restype = None
+    lib.gemma3_quantize_q8_0.argtypes = [ptr, i64, i64, ptr]
+    lib.gemma3_quantize_q8_0.restype = None
     lib.gemma3_decode_step.argtypes = [ptr, ptr, ptr]  # gemma3.decode_step passes its Structures by reference
     lib.gemma3_decode_step.restype = ctypes.c_int
     isa = "AVX-512 BF16" if lib.gemma3_kernel_isa() == 512 else "AVX2"
