@@ -207,7 +207,7 @@ def _load_weights(source, dtype, progress, lora, quantize, device):
 
 def _importance(config: Gemma3Config, state: dict[str, torch.Tensor], tokenizer, quantize: str, progress: bool):
     """The importance matrix for `--quantize` (gemma3/imatrix.py): one fp32 forward of the calibration text
-    through the float weights (~1 s on the 270M). None, with a notice, when the source has no tokenizer."""
+    through the float weights (2-5 s for the 270M on 2 cores). None, with a notice, when the source has no tokenizer."""
     from gemma3 import imatrix
 
     if tokenizer is None:
