@@ -251,7 +251,9 @@ def fit_q4_1(w: torch.Tensor, importance: torch.Tensor | None = None) -> torch.T
 def _fit_q4_1_torch(w: torch.Tensor, importance: torch.Tensor | None = None, chunk: int = 1 << 16) -> torch.Tensor:
     """quantize.c's Q4_1 fit in torch, `chunk` blocks at a time (equal to it but for ties in the last rounding)."""
     x_all = w.reshape(-1, 32)
-    imp = None if importance is None else importance.double().reshape(1, -1, 32).expand(w.shape[0], -1, -1).reshape(-1, 32)
+    imp = None  # the importance of each block's 32 columns, block by block as x_all holds them
+    if importance is not None:
+        imp = importance.double().reshape(1, -1, 32).expand(w.shape[0], -1, -1).reshape(-1, 32)
     out = torch.empty(x_all.shape[0], 20, dtype=torch.uint8)
 
     def codes(x, d, m):
