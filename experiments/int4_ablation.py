@@ -9,7 +9,7 @@ Q4_1 head alone costs +10 %). The text is the first `--tokens` tokens of CPython
 tests/test_quantize_real.py scores, with its `evaluate`: 512-token chunks through the KV cache). Q4_1 "min/max"
 is gguf-py's reference quantizer; "fitted" is gemma3's (kernels/quantize.c); "imatrix" weights each fit by
 the importance matrix measured on gemma3/data/calibration.txt (gemma3/imatrix.py: not the scored text).
-`--quantize int4` is the row "fitted + imatrix; k, v Q8_0". Takes ~20 s per variant on 2 cores.
+`--quantize int4` is the row marked "(= int4)". Takes ~20 s per variant on 2 cores.
 """
 
 from __future__ import annotations

@@ -68,5 +68,6 @@ def collect(model: nn.Module, ids: list[int]) -> dict[str, torch.Tensor]:
     out = {}
     for name, total in sums.items():
         mean = (total / counts[name]).float()
-        out[name] = mean.clamp_min(float(mean.mean()) * FLOOR if float(mean.mean()) > 0 else 1.0)
+        average = float(mean.mean())
+        out[name] = mean.clamp_min(average * FLOOR if average > 0 else 1.0)
     return out

@@ -212,7 +212,7 @@ def _importance(config: Gemma3Config, state: dict[str, torch.Tensor], tokenizer,
 
     if tokenizer is None:
         print(f"note: --quantize {quantize}: the checkpoint has no tokenizer to calibrate with, so its 4-bit fits "
-              "are not weighted by an importance matrix (expect about 3x the perplexity loss)", file=sys.stderr)
+              "are not weighted by an importance matrix (on the 270M, about twice the perplexity loss)", file=sys.stderr)
         return None
     ids = imatrix.calibration_ids(tokenizer, config.max_position_embeddings)
     if progress:

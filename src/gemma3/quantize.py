@@ -65,6 +65,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("Q8_0", 8, 32, 34), Format("Q4_0", 2, 32, 18), Format("Q4_1", 3, 32, 20), Format("Q5_0", 6, 32, 22),
     Format("Q4_K", 12, 256, 144), Format("Q6_K", 14, 256, 210),
 )}
+LAYER_INDEX = re.compile(r"layers\.(\d+)\.")  # a decoder layer's weight name: 'layers.17.mlp.down_proj.weight'
+
+
 def more_bits_layer(layer: int, n_layers: int) -> bool:
     """llama.cpp's `use_more_bits`: the first and last eighth of the layers, and every third one between —
     where its Q4_K_M stores ffn_down (and attn_v) at 6 bits. On the 270M: layers 0, 1, 4, 7, 10, 13, 15, 16, 17
@@ -89,7 +92,7 @@ class Scheme:
             return self.embedding
         if any(f".{part}." in name for part in self.eight_bit):
             return "Q8_0"
-        layer = re.match(r"layers\.(\d+)\.", name)
+        layer = LAYER_INDEX.match(name)
         if layer and any(f".{part}." in name for part in self.eight_bit_some) and more_bits_layer(
                 int(layer.group(1)), n_layers):
             return "Q8_0"
@@ -412,7 +415,7 @@ def quantize_state(state: Mapping[str, torch.Tensor | QuantizedTensor], scheme: 
 
 def layer_count(state: Mapping[str, object]) -> int:
     """How many decoder layers a state dict's names hold ('layers.17.…' → 18)."""
-    found = [int(m.group(1)) for name in state if (m := re.match(r"layers\.(\d+)\.", name))]
+    found = [int(m.group(1)) for name in state if (m := LAYER_INDEX.match(name))]
     return max(found) + 1 if found else 0
 
 

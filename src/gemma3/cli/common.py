@@ -33,9 +33,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="weights for CPU inference: none = float (--dtype), int8 = 8-bit groups of 32 (Q8_0), "
                             "int4 = 4-bit groups of 32 with a min (Q4_1, fitted with an importance matrix measured "
                             "on a built-in calibration text; k, v, the embedding/head and half the layers' down at "
-                            "Q8_0), quantized at load "
-                            "(int4 takes ~10 s). Default: a quantized GGUF (the embedded model is Q4_K_M) runs in its own blocks, "
-                            "anything else in float")
+                            "Q8_0), quantized at load (int4 takes ~10 s). Default: a quantized GGUF (the embedded "
+                            "model is Q4_K_M) runs in its own blocks, anything else in float")
     group.add_argument("--device", default="auto", metavar="DEVICE",
                        help="cpu, cuda, cuda:N, or auto = CUDA when available (default: auto)")
     group.add_argument("-t", "--threads", type=int, default=None, metavar="N",
