@@ -106,15 +106,18 @@ def test_rows_not_a_multiple_of_the_block_are_padded(shape):
 
 @needs_kernel
 def test_non_finite_inputs_and_scales_stay_non_finite(embedded):
-    qt = embedded.quantized(FILE_TENSORS["Q8_0"])
-    x = torch.randn(3, qt.shape[1])
-    x[1, 5], x[2, 7] = float("nan"), float("inf")
-    y = qt.matmul(x)
-    assert torch.isfinite(y[0]).all() and y[1].isnan().all() and y[2].isnan().all()
-    broken = qt.data.clone()
-    broken[0, :2] = torch.tensor(np.array([np.inf], dtype="<f2").view(np.uint8))  # row 0, block 0: scale = inf
-    y = QuantizedTensor("Q8_0", broken.reshape(-1), qt.shape).matmul(torch.randn(1, qt.shape[1]))
-    assert not torch.isfinite(y[0, 0]) and torch.isfinite(y[0, 1:]).all()
+    """In every format's product (the int16 route of Q8_0 and the byte route of the others): a NaN or inf in
+    x makes its row's outputs NaN, an inf block scale in W makes that output non-finite, and nothing else."""
+    for qt in samples(embedded):
+        x = torch.randn(3, qt.shape[1])
+        x[1, 5], x[2, 7] = float("nan"), float("inf")
+        y = qt.matmul(x)
+        assert torch.isfinite(y[0]).all() and y[1].isnan().all() and y[2].isnan().all(), qt
+        broken = qt.data.clone()
+        at = 208 if qt.format.name == "Q6_K" else 0  # the f16 d of row 0's first block
+        broken[0, at:at + 2] = torch.tensor(np.array([np.inf], dtype="<f2").view(np.uint8))
+        y = QuantizedTensor(qt.format.name, broken.reshape(-1), qt.shape).matmul(torch.randn(1, qt.shape[1]))
+        assert not torch.isfinite(y[0, 0]) and torch.isfinite(y[0, 1:]).all(), qt
 
 
 def test_bad_shapes_and_formats_are_rejected():
@@ -280,7 +283,7 @@ def test_round_activation_matches_the_kernel():
     x[2, 40] = float("nan")
     ours = round_activation(x)
     assert torch.equal(ours[1, :32], torch.zeros(32)) and ours[2, 32:64].isnan().all()
-    assert (ours[0] - x[0]).abs().max() <= x[0].abs().max() / 32767
+    assert (ours[0] - x[0]).abs().max() <= x[0].abs().max() / 32639
     lib = kernels.library()
     if lib is not None:
         out = torch.empty_like(x)

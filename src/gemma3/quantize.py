@@ -102,6 +102,7 @@ class Scheme:
 SCHEMES = {"int8": Scheme("Q8_0", "Q8_0"),
            "int4": Scheme("Q4_1", "Q8_0", ("k_proj", "v_proj"), ("down_proj",), calibrated=True)}
 ACTIVATION_BLOCK = 32  # the kernel rounds x to int16 per this many values
+ACTIVATION_CODE_MAX = 32639.0  # the largest |code| (kernels/quants.c CODE_MAX)
 MAX_KERNEL_ROWS = 8  # rows of x per kernel call (quants.c MAX_ROWS)
 # Up to this many rows (a server's batched decode step) the kernel runs on 8 rows at a time: for 16 rows that
 # is 2-6× faster than dequantizing the weight for a GEMM (measured on the 270M's layers and head), and each row
@@ -304,14 +305,15 @@ def _fit_q4_1_torch(w: torch.Tensor, importance: torch.Tensor | None = None, chu
 
 def round_activation(x: torch.Tensor) -> torch.Tensor:
     """x (M, K) fp32, K a multiple of 32, rounded as the kernel rounds it before a product: per 32 values,
-    codes = round-half-even(x · 32767 / max|x|) as int16, times max|x| / 32767 (a block with NaN/inf → NaN).
+    codes = round-half-even(x · 32639 / max|x|) as int16, times max|x| / 32639 (a block with NaN/inf → NaN;
+    32639 = 127 · 256 + 127, so a code splits into two signed bytes for the kernel's byte products).
     The torch fallback uses this, so fallback and kernel differ only in the order of fp32 additions."""
     blocks = x.float().reshape(*x.shape[:-1], -1, ACTIVATION_BLOCK)
     amax = blocks.abs().amax(dim=-1, keepdim=True)
     finite = torch.isfinite(blocks).all(dim=-1, keepdim=True)
     safe = torch.where((amax > 0) & finite, amax, torch.ones_like(amax))
-    codes = torch.round(blocks * (torch.tensor(32767.0) / safe)).clamp_(-32768, 32767)
-    out = codes * (safe / torch.tensor(32767.0))
+    codes = torch.round(blocks * (torch.tensor(ACTIVATION_CODE_MAX) / safe)).clamp_(-ACTIVATION_CODE_MAX, ACTIVATION_CODE_MAX)
+    out = codes * (safe / torch.tensor(ACTIVATION_CODE_MAX))
     out = torch.where(amax > 0, out, torch.zeros_like(out))
     out = torch.where(finite, out, torch.full_like(out, float("nan")))
     return out.reshape(x.shape)

@@ -12,19 +12,23 @@
  *                              nibbles: sub-block 2c in the low nibbles of bytes 32c..32c+31, 2c+1 the high;
  *                              value = code · d · sc[j] - dmin · mn[j]
  *   Q6_K 256 values 210 bytes  128 bytes of low nibbles, 64 bytes of 2-bit highs, 16 int8 scales (one per 16
- *                              values), f16 d; offset 32 (layout spelled out at dot_q6_k)
+ *                              values), f16 d; offset 32 (layout spelled out at unpack_q6_k)
  *
  * The activation. llama.cpp rounds x to int8 per block of 32 (its Q8_0 / Q8_K) and multiplies bytes with
  * VPMADDUBSW / VPDPBUSD; on the embedded Q4_K_M file that puts its perplexity 0.67 % above the exact value of
- * the same weights. Here x is rounded to int16 per block of 32 instead (scale = max|x| / 32767, a relative
- * error ~1e-5 of the block's largest value, 256× finer), and the weights are widened to int16 in registers:
- * VPMADDWD multiplies 16 pairs and adds neighbours into int32, exactly. Each 32-value group's int32 sum is
- * converted to fp32 once and scaled by (weight scale · activation scale), so the only roundings are x's and
- * the fp32 sums over groups. It costs one more widening instruction per 16 weights than the int8 route, which
- * is not what limits a decode step (the weight bytes from memory are).
+ * the same weights. Here x is rounded to int16 per block of 32 instead (scale = max|x| / 32639, a relative
+ * error ~1.5e-5 of the block's largest value, 256× finer), and the products stay exact in integers:
+ *   - Q8_0 (and every format in the AVX2 build): the weights are widened to int16 in registers and VPMADDWD /
+ *     VPDPWSSD multiply 16 or 32 pairs, adding neighbours into int32.
+ *   - the 4-, 5- and 6-bit formats with AVX-512 VNNI: the code splits into two signed bytes, 256 · hi + lo,
+ *     and VPDPBUSD multiplies them with the weights' unsigned codes, two groups a register (see bytes_fma).
+ *     The widening was what bounded these products (5.4 GB/s against the head's 8.9 at one thread).
+ * Each 32-value group's int32 sum is converted to fp32 once and scaled by (weight scale · activation scale),
+ * so the only roundings are x's and the fp32 sums over groups.
  *
- * Overflow: |code| ≤ 127 (Q8_0) and |x| ≤ 32767, four products per int32 lane per group: < 2^26 · 4; Q6_K
- * multiplies its int8 sub-scale into the int16 weight first (|32 · 128| = 4096, so < 2^31 still).
+ * Overflow: |code| ≤ 127 (Q8_0) and |x| ≤ 32639, two or four products per int32 lane per group: < 2^26 · 4;
+ * Q6_K multiplies its int8 sub-scale into the int16 weight first (|32 · 128| = 4096, so < 2^31 still) on the
+ * int16 route; the byte route's lanes stay below 4 · 63 · 32639 < 2^24, exact in fp32 too.
  * Non-finite input: a block of x holding NaN or ±inf gets a NaN scale, so its outputs are NaN, never a
  * silently finite number; NaN or inf scales in W propagate the same way.
  *
@@ -44,6 +48,12 @@
 #endif
 
 #define MAX_ROWS 8
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define BYTE_PRODUCTS 1 /* the 4-, 5- and 6-bit formats multiply bytes (see bytes_fma); Q8_0 and AVX2 int16 */
+#else
+#define BYTE_PRODUCTS 0
+#endif
 #define QK 32 /* values per activation block, and per group of every weight format */
 
 enum { F_Q8_0 = 8, F_Q4_0 = 2, F_Q4_1 = 3, F_Q5_0 = 6, F_Q4_K = 12, F_Q6_K = 14 }; /* ggml type ids */
@@ -77,6 +87,11 @@ int64_t gemma3_q_block_bytes(int fmt) {
 int gemma3_q_max_rows(void) { return MAX_ROWS; }
 
 /* ------------------------------------------------------------------------------------------ activation */
+/* The largest |code|: 127 · 256 + 127, so that a code splits into two signed bytes, code = 256 · hi + lo with
+ * hi, lo in [-127, 127] (the AVX-512 VNNI byte products below); the rounding is 1/65278 of the block's largest
+ * value instead of int16's 1/65534. */
+#define CODE_MAX 32639
+
 /* One row of x (K values, K a multiple of 32) → int16 codes, a scale per block, and the block's sum in fp32
  * (scale · Σ codes: what the formats with a min multiply it by). */
 static void quantize_row(const float *x, int64_t K, int16_t *q, float *d, float *sum) {
@@ -100,8 +115,8 @@ static void quantize_row(const float *x, int64_t K, int16_t *q, float *d, float 
       sum[b] = finite ? 0.0f : NAN;
       continue;
     }
-    float scale = mx / 32767.0f;
-    __m256 inv = _mm256_set1_ps(32767.0f / mx);
+    float scale = mx / (float)CODE_MAX;
+    __m256 inv = _mm256_set1_ps((float)CODE_MAX / mx);
     __m256i c[4], total = _mm256_setzero_si256();
     for (int i = 0; i < 4; i++) {
       c[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)); /* nearest, ties to even */
@@ -120,11 +135,52 @@ static void quantize_row(const float *x, int64_t K, int16_t *q, float *d, float 
   }
 }
 
+/* The codes in value order as two signed bytes each (code = 256 · hi + lo), and each 16 values' sum
+ * scale · Σ codes (Q6_K's offset is per 16 values). Plain loops: the compiler vectorises them. */
+static void split_row(const int16_t *q, const float *d, int64_t K, int8_t *hi, int8_t *lo, float *sum16) {
+  for (int64_t i = 0; i < K; i++) {
+    int h = (q[i] + 128) >> 8; /* arithmetic shift: floor */
+    hi[i] = (int8_t)h;
+    lo[i] = (int8_t)(q[i] - 256 * h);
+  }
+  for (int64_t s = 0; s < K / 16; s++) {
+    int32_t total = 0;
+    for (int i = 0; i < 16; i++) total += q[16 * s + i];
+    sum16[s] = d[s / 2] * (float)total; /* NaN for a non-finite block, as d */
+  }
+}
+
 typedef struct {
-  const int16_t *q; /* (M, K) codes */
+  const int16_t *q; /* (M, K) codes, in the order the int16 products read them (order_codes) */
   const float *d, *sum; /* (M, K/32) */
   int64_t K, G;    /* values per row, groups per row */
+  const int8_t *hi, *lo; /* (M, K) the codes as bytes, value order (the AVX-512 VNNI byte products) */
+  const float *sum16;    /* (M, K/16) */
 } act_t;
+
+static void order_codes(int16_t *q, int64_t K);
+
+/* The prepared activation of M rows lives in one buffer of act_bytes(M, K) bytes: act_t, then its arrays. */
+static size_t act_bytes(int64_t M, int64_t K) {
+  return sizeof(act_t) + (size_t)(M * K) * (sizeof(int16_t) + 2) + (size_t)(M * (K / QK)) * 2 * sizeof(float) +
+         (size_t)(M * (K / 16)) * sizeof(float) + 64;
+}
+
+static const act_t *act_build(const float *x, int64_t M, int64_t K, void *mem) {
+  act_t *a = mem;
+  int64_t G = K / QK;
+  int16_t *q = (int16_t *)(a + 1);
+  float *d = (float *)(q + M * K), *s = d + M * G, *s16 = s + M * G;
+  int8_t *hi = (int8_t *)(s16 + M * (K / 16)), *lo = hi + M * K;
+  for (int64_t m = 0; m < M; m++) {
+    quantize_row(x + m * K, K, q + m * K, d + m * G, s + m * G);
+    if (BYTE_PRODUCTS) split_row(q + m * K, d + m * G, K, hi + m * K, lo + m * K, s16 + m * (K / 16));
+    order_codes(q + m * K, K);
+  }
+  act_t v = {q, d, s, K, G, hi, lo, s16};
+  *a = v;
+  return a;
+}
 
 /* The sum of the 8 lanes of an AVX2 accumulator. */
 static inline float hsum(__m256 a) {
@@ -300,10 +356,172 @@ static inline __attribute__((always_inline)) void group_fma_lanes(wv_t w, acc_t 
                      acc[m]);
 }
 
+
+#if BYTE_PRODUCTS
+/* ------------------------------------------------------------------------------------------ byte products */
+/* The formats whose codes are unsigned small integers (Q4_0, Q4_1, Q5_0: 0..31; Q4_K 0..15; Q6_K 0..63) skip
+ * the int16 widening: two groups' 64 codes fill one register as bytes, and VPDPBUSD multiplies them with 64
+ * signed bytes of x and adds each 4 products into an int32 lane. x's int16 code is 256 · hi + lo (split_row),
+ * so  Σ u · code = 256 · Σ u · hi + Σ u · lo : two VPDPBUSD with a shift between, exactly (|lane| ≤ 4 · 63 ·
+ * 32639 < 2^24, so its conversion to fp32 is exact too). Lanes 0-7 hold the first group, 8-15 the second; one
+ * permute gives each lane its group's scale. A format's offset (Q4_0 8, Q5_0 16, Q6_K 32) or min is the group's
+ * scale times the sum of x over the group, added once per row (`corr`). Measured on the Q5_0 products of the
+ * embedded file: ~1.5× fewer ns a group than the int16 route, which is what bounded the layers' products
+ * (they streamed at 5.4 GB/s, the head at 8.9). */
+
+/* acc[m] += (the lanes' exact sums of u · x_m's codes over values [32 g, 32 g + 64)) · lanes[m] for every
+ * row m; `half` = only the first group (a row's last, odd group): x's second half is not read. */
+static inline __attribute__((always_inline)) void bytes_fma(__m512i u, const act_t *x, int64_t g, int M,
+                                                            const __m512 *lanes, __m512 *acc, int half) {
+  for (int m = 0; m < M; m++) {
+    const int8_t *hi = x->hi + m * x->K + g * QK, *lo = x->lo + m * x->K + g * QK;
+    __m512i h = half ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, hi) : _mm512_loadu_si512((const void *)hi);
+    __m512i l = half ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, lo) : _mm512_loadu_si512((const void *)lo);
+    __m512i t = _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, h), 8);
+    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(t, u, l)), lanes[m], acc[m]);
+  }
+}
+
+/* Two groups' 16 nibble bytes (b NULL: one group) → their 64 codes in value order: 128-bit lanes a a b b,
+ * the second of each pair shifted right by 4, masked. */
+static inline __m512i nibbles_64(const uint8_t *a, const uint8_t *b) {
+  __m128i va = _mm_loadu_si128((const __m128i *)a), vb = b ? _mm_loadu_si128((const __m128i *)b) : _mm_setzero_si128();
+  __m512i v = _mm512_castsi256_si512(_mm256_inserti128_si256(_mm256_castsi128_si256(va), vb, 1));
+  v = _mm512_shuffle_i64x2(v, v, 0x50);
+  return _mm512_and_si512(_mm512_srlv_epi64(v, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)), _mm512_set1_epi8(15));
+}
+
+/* Lanes 0-7 group 2p, 8-15 group 2p + 1: the permute that gives pair p's lanes their groups' scales. */
+static inline __m512i pair_index(int p) {
+  return _mm512_add_epi32(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1), _mm512_set1_epi32(2 * p));
+}
+
+/* One pair of 32-value blocks at `a` (`both` = 0: the row's last, odd block alone) into acc. */
+static inline __attribute__((always_inline)) void pair_32(int fmt, const uint8_t *a, int both, const act_t *x,
+                                                          int64_t g, int M, const __m512 *s, __m512i pi, __m512 *acc) {
+  const int64_t bb = fmt == F_Q4_0 ? 18 : fmt == F_Q4_1 ? 20 : 22, qs = fmt == F_Q4_0 ? 2 : fmt == F_Q4_1 ? 4 : 6;
+  const uint8_t *b = both ? a + bb : NULL;
+  __m512i u = nibbles_64(a + qs, both ? b + qs : NULL);
+  if (fmt == F_Q5_0) { /* the fifth bits: 32 per block, bit j for value j */
+    uint32_t ba, bh = 0;
+    memcpy(&ba, a + 2, 4);
+    if (both) memcpy(&bh, b + 2, 4);
+    u = _mm512_mask_add_epi8(u, _cvtu64_mask64((uint64_t)ba | (uint64_t)bh << 32), u, _mm512_set1_epi8(16));
+  }
+  __m512 lanes[MAX_ROWS];
+  for (int m = 0; m < M; m++) lanes[m] = _mm512_permutexvar_ps(pi, s[m]);
+  bytes_fma(u, x, g, M, lanes, acc, !both);
+}
+
+/* Q4_0, Q4_1, Q5_0 (32 values a block, f16 d first): 16 groups at a time, their scales gathered. */
+static inline __attribute__((always_inline)) void row_bytes_32(int fmt, const uint8_t *row, const act_t *x,
+                                                               const int M, float *out) {
+  const int64_t bb = fmt == F_Q4_0 ? 18 : fmt == F_Q4_1 ? 20 : 22;
+  const float offset = fmt == F_Q4_0 ? 8.0f : fmt == F_Q5_0 ? 16.0f : 0.0f;
+  const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                        _mm512_set1_epi32((int)bb));
+  const int64_t G = x->G;
+  __m512 acc[MAX_ROWS], corr[MAX_ROWS], s[MAX_ROWS];
+  for (int m = 0; m < M; m++) acc[m] = corr[m] = _mm512_setzero_ps();
+  for (int64_t g0 = 0; g0 < G; g0 += 16, row += 16 * bb) {
+    const int n = G - g0 < 16 ? (int)(G - g0) : 16;
+    const __mmask16 k = (__mmask16)((1u << n) - 1);
+    __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, at, row, 1)));
+    __m512 mn = fmt == F_Q4_1 ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(
+                                    _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, at, row + 2, 1)))
+                              : _mm512_mul_ps(dw, _mm512_set1_ps(-offset)); /* value = code · d + mn */
+    for (int m = 0; m < M; m++) {
+      s[m] = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(k, x->d + m * G + g0));
+      corr[m] = _mm512_fmadd_ps(mn, _mm512_maskz_loadu_ps(k, x->sum + m * G + g0), corr[m]);
+    }
+    int p = 0;
+    __m512i pi = pair_index(0); /* stepped by 2 a pair: no broadcast from a register in the loop */
+    for (; 2 * p + 1 < n; p++, pi = _mm512_add_epi32(pi, _mm512_set1_epi32(2)))
+      pair_32(fmt, row + 2 * p * bb, 1, x, g0 + 2 * p, M, s, pi, acc);
+    if (n % 2) pair_32(fmt, row + 2 * p * bb, 0, x, g0 + 2 * p, M, s, pi, acc);
+  }
+  for (int m = 0; m < M; m++) out[m] = _mm512_reduce_add_ps(acc[m]) + _mm512_reduce_add_ps(corr[m]);
+}
+
+/* Q4_K: super-block chunk c (32 bytes) is groups 2c (low nibbles) and 2c + 1 (high): one pair. */
+static inline __attribute__((always_inline)) void row_bytes_q4_k(const uint8_t *row, const act_t *x, const int M,
+                                                                 float *out) {
+  const int64_t G = x->G;
+  __m512 acc[MAX_ROWS], s[MAX_ROWS];
+  __m256 mins[MAX_ROWS];
+  for (int m = 0; m < M; m++) {
+    acc[m] = _mm512_setzero_ps();
+    mins[m] = _mm256_setzero_ps();
+  }
+  for (int64_t g = 0; g < G; g += 8, row += 144) {
+    float scale[8];
+    __m256 mn;
+    q4_k_scales_mins(row, scale, &mn);
+    __m256 sc = _mm256_loadu_ps(scale);
+    for (int m = 0; m < M; m++) {
+      s[m] = _mm512_castps256_ps512(_mm256_mul_ps(sc, _mm256_loadu_ps(x->d + m * G + g)));
+      mins[m] = _mm256_fmadd_ps(mn, _mm256_loadu_ps(x->sum + m * G + g), mins[m]);
+    }
+    for (int c = 0; c < 4; c++) {
+      __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(row + 16 + 32 * c)));
+      __m512i u = _mm512_and_si512(_mm512_srlv_epi64(v, _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4)), _mm512_set1_epi8(15));
+      __m512 lanes[MAX_ROWS];
+      for (int m = 0; m < M; m++) lanes[m] = _mm512_permutexvar_ps(pair_index(c), s[m]);
+      bytes_fma(u, x, g + 2 * c, M, lanes, acc, 0);
+    }
+  }
+  for (int m = 0; m < M; m++) out[m] = _mm512_reduce_add_ps(acc[m]) - hsum(mins[m]);
+}
+
+/* Q6_K: pair p (0..3) of a super-block is runs 2(p % 2), 2(p % 2) + 1 of half p / 2 (see unpack_q6_k): the
+ * low (p even) or high nibbles of the half's 64 ql bytes, and bits 0-1 / 2-3 (or 4-5 / 6-7) of its 32 qh bytes.
+ * Each 16 values have their own scale: lane i of pair p is sub-block 4p + i/4. */
+static inline __attribute__((always_inline)) void row_bytes_q6_k(const uint8_t *row, const act_t *x, const int M,
+                                                                 float *out) {
+  const int64_t G = x->G;
+  __m512 acc[MAX_ROWS], corr[MAX_ROWS], s[MAX_ROWS];
+  for (int m = 0; m < M; m++) acc[m] = corr[m] = _mm512_setzero_ps();
+  const __m512i sub_group = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7); /* sub-block → group */
+  for (int64_t g = 0; g < G; g += 8, row += 210) {
+    __m512 sc = _mm512_mul_ps(_mm512_set1_ps(f16(row + 208)),
+                              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + 192)))));
+    for (int m = 0; m < M; m++) {
+      __m512 xd = _mm512_permutexvar_ps(sub_group, _mm512_castps256_ps512(_mm256_loadu_ps(x->d + m * G + g)));
+      s[m] = _mm512_mul_ps(sc, xd);
+      corr[m] = _mm512_fmadd_ps(sc, _mm512_loadu_ps(x->sum16 + m * 2 * G + 2 * g), corr[m]);
+    }
+    for (int p = 0; p < 4; p++) {
+      const int h = p / 2, r = 2 * (p % 2);
+      __m512i l = _mm512_loadu_si512((const void *)(row + 64 * h));
+      if (r) l = _mm512_srli_epi16(l, 4);
+      __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(row + 128 + 32 * h)));
+      qh = _mm512_srlv_epi16(qh, _mm512_inserti64x4(_mm512_set1_epi16((short)(2 * r)), _mm256_set1_epi16((short)(2 * r + 2)), 1));
+      __m512i u = _mm512_or_si512(_mm512_and_si512(l, _mm512_set1_epi8(15)),
+                                  _mm512_slli_epi16(_mm512_and_si512(qh, _mm512_set1_epi8(3)), 4));
+      __m512i i = _mm512_add_epi32(_mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 2),
+                                   _mm512_set1_epi32(4 * p));
+      __m512 lanes[MAX_ROWS];
+      for (int m = 0; m < M; m++) lanes[m] = _mm512_permutexvar_ps(i, s[m]);
+      bytes_fma(u, x, g + 2 * p, M, lanes, acc, 0);
+    }
+  }
+  for (int m = 0; m < M; m++) out[m] = _mm512_reduce_add_ps(acc[m]) - 32.0f * _mm512_reduce_add_ps(corr[m]);
+}
+#endif
+
 /* out[m] = row · x_m for one row of W in format fmt, M rows of x. `M` is a constant at each call site
  * (see row_dots), so the loops over rows unroll and the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void row_dots_m(int fmt, const uint8_t *row, const act_t *x,
                                                              const int M, float *out) {
+#if BYTE_PRODUCTS
+  switch (fmt) {
+    case F_Q4_0: row_bytes_32(F_Q4_0, row, x, M, out); return; /* fmt a constant in each copy */
+    case F_Q4_1: row_bytes_32(F_Q4_1, row, x, M, out); return;
+    case F_Q5_0: row_bytes_32(F_Q5_0, row, x, M, out); return;
+    case F_Q4_K: row_bytes_q4_k(row, x, M, out); return;
+    case F_Q6_K: row_bytes_q6_k(row, x, M, out); return;
+  }
+#endif
   acc_t acc[MAX_ROWS], acc2[MAX_ROWS];
   float minus[MAX_ROWS]; /* the formats with a min: Σ_group min · (sum of x over the group) */
   for (int m = 0; m < M; m++) {
@@ -396,18 +614,9 @@ int gemma3_q_linear(int fmt, const uint8_t *w, int64_t row_bytes, int64_t N, int
   int64_t qk = gemma3_q_block_values(fmt);
   if (qk == 0 || K <= 0 || K % qk || N < 0 || M < 1 || M > MAX_ROWS || row_bytes < K / qk * gemma3_q_block_bytes(fmt))
     return -1;
-  int64_t G = K / QK;
-  int16_t *q = malloc((size_t)(M * K) * sizeof(int16_t));
-  float *d = malloc((size_t)(M * G) * sizeof(float)), *s = malloc((size_t)(M * G) * sizeof(float));
-  if (!q || !d || !s) {
-    free(q); free(d); free(s);
-    return -2;
-  }
-  for (int64_t m = 0; m < M; m++) {
-    quantize_row(x + m * K, K, q + m * K, d + m * G, s + m * G);
-    order_codes(q + m * K, K);
-  }
-  act_t act = {q, d, s, K, G};
+  void *mem = malloc(act_bytes(M, K));
+  if (!mem) return -2;
+  const act_t *act = act_build(x, M, K, mem);
 #pragma omp parallel if (N * K >= (1 << 15))
   {
     int64_t T = omp_get_num_threads(), t = omp_get_thread_num();
@@ -415,11 +624,11 @@ int gemma3_q_linear(int fmt, const uint8_t *w, int64_t row_bytes, int64_t N, int
     float out[MAX_ROWS];
     for (int64_t n = lo; n < hi; n++) {
       if (PREFETCH) prefetch_row(w + n * row_bytes, row_bytes, w + hi * row_bytes);
-      row_dots(fmt, w + n * row_bytes, &act, (int)M, out);
+      row_dots(fmt, w + n * row_bytes, act, (int)M, out);
       for (int64_t m = 0; m < M; m++) y[m * N + n] = out[m];
     }
   }
-  free(q); free(d); free(s);
+  free(mem);
   return 0;
 }
 
@@ -427,22 +636,9 @@ int gemma3_q_linear(int fmt, const uint8_t *w, int64_t row_bytes, int64_t N, int
 /* The fused decode step (step.c) rounds an activation once and multiplies several matrices by it, each
  * thread taking a range of output rows: the same row_dots as gemma3_q_linear, so the same bits per output.
  * The prepared activation lives in caller-provided scratch of gemma3_q_act_bytes(M, K) bytes. */
-size_t gemma3_q_act_bytes(int64_t M, int64_t K) {
-  return sizeof(act_t) + (size_t)(M * K) * sizeof(int16_t) + 2 * (size_t)(M * (K / QK)) * sizeof(float) + 64;
-}
+size_t gemma3_q_act_bytes(int64_t M, int64_t K) { return act_bytes(M, K); }
 
-void gemma3_q_act_prepare(const float *x, int64_t M, int64_t K, void *scratch) {
-  act_t *a = scratch;
-  int64_t G = K / QK;
-  int16_t *q = (int16_t *)(a + 1);
-  float *d = (float *)(q + M * K), *s = d + M * G;
-  for (int64_t m = 0; m < M; m++) {
-    quantize_row(x + m * K, K, q + m * K, d + m * G, s + m * G);
-    order_codes(q + m * K, K);
-  }
-  act_t v = {q, d, s, K, G};
-  *a = v;
-}
+void gemma3_q_act_prepare(const float *x, int64_t M, int64_t K, void *scratch) { act_build(x, M, K, scratch); }
 
 /* y[m · ldy + n] = row n of W · x_m for n in [lo, hi); M = the prepared activation's rows (<= MAX_ROWS). */
 void gemma3_q_rows(int fmt, const uint8_t *w, int64_t row_bytes, int64_t lo, int64_t hi, const void *act, int M,
