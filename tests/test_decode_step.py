@@ -70,7 +70,7 @@ def test_fused_step_matches_the_module_path_across_the_window():
     plain, ours, cache_plain, cache_ours = run_both(model)  # 25 positions: the window of 4 is crossed 5 times
     assert ours.shape == plain.shape == (20, 512)
     # Only GELU's tanh differs (an ulp on some values); the activation's int16 rounding can turn an ulp into
-    # one code step (1/32767 of a block's largest value), so the logits part by a few 1e-5 of their range.
+    # one code step (1/32639 of a block's largest value), so the logits part by a few 1e-5 of their range.
     scale = plain.abs().max()
     assert (ours - plain).abs().max() <= 1e-4 * scale, float((ours - plain).abs().max() / scale)
     assert torch.equal(ours.argmax(-1), plain.argmax(-1))
