@@ -356,7 +356,6 @@ static inline __attribute__((always_inline)) void group_fma_lanes(wv_t w, acc_t 
                      acc[m]);
 }
 
-
 #if BYTE_PRODUCTS
 /* ------------------------------------------------------------------------------------------ byte products */
 /* The formats whose codes are unsigned small integers (Q4_0, Q4_1, Q5_0: 0..31; Q4_K 0..15; Q6_K 0..63) skip
@@ -365,9 +364,11 @@ static inline __attribute__((always_inline)) void group_fma_lanes(wv_t w, acc_t 
  * so  Σ u · code = 256 · Σ u · hi + Σ u · lo : two VPDPBUSD with a shift between, exactly (|lane| ≤ 4 · 63 ·
  * 32639 < 2^24, so its conversion to fp32 is exact too). Lanes 0-7 hold the first group, 8-15 the second; one
  * permute gives each lane its group's scale. A format's offset (Q4_0 8, Q5_0 16, Q6_K 32) or min is the group's
- * scale times the sum of x over the group, added once per row (`corr`). Measured on the Q5_0 products of the
- * embedded file: ~1.5× fewer ns a group than the int16 route, which is what bounded the layers' products
- * (they streamed at 5.4 GB/s, the head at 8.9). */
+ * scale times the sum of x over the group, added once per row (`corr`). Measured on the embedded file's
+ * matrices, one thread (bench_kernels.py): ns a group Q4_K 3.18 → 2.71, Q5_0 4.00 → 3.64, Q6_K 5.33 → 3.42 against
+ * the int16 route, which is what bounded the layers' products (they streamed at 5.4 GB/s, the head at 8.9).
+ * A stand-alone one-row Q5_0 loop of the same instructions ran ~25 % faster than this one (2.2 against 2.9 ns
+ * hot in L2): what the general M-row code costs there is not found yet. */
 
 /* acc[m] += (the lanes' exact sums of u · x_m's codes over values [32 g, 32 g + 64)) · lanes[m] for every
  * row m; `half` = only the first group (a row's last, odd group): x's second half is not read. */
