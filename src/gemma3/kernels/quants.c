@@ -367,8 +367,9 @@ static inline __attribute__((always_inline)) void group_fma_lanes(wv_t w, acc_t 
  * scale times the sum of x over the group, added once per row (`corr`). Measured on the embedded file's
  * matrices, one thread (bench_kernels.py): ns a group Q4_K 3.18 → 2.71, Q5_0 4.00 → 3.64, Q6_K 5.33 → 3.42 against
  * the int16 route, which is what bounded the layers' products (they streamed at 5.4 GB/s, the head at 8.9).
- * A stand-alone one-row Q5_0 loop of the same instructions ran ~25 % faster than this one (2.2 against 2.9 ns
- * hot in L2): what the general M-row code costs there is not found yet. */
+ * A stand-alone one-row Q5_0 loop of the same instructions runs ~1.4× faster than this one hot in L2 (2.5 against
+ * 3.6 ns a group), probably because its row width was a compile-time constant (its loops fully unrolled): one
+ * horizontal sum a row instead of two, and pairs alternating between two accumulators, changed nothing here. */
 
 /* acc[m] += (the lanes' exact sums of u · x_m's codes over values [32 g, 32 g + 64)) · lanes[m] for every
  * row m; `half` = only the first group (a row's last, odd group): x's second half is not read. */
