@@ -42,8 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
-from tokenizers import Tokenizer as _Backend
 
 from gemma3.bpe import _byte_value
 from gemma3.errors import CheckpointError, Gemma3Error
@@ -64,12 +62,19 @@ MAX_SENTENCEPIECE_BYTES = 64 << 20  # Gemma 3's tokenizer.model is ~4.5 MiB
 ENGINES = ("auto", "native", "hf")
 
 
+def _is_hf_tokenizer(backend: Any) -> bool:
+    """Whether `backend` is an HF `tokenizers.Tokenizer`, told without importing `tokenizers`: the native
+    engine never needs it, and importing it costs ~7 MB of memory for nothing."""
+    kind = type(backend)
+    return kind.__name__ == "Tokenizer" and kind.__module__.split(".")[0] == "tokenizers"
+
+
 class _HFEngine:
     """HF `tokenizers` behind the interface `gemma3.bpe.NativeBPE` has."""
 
     name = "hf"
 
-    def __init__(self, backend: _Backend):
+    def __init__(self, backend: Any):
         self.backend = backend
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self.special_ids = frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
@@ -99,7 +104,7 @@ class Tokenizer:
     `Tokenizer(backend)` wraps an HF `tokenizers.Tokenizer` (or an engine of this module's own)."""
 
     def __init__(self, backend: Any, source: str = "tokenizer"):
-        self._engine = _HFEngine(backend) if isinstance(backend, _Backend) else backend
+        self._engine = _HFEngine(backend) if _is_hf_tokenizer(backend) else backend
         self.engine = self._engine.name
         self.source = source
         self.vocab_size = self._engine.vocab_size
@@ -128,8 +133,10 @@ class Tokenizer:
             raise CheckpointError(f"{path}: cannot load tokenizer.json (no such regular file)")
         if path.stat().st_size > 512 << 20:
             raise CheckpointError(f"{path}: {path.stat().st_size / 2**20:.0f} MiB is too large for a tokenizer.json")
+        from tokenizers import Tokenizer as HFTokenizer
+
         try:
-            backend = _Backend.from_file(str(path))
+            backend = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for both I/O and parse errors
             raise CheckpointError(f"{path}: cannot load tokenizer.json ({e})") from None
         return cls(backend, str(path))
@@ -272,7 +279,7 @@ def tokenizer_cache_dir() -> Path:
     return Path(base) / "gemma3" / "tokenizers"
 
 
-def _build_cached(pieces: list[str], scores: Any, types: Any, source: str) -> _Backend:
+def _build_cached(pieces: list[str], scores: Any, types: Any, source: str) -> Any:
     """`_build`, with the merges it derives kept in the cache: an (M, 2) int32 .npy of the merged pieces' ids,
     named by a hash of everything they were derived from (the pieces, scores and types, this cache format) and
     by a hash of the file's own bytes. Deriving 514k merges in Python takes ~1.5-2 s; reading 4 MB back and
@@ -388,7 +395,7 @@ def _derived_merges(pieces: list[str], vocab: Mapping[str, int], scores: np.ndar
         return _bpe_merges(pieces, vocab, np.where(types == NORMAL, scores, 0.0))
 
 
-def _build(pieces: list[str], scores: Any, types: Any, source: str, merges: np.ndarray | None = None) -> _Backend:
+def _build(pieces: list[str], scores: Any, types: Any, source: str, merges: np.ndarray | None = None) -> Any:
     """The official Gemma 3 `tokenizer.json`, as an HF tokenizer, from SentencePiece-style vocab arrays (and the
     merges they imply, as piece-id pairs, when already derived).
 
@@ -398,11 +405,14 @@ def _build(pieces: list[str], scores: Any, types: Any, source: str, merges: np.n
     return _assemble(pieces, vocab, types, _derived_merges(pieces, vocab, scores, types) if merges is None else merges)
 
 
-def _assemble(pieces: list[str], vocab: dict[str, int], types: np.ndarray, merges: np.ndarray) -> _Backend:
+def _assemble(pieces: list[str], vocab: dict[str, int], types: np.ndarray, merges: np.ndarray) -> Any:
     """The HF tokenizer from checked vocab arrays and their merges (piece-id pairs)."""
+    from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
+
     with _gc_paused():
         pairs = [(pieces[a], pieces[b]) for a, b in merges.tolist()]
-        backend = _Backend(models.BPE(vocab=vocab, merges=pairs, unk_token="<unk>", fuse_unk=True,
+        backend = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, unk_token="<unk>", fuse_unk=True,
                                       byte_fallback=True))
         del pairs
     backend.normalizer = normalizers.Replace(" ", "▁")

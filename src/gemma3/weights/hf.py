@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from gemma3.chat import GEMMA3_CHAT_TEMPLATE
 from gemma3.config import Gemma3Config
@@ -79,6 +77,8 @@ def load_hf(directory: str | os.PathLike, dtype: torch.dtype = torch.float32,
             progress: Callable[[Iterable[str]], Iterable[str]] | None = None
             ) -> tuple[Gemma3Config, dict[str, torch.Tensor]]:
     """Read an HF checkpoint directory into (config, our state dict in `dtype`)."""
+    from safetensors import SafetensorError, safe_open  # here: running a GGUF never needs safetensors
+
     directory = Path(directory)
     config = Gemma3Config.from_json_file(directory / CONFIG)
     files = shard_files(directory)
@@ -196,6 +196,8 @@ def save_hf(directory: str | os.PathLike, config: Gemma3Config, state: Mapping[s
     may be written at all is the caller's decision (gemma3.files.check_output_dir); files of an older
     checkpoint there that would shadow the new ones are removed.
     """
+    from safetensors.torch import save_file
+
     directory = Path(directory)
     check_tensors({k: tuple(v.shape) for k, v in state.items()}, config, "state dict")
     directory.mkdir(parents=True, exist_ok=True)
