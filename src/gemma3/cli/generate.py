@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from gemma3.cli.common import add_model_args, check_seed, load_from_args, prepare_run, read_text_arg, status
+from gemma3.cli.common import (KV_CACHE_DTYPES, add_cache_args, add_model_args, check_seed, load_from_args,
+                               prepare_run, read_text_arg, status)
 from gemma3.errors import Gemma3Error
 from gemma3.files import TEXT_BYTES, LineReader, LineTooLong, check_text
 
@@ -31,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "llguidance (pip install 'gemma3[serve]'). The output is complete JSON when the finish "
                         "reason is stop; -n too small cuts it")
     add_model_args(p)
+    add_cache_args(p)
     p.set_defaults(func=run_generate)
 
     c = sub.add_parser(
@@ -45,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="context length in tokens for the conversation (default: 8192)")
     add_sampling_args(c)
     add_model_args(c)
+    add_cache_args(c)
     c.set_defaults(func=run_chat)
 
     q = sub.add_parser(
@@ -108,7 +111,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if not prompt.strip():
         raise Gemma3Error("the prompt is empty" if not prompt else "the prompt is only whitespace")
     loaded = load_from_args(args, device, dtype)
-    gen = Generator(loaded.model, loaded.tokenizer)
+    gen = Generator(loaded.model, loaded.tokenizer, kv_cache_dtype=KV_CACHE_DTYPES[args.kv_cache_dtype])
     if args.json:
         result = gen.generate(prompt, config)
         t = result.timings
@@ -141,7 +144,8 @@ def run_chat(args: argparse.Namespace) -> int:
     if args.system is not None:
         check_text(args.system, "--system")
     loaded = load_from_args(args, device, dtype)
-    session = ChatSession(Generator(loaded.model, loaded.tokenizer), system=args.system,
+    gen = Generator(loaded.model, loaded.tokenizer, kv_cache_dtype=KV_CACHE_DTYPES[args.kv_cache_dtype])
+    session = ChatSession(gen, system=args.system,
                           template=loaded.chat_template, context_length=args.context, config=config)
     interactive = sys.stdin.isatty()
     if interactive:

@@ -13,6 +13,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <immintrin.h>
 #include <omp.h>
 
@@ -34,16 +35,46 @@ static inline float dot(const float *a, const float *b, int64_t n) {
   return s;
 }
 
+/* A cached key or value row holds fp32 or, `half`, fp16 values (a KVCache of torch.float16: half the memory
+ * and half the bytes a step reads, what llama.cpp keeps by default). fp16 widens to fp32 exactly (F16C), so the
+ * arithmetic is the same fp32 either way: what differs is that the cache held each value rounded to fp16. */
+static inline __m256 load8(const void *row, int64_t i, int half) {
+  return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i)))
+              : _mm256_loadu_ps((const float *)row + i);
+}
+
+static inline float load1(const void *row, int64_t i, int half) {
+  return half ? _cvtsh_ss(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+}
+
+/* row `s` of a (rows, hd) cache block */
+static inline const void *row_at(const void *base, int64_t s, int64_t hd, int half) {
+  return (const char *)base + s * hd * (half ? 2 : 4);
+}
+
+/* dst (n values, fp32 or `half`) = x: the cache write; fp16 rounds to nearest even, as torch's conversion. */
+void gemma3_store_kv(const float *x, int64_t n, void *dst, int64_t half) {
+  if (!half) {
+    memcpy(dst, x, (size_t)n * sizeof(float));
+    return;
+  }
+  uint16_t *h = dst;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128((__m128i *)(h + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; i++) h[i] = _cvtss_sh(x[i], _MM_FROUND_TO_NEAREST_INT);
+}
+
 /* dot(q_g, k) for gn <= 4 query heads (rows of q, n apart) against one key, the key read once: the same sums
  * in the same order as dot() for each head (so the same bits), but 2·gn independent chains, not 2 (one dot
  * alone waits on its FMAs' latency: 2 048 of them a layer took 48 µs). */
-static inline __attribute__((always_inline)) void dots(const float *q, int64_t gn, const float *k, int64_t n,
+static inline __attribute__((always_inline)) void dots(const float *q, int64_t gn, const void *k, int half, int64_t n,
                                                        float *out) {
   __m256 a[4][2];
   for (int g = 0; g < gn; g++) a[g][0] = a[g][1] = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    __m256 k0 = _mm256_loadu_ps(k + i), k1 = _mm256_loadu_ps(k + i + 8);
+    __m256 k0 = load8(k, i, half), k1 = load8(k, i + 8, half);
     for (int g = 0; g < gn; g++) {
       a[g][0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * n + i), k0, a[g][0]);
       a[g][1] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * n + i + 8), k1, a[g][1]);
@@ -51,7 +82,7 @@ static inline __attribute__((always_inline)) void dots(const float *q, int64_t g
   }
   for (int g = 0; g < gn; g++) {
     float s = hsum8(_mm256_add_ps(a[g][0], a[g][1]));
-    for (int64_t j = i; j < n; j++) s += q[g * n + j] * k[j];
+    for (int64_t j = i; j < n; j++) s += q[g * n + j] * load1(k, j, half);
     out[g] = s;
   }
 }
@@ -142,15 +173,15 @@ static int64_t visible_end(const uint8_t *m, int64_t S) {
 
 int64_t gemma3_attend_key_part(void) { return KEY_PART; }
 
-/* Prefetch the row ATTN_PREFETCH keys after `row` (hd floats), not past `end`: a layer's keys and values were
- * written over the last few hundred steps and are read back from memory, a 1 KiB row per key (hd 256), where the
- * hardware prefetcher restarts at every 4 KiB page. */
+/* Prefetch the row ATTN_PREFETCH keys after `row` (`bytes` long), not past `end`: a layer's keys and values were
+ * written over the last few hundred steps and are read back from memory, a 1 KiB row per key (hd 256, fp32),
+ * where the hardware prefetcher restarts at every 4 KiB page. */
 #ifndef ATTN_PREFETCH
 #define ATTN_PREFETCH 8
 #endif
-static inline void prefetch_ahead(const float *row, int64_t hd, const float *end) {
-  const float *p = row + ATTN_PREFETCH * hd;
-  for (int64_t c = 0; c < hd && p + c < end; c += 16) _mm_prefetch((const char *)(p + c), _MM_HINT_T0);
+static inline void prefetch_ahead(const void *row, int64_t bytes, const void *end) {
+  const char *p = (const char *)row + ATTN_PREFETCH * bytes;
+  for (int64_t c = 0; c < bytes && p + c < (const char *)end; c += 64) _mm_prefetch(p + c, _MM_HINT_T0);
 }
 
 int64_t gemma3_attend_parts(const uint8_t *m, int64_t S) {
@@ -159,22 +190,27 @@ int64_t gemma3_attend_parts(const uint8_t *m, int64_t S) {
 }
 
 /* Part `part` of the keys: o (G, hd) = Σ exp(score - mx_g) · v, l_g = Σ exp(score - mx_g), mx_g the part's
- * largest score (-inf and zeros when the part has no visible key). sc: scratch of G · KEY_PART floats. */
-void gemma3_attend_part(const float *q, const float *kk, const float *vv, const uint8_t *m, int64_t S, int64_t G,
-                        int64_t hd, float scale, int64_t part, float *sc, float *o, float *mx, float *l) {
+ * largest score (-inf and zeros when the part has no visible key). sc: scratch of G · KEY_PART floats. Keys and
+ * values fp32 or, `half`, fp16 (load8): built once for each, the flag a constant inside. */
+static inline __attribute__((always_inline)) void attend_part(const float *q, const void *kk, const void *vv,
+                                                              const uint8_t *m, int64_t S, int64_t G, int64_t hd,
+                                                              float scale, int64_t part, float *sc, float *o,
+                                                              float *mx, float *l, const int half) {
   int64_t end = visible_end(m, S), s0 = part * KEY_PART, s1 = s0 + KEY_PART < end ? s0 + KEY_PART : end;
   int64_t n = s1 > s0 ? s1 - s0 : 0;
+  const int64_t row_bytes = hd * (half ? 2 : 4);
   for (int64_t i = 0; i < n; i++) {
     int64_t s = s0 + i;
-    prefetch_ahead(kk + s * hd, hd, kk + s1 * hd); /* the cache is read once, from memory: see prefetch_ahead */
+    const void *ks = row_at(kk, s, hd, half);
+    prefetch_ahead(ks, row_bytes, row_at(kk, s1, hd, half)); /* the cache is read once, from memory */
     if (m && !m[s]) {
       for (int64_t g = 0; g < G; g++) sc[g * KEY_PART + i] = -INFINITY;
       continue;
     }
     for (int64_t g0 = 0; g0 < G; g0 += 4) {
       float d[4];
-      if (G - g0 >= 4) dots(q + g0 * hd, 4, kk + s * hd, hd, d);
-      else dots(q + g0 * hd, G - g0, kk + s * hd, hd, d);
+      if (G - g0 >= 4) dots(q + g0 * hd, 4, ks, half, hd, d);
+      else dots(q + g0 * hd, G - g0, ks, half, hd, d);
       for (int64_t g = g0; g < G && g < g0 + 4; g++) sc[g * KEY_PART + i] = d[g - g0] * scale;
     }
   }
@@ -204,16 +240,22 @@ void gemma3_attend_part(const float *q, const float *kk, const float *vv, const 
   for (int64_t i = 0; i < n; i++) {
     int64_t s = s0 + i;
     if (m && !m[s]) continue;
-    const float *vs = vv + s * hd;
-    prefetch_ahead(vs, hd, vv + s1 * hd);
+    const void *vs = row_at(vv, s, hd, half);
+    prefetch_ahead(vs, row_bytes, row_at(vv, s1, hd, half));
     for (int64_t g = 0; g < G; g++) {
       __m256 p = _mm256_set1_ps(sc[g * KEY_PART + i]);
       float *og = o + g * hd;
       int64_t c = 0;
-      for (; c + 8 <= hd; c += 8) _mm256_storeu_ps(og + c, _mm256_fmadd_ps(p, _mm256_loadu_ps(vs + c), _mm256_loadu_ps(og + c)));
-      for (; c < hd; c++) og[c] += sc[g * KEY_PART + i] * vs[c];
+      for (; c + 8 <= hd; c += 8) _mm256_storeu_ps(og + c, _mm256_fmadd_ps(p, load8(vs, c, half), _mm256_loadu_ps(og + c)));
+      for (; c < hd; c++) og[c] += sc[g * KEY_PART + i] * load1(vs, c, half);
     }
   }
+}
+
+void gemma3_attend_part(const float *q, const void *kk, const void *vv, int64_t half, const uint8_t *m, int64_t S,
+                        int64_t G, int64_t hd, float scale, int64_t part, float *sc, float *o, float *mx, float *l) {
+  if (half) attend_part(q, kk, vv, m, S, G, hd, scale, part, sc, o, mx, l, 1);
+  else attend_part(q, kk, vv, m, S, G, hd, scale, part, sc, o, mx, l, 0);
 }
 
 /* out (G, hd) from `parts` parts' (o, mx, l), each part's o G·hd floats and mx, l G floats apart. */
@@ -263,7 +305,7 @@ int gemma3_decode_attention(const float *q, const float *k, const float *v, int6
     int64_t it = w / P, part = w % P, b = it / KH, kh = it % KH;
     const uint8_t *m = mask ? mask + b * S : 0;
     if (part >= gemma3_attend_parts(m, S)) continue;
-    gemma3_attend_part(q + it * G * hd, k + b * kb + kh * kh_stride, v + b * kb + kh * kh_stride, m, S, G, hd, scale,
+    gemma3_attend_part(q + it * G * hd, k + b * kb + kh * kh_stride, v + b * kb + kh * kh_stride, 0, m, S, G, hd, scale,
                        part, sc + w * G * KEY_PART, o + w * G * hd, mx + w * G, l + w * G);
   }
   for (int64_t it = 0; it < items; it++) {

@@ -32,8 +32,9 @@ void gemma3_rms_norm(const float *x, const float *gain, int64_t rows, int64_t di
 void gemma3_gelu_tanh_mul(const float *g, const float *u, int64_t n, float *out);
 int64_t gemma3_attend_key_part(void);
 int64_t gemma3_attend_parts(const uint8_t *m, int64_t S);
-void gemma3_attend_part(const float *q, const float *kk, const float *vv, const uint8_t *m, int64_t S, int64_t G,
-                        int64_t hd, float scale, int64_t part, float *sc, float *o, float *mx, float *l);
+void gemma3_attend_part(const float *q, const void *kk, const void *vv, int64_t half, const uint8_t *m, int64_t S,
+                        int64_t G, int64_t hd, float scale, int64_t part, float *sc, float *o, float *mx, float *l);
+void gemma3_store_kv(const float *x, int64_t n, void *dst, int64_t half);
 void gemma3_attend_combine(int64_t G, int64_t hd, int64_t parts, const float *o, const float *mx, const float *l,
                            float *out);
 
@@ -46,14 +47,15 @@ typedef struct {
 typedef struct {
   qmat_t q, k, v, o, gate, up, down;
   const float *input_norm, *post_attn_norm, *pre_ffn_norm, *post_ffn_norm, *q_norm, *k_norm; /* (1 + w), fp32 */
-  float *keys, *values; /* this sequence's cache: (kv_heads, slots, head_dim), contiguous */
+  void *keys, *values; /* this sequence's cache: (kv_heads, slots, head_dim), contiguous, fp32 or fp16 */
   int64_t slots;
   int64_t kind; /* 0 sliding, 1 global: which of the step's slot / mask / rotation it uses */
 } layer_t;
 
 typedef struct {
   int64_t n_layers, d, heads, kv_heads, head_dim, ffn;
-  float eps, attn_scale, embed_scale, pad_;
+  float eps, attn_scale, embed_scale;
+  int32_t kv_half; /* 1: the cache holds fp16 keys and values (decode.c load8), 0: fp32 */
   const layer_t *layers;
   const float *final_norm; /* (1 + w), fp32 */
   qmat_t embed; /* the tied embedding: looked up at the start, the output head at the end */
@@ -159,8 +161,9 @@ int gemma3_decode_step(const model_t *m, const step_t *s, float *logits) {
         for (int64_t i = 0; i < H; i++) rotate(q + i * hd, hd, s->cos[kind], s->sin[kind], tmp);
         for (int64_t i = 0; i < KH; i++) {
           rotate(k + i * hd, hd, s->cos[kind], s->sin[kind], tmp);
-          memcpy(L->keys + (i * L->slots + s->slot[kind]) * hd, k + i * hd, (size_t)hd * sizeof(float));
-          memcpy(L->values + (i * L->slots + s->slot[kind]) * hd, v + i * hd, (size_t)hd * sizeof(float));
+          const int64_t at = (i * L->slots + s->slot[kind]) * hd * (m->kv_half ? 2 : 4); /* bytes */
+          gemma3_store_kv(k + i * hd, hd, (char *)L->keys + at, m->kv_half);
+          gemma3_store_kv(v + i * hd, hd, (char *)L->values + at, m->kv_half);
         }
       }
       /* the keys in parts of KEY_PART (decode.c): the threads share them, each part read once for all G heads
@@ -170,8 +173,9 @@ int gemma3_decode_step(const model_t *m, const step_t *s, float *logits) {
 #pragma omp for schedule(static)
       for (int64_t w = 0; w < KH * parts; w++) {
         int64_t kh = w / parts;
-        gemma3_attend_part(q + kh * G * hd, L->keys + kh * L->slots * hd, L->values + kh * L->slots * hd,
-                           s->mask[kind], S, G, hd, m->attn_scale, w % parts, scores + w * G * gemma3_attend_key_part(),
+        const int64_t head_bytes = kh * L->slots * hd * (m->kv_half ? 2 : 4);
+        gemma3_attend_part(q + kh * G * hd, (const char *)L->keys + head_bytes, (const char *)L->values + head_bytes,
+                           m->kv_half, s->mask[kind], S, G, hd, m->attn_scale, w % parts, scores + w * G * gemma3_attend_key_part(),
                            o_part + w * G * hd, mx + w * G, sums + w * G);
       }
 #pragma omp single
