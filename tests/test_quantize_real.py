@@ -112,25 +112,43 @@ def test_int4_perplexity_within_3_percent_of_bf16(scores):
 
 @torch.inference_mode()
 def test_int8_greedy_tokens_equal_bf16_or_part_at_a_near_tie(gguf_path, real_270m, passage):
-    """64 greedy tokens of int8 against bf16 on a fixed prompt: equal, or where they part the two best
-    bf16 logits are within the int8 error (the test prints the margin)."""
+    """64 greedy tokens of int8 (as generation runs it: the fused step over its fp16 KV cache) against bf16 on a
+    fixed prompt. Free-running, the two part for good at their first disagreement, so they are also compared
+    along bf16's own tokens, fed to both: at each of the 64 steps int8's argmax is bf16's, or bf16's two best
+    logits there are within the int8 error (the test prints every such step and its margin). On this prompt
+    bf16's very first token is an exact tie (21.875 twice, bf16 logits being coarse), so the free run parts at
+    token 0 whatever int8 does."""
+    from gemma3.decode_step import FusedDecodeStep
     from gemma3.generate import GenerationConfig, Generator
     from gemma3.sampling import SamplingParams
 
     tokenizer = real_270m[1]
     prompt = tokenizer.encode(passage)[:200]
     config = GenerationConfig(max_new_tokens=64, sampling=SamplingParams(temperature=0.0), stop_token_ids=())
-    bf16 = build(gguf_path, "none", torch.bfloat16)
-    ours = Generator(build(gguf_path, "int8"), tokenizer).generate(prompt, config).token_ids
+    bf16, int8 = build(gguf_path, "none", torch.bfloat16), build(gguf_path, "int8")
+    int8_gen = Generator(int8, tokenizer)
+    assert int8_gen.cache_dtype(1) == torch.float16
+    ours = int8_gen.generate(prompt, config).token_ids
     ref = Generator(bf16, tokenizer).generate(prompt, config).token_ids
-    if ours == ref:
-        return
-    part = next(i for i, (a, b) in enumerate(zip(ours, ref)) if a != b)
-    logits = bf16(torch.tensor([prompt + ref[:part]]), logits_to_keep=1).logits[0, -1].float()
-    top = logits.topk(2).values
-    margin = (top[0] - top[1]).item()
-    print(f"int8 and bf16 part at token {part}: bf16's top-2 logit margin there is {margin:.3f}")
-    assert margin < 0.5
+    free = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
+    print(f"\nfree-running, int8 and bf16 {'agree for all 64 tokens' if free is None else f'part at token {free}'}")
+
+    cache_b = KVCache(bf16.config, 1, len(prompt) + 64, torch.bfloat16)
+    cache_q = KVCache(int8.config, 1, len(prompt) + 64, torch.float16)
+    b = bf16(torch.tensor([prompt]), cache=cache_b, logits_to_keep=1).logits[0, -1].float()
+    q = int8(torch.tensor([prompt]), cache=cache_q, logits_to_keep=1).logits[0, -1]
+    fused = FusedDecodeStep(int8, cache_q)
+    parts = []
+    for i, token in enumerate(ref):
+        if int(q.argmax()) != int(b.argmax()):
+            top = b.topk(2).values
+            parts.append((i, round((top[0] - top[1]).item(), 3)))
+        if i + 1 < len(ref):
+            b = bf16(torch.tensor([[token]]), cache=cache_b, logits_to_keep=1).logits[0, -1].float()
+            q = fused(token)[0]
+    print(f"along bf16's tokens, int8's argmax differs at {len(parts)} of 64 steps (step, bf16's top-2 margin): "
+          f"{parts}")
+    assert all(margin < 0.5 for _, margin in parts) and len(parts) <= 8
 
 
 @torch.inference_mode()
