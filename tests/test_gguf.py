@@ -315,3 +315,45 @@ def test_tokenizer_arrays_rebuilt_from_tokenizer_json(gguf_path, official_tokeni
     np.testing.assert_array_equal(rebuilt["tokenizer.ggml.token_type"], meta["tokenizer.ggml.token_type"])
     scores, real = rebuilt["tokenizer.ggml.scores"], meta["tokenizer.ggml.scores"]
     np.testing.assert_array_equal(np.argsort(-scores, kind="stable"), np.argsort(-real, kind="stable"))
+
+
+def _resident_bytes(address: int) -> int | None:
+    """Rss of the mapping holding `address`, from /proc/self/smaps (None where there is no such file)."""
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return None
+    inside = False
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "Rss:":
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def test_the_header_pages_do_not_stay_in_memory(gguf_path):
+    """The parser reads the header through the map (6 MB for the 270M: the tokenizer's pieces, scores and types)
+    and copies what it keeps; its pages are then dropped, so opening the file leaves none of it resident."""
+    f = G.GGUFFile.open(gguf_path)
+    resident = _resident_bytes(f._data.ctypes.data)
+    if resident is None:
+        pytest.skip("no /proc/self/smaps here")
+    header = min(t.offset for t in f.tensors.values())
+    assert header > 6 << 20 and resident < 64 << 10, resident  # at most the last, shared page or so
+    assert len(f.metadata["tokenizer.ggml.tokens"]) == 262144  # what was read stays (a copy)
+    assert f.raw("token_embd.weight")[:4].tolist() == list(G.GGUFFile.open(gguf_path).raw("token_embd.weight")[:4])
+
+
+def test_a_name_with_a_newline_stays_on_one_line_in_the_error():
+    """Found by test_fuzz_mutated_header: a key read from the file is quoted in the error, control
+    characters escaped."""
+    data = bytearray(valid_file())
+    at = data.index(b"answer")
+    data[at] = ord("\n")
+    data[at + 6:at + 10] = struct.pack("<I", 260)  # the key's value type: no such type
+    with pytest.raises(CheckpointError) as e:
+        G._parse(memoryview(bytes(data)), "bad.gguf")
+    assert str(e.value) == "bad.gguf: \\nnswer has unknown value type id 260"
