@@ -88,9 +88,12 @@ class NativeBPE:
         chars = np.zeros(self.n_pieces + 1, dtype=np.int64)
         np.cumsum(np.fromiter(map(len, pieces), dtype=np.int64, count=self.n_pieces), out=chars[1:])
         self._offsets = np.append(starts, len(self._blob))[chars]
-        self._chars = np.diff(chars)
+        self._chars = np.diff(chars).astype(np.int32)  # each piece's length in characters
         del starts, chars
-        self._scores, self._types = scores, types.astype(np.int8)
+        # GGUF and tokenizer.model store the scores as float32: kept so when that is exact (1 MB less for Gemma 3)
+        narrow = scores.astype(np.float32)
+        self._scores = narrow if np.array_equal(narrow, scores) else scores
+        self._types = types.astype(np.int8)
         self._handle = None
         duplicate = i64(-1)
         unk = self._find(pieces, "<unk>")
