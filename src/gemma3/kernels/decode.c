@@ -38,17 +38,17 @@ static inline float dot(const float *a, const float *b, int64_t n) {
 /* A cached key or value row holds fp32 or, `half`, fp16 values (a KVCache of torch.float16: half the memory
  * and half the bytes a step reads, what llama.cpp keeps by default). fp16 widens to fp32 exactly (F16C), so the
  * arithmetic is the same fp32 either way: what differs is that the cache held each value rounded to fp16. */
-static inline __m256 load8(const void *row, int64_t i, int half) {
+static inline __attribute__((always_inline)) __m256 load8(const void *row, int64_t i, int half) {
   return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i)))
               : _mm256_loadu_ps((const float *)row + i);
 }
 
-static inline float load1(const void *row, int64_t i, int half) {
+static inline __attribute__((always_inline)) float load1(const void *row, int64_t i, int half) {
   return half ? _cvtsh_ss(((const uint16_t *)row)[i]) : ((const float *)row)[i];
 }
 
 /* row `s` of a (rows, hd) cache block */
-static inline const void *row_at(const void *base, int64_t s, int64_t hd, int half) {
+static inline __attribute__((always_inline)) const void *row_at(const void *base, int64_t s, int64_t hd, int half) {
   return (const char *)base + s * hd * (half ? 2 : 4);
 }
 
@@ -179,7 +179,7 @@ int64_t gemma3_attend_key_part(void) { return KEY_PART; }
 #ifndef ATTN_PREFETCH
 #define ATTN_PREFETCH 8
 #endif
-static inline void prefetch_ahead(const void *row, int64_t bytes, const void *end) {
+static inline __attribute__((always_inline)) void prefetch_ahead(const void *row, int64_t bytes, const void *end) {
   const char *p = (const char *)row + ATTN_PREFETCH * bytes;
   for (int64_t c = 0; c < bytes && p + c < (const char *)end; c += 64) _mm_prefetch(p + c, _MM_HINT_T0);
 }
