@@ -114,6 +114,7 @@ static void add_normed(float *x, float *o, const float *gain, int64_t d, float e
  * of memory (nothing written to the cache then). */
 int gemma3_decode_step(const model_t *m, const step_t *s, float *logits) {
   const int64_t d = m->d, H = m->heads, KH = m->kv_heads, hd = m->head_dim, F = m->ffn, G = H / KH;
+  const int64_t kv_row = hd * (m->kv_half ? 2 : 4); /* bytes of one cached key or value */
   if (s->token < 0 || s->token >= m->embed.n || m->embed.k != d || G * KH != H) return -1;
   for (int64_t l = 0; l < m->n_layers; l++) { /* every write and read stays inside the layer's cache */
     const layer_t *L = m->layers + l;
@@ -161,7 +162,7 @@ int gemma3_decode_step(const model_t *m, const step_t *s, float *logits) {
         for (int64_t i = 0; i < H; i++) rotate(q + i * hd, hd, s->cos[kind], s->sin[kind], tmp);
         for (int64_t i = 0; i < KH; i++) {
           rotate(k + i * hd, hd, s->cos[kind], s->sin[kind], tmp);
-          const int64_t at = (i * L->slots + s->slot[kind]) * hd * (m->kv_half ? 2 : 4); /* bytes */
+          const int64_t at = (i * L->slots + s->slot[kind]) * kv_row;
           gemma3_store_kv(k + i * hd, hd, (char *)L->keys + at, m->kv_half);
           gemma3_store_kv(v + i * hd, hd, (char *)L->values + at, m->kv_half);
         }
@@ -173,7 +174,7 @@ int gemma3_decode_step(const model_t *m, const step_t *s, float *logits) {
 #pragma omp for schedule(static)
       for (int64_t w = 0; w < KH * parts; w++) {
         int64_t kh = w / parts;
-        const int64_t head_bytes = kh * L->slots * hd * (m->kv_half ? 2 : 4);
+        const int64_t head_bytes = kh * L->slots * kv_row;
         gemma3_attend_part(q + kh * G * hd, (const char *)L->keys + head_bytes, (const char *)L->values + head_bytes,
                            m->kv_half, s->mask[kind], S, G, hd, m->attn_scale, w % parts, scores + w * G * gemma3_attend_key_part(),
                            o_part + w * G * hd, mx + w * G, sums + w * G);
