@@ -78,10 +78,12 @@ def test_fused_step_matches_the_module_path_across_the_window(config, cache_dtyp
     plain, ours, cache_plain, cache_ours = run_both(model, cache_dtype=cache_dtype)  # the window of 4 crossed 5 times
     assert ours.shape == plain.shape == (20, 512)
     # Only GELU's tanh differs (an ulp on some values); the activation's int16 rounding can turn an ulp into
-    # one code step (1/32639 of a block's largest value), so the logits part by a few 1e-5 of their range.
+    # one code step (1/32639 of a block's largest value), and this random model amplifies it over 20 steps: the
+    # logits part by up to ~1e-4 of their range (measured 4.8e-5, 6.7e-5, 1.09e-4 for these three; the last was
+    # 8.8e-5 before decode.c's AVX-512 score loop summed in another order, which moves where the ulps land).
     scale = plain.abs().max()
     print(f"\n{cache_dtype}: logits part by {float((ours - plain).abs().max() / scale):.2e} of their range")
-    assert (ours - plain).abs().max() <= 1e-4 * scale, float((ours - plain).abs().max() / scale)
+    assert (ours - plain).abs().max() <= 2e-4 * scale, float((ours - plain).abs().max() / scale)
     assert torch.equal(ours.argmax(-1), plain.argmax(-1))
     # the first layer's keys and values come before any GELU: the same arithmetic, so the same bits
     assert torch.equal(cache_plain.keys[0], cache_ours.keys[0]) and torch.equal(cache_plain.values[0], cache_ours.values[0])

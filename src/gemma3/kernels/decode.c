@@ -87,6 +87,42 @@ static inline __attribute__((always_inline)) void dots(const float *q, int64_t g
   }
 }
 
+#if defined(__AVX512F__)
+/* The AVX-512 build's attention loops: 16 values a register, and a row's tail as a masked load (zeros past
+ * the end) instead of a scalar loop. */
+static inline __attribute__((always_inline)) __m512 load16(const void *row, int64_t i, int64_t n, int half) {
+  const __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+  return half ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, (const uint16_t *)row + i))
+              : _mm512_maskz_loadu_ps(k, (const float *)row + i);
+}
+
+/* The four registers' sums, in one vector: halves, then quarters added across the registers (six shuffles
+ * for four sums, where four separate reductions take twelve). */
+static inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+  __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(3, 2, 3, 2)));
+  __m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));
+  x = _mm512_add_ps(x, _mm512_permute_ps(x, _MM_SHUFFLE(1, 0, 3, 2))); /* 128-bit lane j: register j's 4 partials */
+  x = _mm512_add_ps(x, _mm512_permute_ps(x, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), x));
+}
+
+/* dots() with 16-value registers: gn <= 4 query heads (rows of q, n apart) against one key, read once. */
+static inline __attribute__((always_inline)) void dots16(const float *q, int64_t gn, const void *k, int half, int64_t n,
+                                                         float *out) {
+  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+    __m512 kv = load16(k, i, n, half);
+    for (int g = 0; g < 4; g++)
+      if (g < gn) a[g] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + g * n + i), kv, a[g]);
+  }
+  float t[4];
+  _mm_storeu_ps(t, sum4(a[0], a[1], a[2], a[3]));
+  for (int g = 0; g < gn; g++) out[g] = t[g];
+}
+#endif
+
 /* exp(x) for x <= 0 (softmax arguments after subtracting the max), 8 at a time: x = n·ln2 + r with
  * |r| <= ln2/2 (ln2 split in two parts for an exact reduction), exp(r) by its degree-6 Taylor polynomial
  * (relative error < 2e-7, about glibc's expf), times 2^n built in the exponent bits; below -87.3, 0.
@@ -209,8 +245,13 @@ static inline __attribute__((always_inline)) void attend_part(const float *q, co
     }
     for (int64_t g0 = 0; g0 < G; g0 += 4) {
       float d[4];
+#if defined(__AVX512F__)
+      if (G - g0 >= 4) dots16(q + g0 * hd, 4, ks, half, hd, d);
+      else dots16(q + g0 * hd, G - g0, ks, half, hd, d);
+#else
       if (G - g0 >= 4) dots(q + g0 * hd, 4, ks, half, hd, d);
       else dots(q + g0 * hd, G - g0, ks, half, hd, d);
+#endif
       for (int64_t g = g0; g < G && g < g0 + 4; g++) sc[g * KEY_PART + i] = d[g - g0] * scale;
     }
   }
@@ -235,7 +276,39 @@ static inline __attribute__((always_inline)) void attend_part(const float *q, co
     for (; i < n; i++) total += (sg[i] = sg[i] == -INFINITY ? 0.0f : expf(sg[i] - top));
     l[g] = total;
   }
-  /* o_g = Σ_s e_gs · v_s, streaming each value row once (front to back) for all G heads */
+  /* o_g = Σ_s e_gs · v_s, in key order for every value */
+#if defined(__AVX512F__)
+  /* 64 values of up to 4 heads at a time in 16 registers, over all keys: each register is stored once, not
+     loaded, added to and stored again for every key. The first block reads the value rows from memory; the
+     others find them in L2 (a part's values are 128-256 KiB). */
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    const int64_t gn = G - g0 < 4 ? G - g0 : 4;
+    for (int64_t c0 = 0; c0 < hd; c0 += 64) {
+      __m512 acc[4][4];
+      for (int g = 0; g < 4; g++)
+        for (int j = 0; j < 4; j++) acc[g][j] = _mm512_setzero_ps();
+      for (int64_t i = 0; i < n; i++) {
+        int64_t s = s0 + i;
+        if (m && !m[s]) continue;
+        const void *vs = row_at(vv, s, hd, half);
+        if (c0 == 0) prefetch_ahead(vs, row_bytes, row_at(vv, s1, hd, half));
+        __m512 v[4];
+        for (int j = 0; j < 4; j++) v[j] = c0 + 16 * j < hd ? load16(vs, c0 + 16 * j, hd, half) : _mm512_setzero_ps();
+        for (int g = 0; g < 4; g++) {
+          if (g >= gn) continue;
+          __m512 p = _mm512_set1_ps(sc[(g0 + g) * KEY_PART + i]);
+          for (int j = 0; j < 4; j++) acc[g][j] = _mm512_fmadd_ps(p, v[j], acc[g][j]);
+        }
+      }
+      for (int g = 0; g < gn; g++)
+        for (int j = 0; j < 4 && c0 + 16 * j < hd; j++) {
+          int64_t left = hd - c0 - 16 * j;
+          _mm512_mask_storeu_ps(o + (g0 + g) * hd + c0 + 16 * j, left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1),
+                                acc[g][j]);
+        }
+    }
+  }
+#else
   for (int64_t x = 0; x < G * hd; x++) o[x] = 0.0f;
   for (int64_t i = 0; i < n; i++) {
     int64_t s = s0 + i;
@@ -250,6 +323,7 @@ static inline __attribute__((always_inline)) void attend_part(const float *q, co
       for (; c < hd; c++) og[c] += sc[g * KEY_PART + i] * load1(vs, c, half);
     }
   }
+#endif
 }
 
 void gemma3_attend_part(const float *q, const void *kk, const void *vv, int64_t half, const uint8_t *m, int64_t S,

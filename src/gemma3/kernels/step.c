@@ -96,9 +96,9 @@ static void products(const qmat_t *const *mats, int count, const void *act, floa
  * rounded apart and then added (no fused multiply-add: this file is built as ISO C, -ffp-contract=off). */
 static void rotate(float *x, int64_t hd, const float *cos, const float *sin, float *tmp) {
   int64_t half = hd / 2;
-  for (int64_t i = 0; i < hd; i++) {
+  for (int64_t i = 0; i < hd; i++) { /* roll(x, hd/2)[i] is x[i + half] in the first half, x[i - half] after */
     float a = x[i] * cos[i];
-    float b = x[(i + half) % hd] * sin[i];
+    float b = x[i < half ? i + half : i - half] * sin[i];
     tmp[i] = a + b;
   }
   memcpy(x, tmp, (size_t)hd * sizeof(float));
