@@ -87,7 +87,13 @@ static inline __attribute__((always_inline)) void dots(const float *q, int64_t g
   }
 }
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) /* the fp16 tail's masked 16-bit load */
+#define ATTN_AVX512 1
+#else
+#define ATTN_AVX512 0
+#endif
+
+#if ATTN_AVX512
 /* The AVX-512 build's attention loops: 16 values a register, and a row's tail as a masked load (zeros past
  * the end) instead of a scalar loop. */
 static inline __attribute__((always_inline)) __m512 load16(const void *row, int64_t i, int64_t n, int half) {
@@ -245,7 +251,7 @@ static inline __attribute__((always_inline)) void attend_part(const float *q, co
     }
     for (int64_t g0 = 0; g0 < G; g0 += 4) {
       float d[4];
-#if defined(__AVX512F__)
+#if ATTN_AVX512
       if (G - g0 >= 4) dots16(q + g0 * hd, 4, ks, half, hd, d);
       else dots16(q + g0 * hd, G - g0, ks, half, hd, d);
 #else
@@ -277,7 +283,7 @@ static inline __attribute__((always_inline)) void attend_part(const float *q, co
     l[g] = total;
   }
   /* o_g = Σ_s e_gs · v_s, in key order for every value */
-#if defined(__AVX512F__)
+#if ATTN_AVX512
   /* 64 values of up to 4 heads at a time in 16 registers, over all keys: each register is stored once, not
      loaded, added to and stored again for every key. The first block reads the value rows from memory; the
      others find them in L2 (a part's values are 128-256 KiB). */
