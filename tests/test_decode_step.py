@@ -48,11 +48,12 @@ def prompt(n: int = 5) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def run_both(model, steps: int = 20, cache_dtype: torch.dtype = torch.float32):
+def run_both(model, steps: int = 20, cache_dtype: torch.dtype = torch.float32, prompt_len: int = 5,
+             max_len: int = 32):
     """(module logits, fused logits, module cache, fused cache) over `steps` decode steps after a prefill,
     each path feeding the tokens the module path picks."""
-    caches = [KVCache(model.config, 1, 32, cache_dtype), KVCache(model.config, 1, 32, cache_dtype)]
-    ids = prompt()
+    caches = [KVCache(model.config, 1, max_len, cache_dtype), KVCache(model.config, 1, max_len, cache_dtype)]
+    ids = prompt(prompt_len)
     first = [model(ids, cache=c, logits_to_keep=1).logits[:, -1] for c in caches]
     fused = FusedDecodeStep(model, caches[1])
     token = int(first[0].argmax())
@@ -109,6 +110,36 @@ def test_one_and_two_threads_give_the_same_bits(cache_dtype):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
+
+
+# the attention splits the keys into parts of 256 (decode.c KEY_PART), the threads sharing them, and the new key
+# is stored by the thread that reads its part: a window of 300 crossed, so the sliding layers' ring writes into
+# part 0 of 2 while the full layer's new key lands in the last part
+LONG = Gemma3Config(**{**CONFIG.__dict__, "sliding_window": 300})
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_several_key_parts_on_two_threads_match_the_modules_and_one_thread(cache_dtype):
+    model = quantized_model(LONG)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        plain, two, cache_plain, cache_two = run_both(model, 24, cache_dtype, prompt_len=290, max_len=320)
+        torch.set_num_threads(1)
+        one, cache_one = run_both(model, 24, cache_dtype, prompt_len=290, max_len=320)[1::2]
+    finally:
+        torch.set_num_threads(before)
+    assert cache_two.seq_len == 314 and cache_two.ring_size == 300  # the ring wrapped 14 keys ago
+    assert torch.equal(one, two)
+    for a, b in zip(cache_one.keys + cache_one.values, cache_two.keys + cache_two.values):
+        assert torch.equal(a, b)
+    scale = plain.abs().max()
+    assert (two - plain).abs().max() <= 2e-4 * scale, float((two - plain).abs().max() / scale)
+    assert torch.equal(two.argmax(-1), plain.argmax(-1))
+    for k_plain, k_two in zip(cache_plain.keys + cache_plain.values, cache_two.keys + cache_two.values):
+        k_plain, k_two = k_plain.float(), k_two.float()
+        ulp = k_plain.abs() * 2**-10 if cache_dtype == torch.float16 else 0
+        assert ((k_plain - k_two).abs() <= 2e-4 * k_plain.abs().max() + ulp).all()
 
 
 def test_an_fp16_cache_moves_the_logits_by_its_rounding_only():
