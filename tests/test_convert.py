@@ -161,3 +161,48 @@ def test_quantized_gguf_export_runs_in_its_own_blocks_here_and_in_llama_cpp(smal
     theirs = torch.tensor(llm.scores[:ids.shape[1]])
     # llama.cpp rounds activations to int8 per block (and keeps its KV cache in f16): close, not equal
     torch.testing.assert_close(theirs, reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
+
+
+@pytest.fixture(scope="module")
+def k_quant_hf_dir(tmp_path_factory, official_tokenizer):
+    """A tiny checkpoint where o (2 heads × 128) and down (intermediate 256) have rows of 256 values: Q4_K;
+    q, k, v, gate and up read the hidden size of 64: Q5_0."""
+    from gemma3.config import Gemma3Config, hybrid_layer_types
+    from gemma3.weights.hf import save_hf
+    from reference import random_model
+
+    config = Gemma3Config(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=128, query_pre_attn_scalar=128, sliding_window=8,
+                          layer_types=hybrid_layer_types(2), max_position_embeddings=64)
+    directory = tmp_path_factory.mktemp("kquant")
+    save_hf(directory, config, random_model(config).state_dict(), dtype=torch.float32,
+            tokenizer_json=official_tokenizer / "tokenizer.json")
+    return directory
+
+
+def test_q4_k_export_runs_in_its_own_blocks_here_and_in_llama_cpp(k_quant_hf_dir, tmp_path):
+    from gemma3.loading import load
+    from gemma3.quantize import quantized_formats
+
+    path = convert(str(k_quant_hf_dir), tmp_path / "k.gguf", to="gguf", gguf_type="Q4_K", progress=False)
+    native, tokenizer, config = load(path, quantize=None, progress=False)
+    layers = config.num_hidden_layers
+    assert quantized_formats(native) == {"Q4_K": 2 * layers, "Q5_0": 5 * layers, "Q8_0": 1}
+    exact, _, _ = load(path, quantize="none", progress=False)
+    ids = torch.tensor([tokenizer.encode("The capital of France is")])
+    with torch.no_grad():
+        ours, reference = native(ids).logits[0], exact(ids).logits[0]
+    torch.testing.assert_close(ours, reference, rtol=1e-3, atol=5e-4 * reference.abs().max().item())
+    from reference import llama_cpp_model
+
+    llm = llama_cpp_model(path, n_ctx=64, n_threads=1, logits_all=True)
+    llm.eval(ids[0].tolist())
+    theirs = torch.tensor(llm.scores[:ids.shape[1]])
+    torch.testing.assert_close(theirs, reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
+
+
+def test_the_cli_offers_every_type_the_writer_writes():
+    from gemma3.cli.weights import GGUF_TYPES
+    from gemma3.weights.gguf import WRITABLE_TYPES
+
+    assert GGUF_TYPES == WRITABLE_TYPES

@@ -9,6 +9,9 @@ from typing import Any
 
 from gemma3.config import GLOBAL, PRESETS, Gemma3Config
 
+# gemma3.weights.gguf.WRITABLE_TYPES, spelled out so that --help does not import the writer (a test holds them equal)
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q4_1", "Q4_0", "Q4_K")
+
 EMBEDDED_NAMES = ("embedded", "default")
 
 
@@ -138,9 +141,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert_p.add_argument("--to", choices=("hf", "gguf"), default="hf", help="output format (default: hf)")
     convert_p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                            help="safetensors dtype for --to hf (default: bfloat16, as Google ships Gemma 3)")
-    convert_p.add_argument("--gguf-type", choices=("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q4_1", "Q4_0"), default="BF16",
+    convert_p.add_argument("--gguf-type", choices=GGUF_TYPES, default="BF16",
                            help="tensor type for --to gguf (default: BF16; norms are always F32). Q8_0 / Q5_0 / "
-                                "Q4_1 / Q4_0 are block quantizations gemma3 and llama.cpp both run as they are")
+                                "Q4_1 / Q4_0 / Q4_K are block quantizations gemma3 and llama.cpp both run as they "
+                                "are; Q4_K needs rows of a multiple of 256 values, other matrices get Q5_0 (as "
+                                "llama.cpp does)")
     convert_p.add_argument("--overwrite", action="store_true",
                            help="write into an existing OUT, replacing the files this command writes (others are "
                                 "kept); never the source itself, a directory containing it, or the current directory")

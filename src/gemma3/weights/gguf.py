@@ -566,10 +566,14 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
 
 
 # ---------------------------------------------------------------------- writer
-# Q8_0 / Q5_0 / Q4_1 / Q4_0 are quantized by gguf-py (llama.cpp's reference quantizers; K-quants such as
-# Q4_K it cannot write, and we have no quantizer of our own for them yet)
-WRITABLE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q4_1", "Q4_0")
-_FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "BF16": 32}  # llama.cpp's LLAMA_FTYPE_*
+# Q8_0 / Q5_0 / Q4_1 / Q4_0 are quantized by gguf-py (llama.cpp's reference quantizers); Q4_K, which gguf-py
+# cannot write, by weights/q4_k.py. A matrix whose rows are not a multiple of Q4_K's 256 values is written Q5_0
+# instead (llama.cpp's own fallback for Q4_K): for the 270M (hidden size 640) that is q, k, v, gate and up; o and
+# down are Q4_K. The tied embedding, which is also the output head, is Q8_0 (llama.cpp gives the output Q6_K, or
+# Q8_0 where its rows do not fit Q6_K's 256; we have no Q6_K quantizer).
+WRITABLE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q4_1", "Q4_0", "Q4_K")
+_FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q4_K": 14, "BF16": 32}  # LLAMA_FTYPE_*
+Q4_K_FALLBACK = "Q5_0"
 
 
 def write_gguf(path: str | os.PathLike, config: Gemma3Config, state: Mapping[str, torch.Tensor],
@@ -582,6 +586,8 @@ def write_gguf(path: str | os.PathLike, config: Gemma3Config, state: Mapping[str
     llama.cpp's converter does), stored as 1 + w; the other matrices use `tensor_type`.
     """
     import gguf as gguf_py  # the writer and quantisers of the reference implementation
+
+    from gemma3.weights.q4_k import quantize_q4_k
 
     if tensor_type not in WRITABLE_TYPES:
         raise CheckpointError(f"cannot write GGUF tensor type {tensor_type!r}; choose one of {', '.join(WRITABLE_TYPES)}")
@@ -647,12 +653,17 @@ def write_gguf(path: str | os.PathLike, config: Gemma3Config, state: Mapping[str
             w.add_tensor(gguf_name, array)
         elif tensor_type == "F16":
             w.add_tensor(gguf_name, array.astype(np.float16))
+        elif tensor_type == "Q4_K" and gguf_name != "token_embd.weight" and array.shape[-1] % 256 == 0:
+            w.add_tensor(gguf_name, quantize_q4_k(tensor), raw_dtype=qtype)
         else:
-            block = gguf_py.GGML_QUANT_SIZES[qtype][0]
+            this = qtype
+            if tensor_type == "Q4_K":  # the tied embedding is the output head: Q8_0, as llama.cpp's K-quant mixes
+                this = gguf_py.GGMLQuantizationType["Q8_0" if gguf_name == "token_embd.weight" else Q4_K_FALLBACK]
+            block = gguf_py.GGML_QUANT_SIZES[this][0]
             if array.shape[-1] % block:
                 raise CheckpointError(f"cannot write {gguf_name} {tuple(array.shape)} as {tensor_type}: its rows of "
                                       f"{array.shape[-1]} are not a multiple of the {block}-element block")
-            w.add_tensor(gguf_name, gguf_py.quants.quantize(array, qtype), raw_dtype=qtype)
+            w.add_tensor(gguf_name, gguf_py.quants.quantize(array, this), raw_dtype=this)
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
