@@ -19,8 +19,11 @@ llama.cpp is llama-cpp-python built from source with native CPU flags (`pip inst
     BW share   bytes a decode step must read (the file's weights, plus the KV cache it attends over) / step
                time, against a read bandwidth measured here with the same thread count (a 1 GiB sum)
 
-Run it as `OMP_WAIT_POLICY=PASSIVE python benchmarks/...` on a machine shared with other work (see
-bench_generate.py).
+Run it with OpenMP's default wait policy, which both engines get by default. `OMP_WAIT_POLICY=PASSIVE` (see
+bench_generate.py) keeps a spinning thread from losing its core to another process, but then every barrier
+sleeps and wakes, and a decode step has many: on the 2-core Xeon, 2026-12-04, it cut 2-thread decode of the
+embedded file from 84.3 to 52.7 tok/s for gemma3 (before step.c's five-barrier layers; 67.7 -> 54.1 after, in
+another hour) and from 49.7 to 27.6 for llama.cpp, below its own 1-thread speed.
 """
 
 from __future__ import annotations
