@@ -126,24 +126,19 @@ typedef struct {
 
 static size_t rounded(size_t bytes) { return (bytes + 63) / 64 * 64; }
 
-/* this thread's buffers, carved from `base` (64-byte aligned) in one fixed layout */
-static own_t own_carve(char *base, int64_t d, int64_t H, int64_t KH, int64_t hd, int64_t F) {
-  own_t w;
-  float **parts[] = {&w.x, &w.h, &w.q, &w.k, &w.att, &w.g, &w.tmp};
+/* One thread's buffers in one fixed layout from `base` (64-byte aligned), each rounded up to 64 bytes, the
+ * activation (act_bytes) last; returns the bytes they take. base NULL: only the size. */
+static size_t own_layout(char *base, int64_t d, int64_t H, int64_t KH, int64_t hd, int64_t F, size_t act_bytes,
+                         own_t *w) {
+  float **parts[] = {&w->x, &w->h, &w->q, &w->k, &w->att, &w->g, &w->tmp};
   const int64_t sizes[] = {d, d, H * hd, KH * hd, H * hd, F, hd};
+  size_t at = 0;
   for (int i = 0; i < 7; i++) {
-    *parts[i] = (float *)base;
-    base += rounded(sizeof(float) * (size_t)sizes[i]);
+    *parts[i] = base ? (float *)(base + at) : NULL;
+    at += rounded(sizeof(float) * (size_t)sizes[i]);
   }
-  w.act = base; /* gemma3_q_act_bytes(1, widest) bytes */
-  return w;
-}
-
-static size_t own_bytes(int64_t d, int64_t H, int64_t KH, int64_t hd, int64_t F, size_t act_bytes) {
-  const int64_t sizes[] = {d, d, H * hd, KH * hd, H * hd, F, hd};
-  size_t total = rounded(act_bytes);
-  for (int i = 0; i < 7; i++) total += rounded(sizeof(float) * (size_t)sizes[i]);
-  return total;
+  w->act = base ? base + at : NULL;
+  return at + rounded(act_bytes);
 }
 
 /* logits (embed.n) for `s.token` at the step's position. Returns 0, -1 for a bad token or shape, -2 when out
@@ -161,7 +156,9 @@ int gemma3_decode_step(const model_t *m, const step_t *s, float *logits) {
   if (F > widest) widest = F;
   int64_t most_keys = s->visible[0] > s->visible[1] ? s->visible[0] : s->visible[1];
   const int64_t KP = gemma3_attend_key_part(), P = (most_keys + KP - 1) / KP + 1; /* parts, at most */
-  const size_t act_bytes = gemma3_q_act_bytes(1, widest), own = own_bytes(d, H, KH, hd, F, act_bytes);
+  const size_t act_bytes = gemma3_q_act_bytes(1, widest);
+  own_t first;
+  const size_t own = own_layout(NULL, d, H, KH, hd, F, act_bytes, &first);
   const int T = omp_get_max_threads();
   /* shared: the products' outputs, then per (KV head, part) of attention: scores G·KP, partial sums G·hd,
      maxima G, sums G */
@@ -173,7 +170,7 @@ int gemma3_decode_step(const model_t *m, const step_t *s, float *logits) {
   }
   float *o = shared, *qkv = o + d, *gu = qkv + (H + 2 * KH) * hd, *scores = gu + 2 * F;
   float *const o_part = scores + KH * P * G * KP, *const mx = o_part + KH * P * G * hd, *const sums = mx + KH * P * G;
-  own_t first = own_carve(mine, d, H, KH, hd, F);
+  own_layout(mine, d, H, KH, hd, F, act_bytes, &first);
   if (gemma3_q_dequantize((int)m->embed.fmt, m->embed.w, m->embed.row_bytes, m->embed.n, d, &s->token, 1, first.x)) {
     free(shared); free(mine);
     return -1;
@@ -183,7 +180,8 @@ int gemma3_decode_step(const model_t *m, const step_t *s, float *logits) {
 #pragma omp parallel num_threads(T)
   {
     const int t = omp_get_thread_num();
-    own_t w = own_carve(mine + own * (size_t)t, d, H, KH, hd, F);
+    own_t w;
+    own_layout(mine + own * (size_t)t, d, H, KH, hd, F, act_bytes, &w);
     if (t) memcpy(w.x, first.x, sizeof(float) * (size_t)d); /* thread 0 wrote it before the region */
     for (int64_t l = 0; l < m->n_layers; l++) {
       const layer_t *L = m->layers + l;
