@@ -576,6 +576,18 @@ _FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "
 Q4_K_FALLBACK = "Q5_0"
 
 
+def _block_type(tensor_type: str, gguf_name: str, cols: int) -> str:
+    """The type one matrix is written in: `tensor_type`, but under Q4_K the embedding Q8_0 and rows that do not
+    fill Q4_K's super-blocks Q4_K_FALLBACK (above)."""
+    from gemma3.weights.q4_k import QK_K
+
+    if tensor_type != "Q4_K":
+        return tensor_type
+    if gguf_name == "token_embd.weight":
+        return "Q8_0"
+    return "Q4_K" if cols % QK_K == 0 else Q4_K_FALLBACK
+
+
 def write_gguf(path: str | os.PathLike, config: Gemma3Config, state: Mapping[str, torch.Tensor],
                tokenizer_metadata: Mapping[str, Any], tensor_type: str = "BF16", name: str = "Gemma 3",
                progress: Callable[[Iterable[str]], Iterable[str]] | None = None) -> Path:
@@ -636,7 +648,6 @@ def write_gguf(path: str | os.PathLike, config: Gemma3Config, state: Mapping[str
         else:
             raise CheckpointError(f"cannot write tokenizer metadata {key!r} of type {type(value).__name__}")
 
-    qtype = gguf_py.GGMLQuantizationType[tensor_type]
     names: Iterable[str] = list(state)
     if progress is not None:
         names = progress(names)
@@ -653,17 +664,15 @@ def write_gguf(path: str | os.PathLike, config: Gemma3Config, state: Mapping[str
             w.add_tensor(gguf_name, array)
         elif tensor_type == "F16":
             w.add_tensor(gguf_name, array.astype(np.float16))
-        elif tensor_type == "Q4_K" and gguf_name != "token_embd.weight" and array.shape[-1] % 256 == 0:
-            w.add_tensor(gguf_name, quantize_q4_k(tensor), raw_dtype=qtype)
         else:
-            this = qtype
-            if tensor_type == "Q4_K":  # the tied embedding is the output head: Q8_0, as llama.cpp's K-quant mixes
-                this = gguf_py.GGMLQuantizationType["Q8_0" if gguf_name == "token_embd.weight" else Q4_K_FALLBACK]
-            block = gguf_py.GGML_QUANT_SIZES[this][0]
+            kind = _block_type(tensor_type, gguf_name, array.shape[-1])
+            qtype = gguf_py.GGMLQuantizationType[kind]
+            block = gguf_py.GGML_QUANT_SIZES[qtype][0]
             if array.shape[-1] % block:
                 raise CheckpointError(f"cannot write {gguf_name} {tuple(array.shape)} as {tensor_type}: its rows of "
                                       f"{array.shape[-1]} are not a multiple of the {block}-element block")
-            w.add_tensor(gguf_name, gguf_py.quants.quantize(array, this), raw_dtype=this)
+            data = quantize_q4_k(tensor) if kind == "Q4_K" else gguf_py.quants.quantize(array, qtype)
+            w.add_tensor(gguf_name, data, raw_dtype=qtype)
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
