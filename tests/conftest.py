@@ -63,17 +63,10 @@ def _seed():
 def tiny_hf_dir(tmp_path_factory, official_tokenizer):
     """A small random Gemma 3 (the 5 : 1 layer pattern, so GGUF can hold it) with the real tokenizer and a
     64-token context: every command runs on it in a second."""
-    from gemma3.config import Gemma3Config, hybrid_layer_types
-    from gemma3.weights.hf import save_hf
-    from reference import random_model
+    from reference import random_checkpoint
 
-    config = Gemma3Config(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                          head_dim=8, query_pre_attn_scalar=8, sliding_window=8, layer_types=hybrid_layer_types(2),
-                          max_position_embeddings=64)
-    directory = tmp_path_factory.mktemp("tiny")
-    save_hf(directory, config, random_model(config).state_dict(), dtype=torch.float32,
-            tokenizer_json=official_tokenizer / "tokenizer.json")
-    return directory
+    return random_checkpoint(tmp_path_factory.mktemp("tiny"), official_tokenizer, hidden_size=16,
+                             intermediate_size=32, num_attention_heads=2, head_dim=8, query_pre_attn_scalar=8)
 
 
 @pytest.fixture(scope="session")

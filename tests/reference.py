@@ -51,3 +51,16 @@ def llama_cpp_model(path, **kwargs):
 
     with llama_cpp_plain_kernels():
         return llama_cpp.Llama(model_path=str(path), verbose=False, **kwargs)
+
+
+def random_checkpoint(directory, official_tokenizer, **shape):
+    """A random 2-layer Gemma 3 of `shape` (the 5 : 1 pattern, so GGUF can hold it, and a 64-token context) with
+    the real tokenizer, saved in fp32 as an HF directory at `directory`."""
+    from gemma3.config import Gemma3Config, hybrid_layer_types
+    from gemma3.weights.hf import save_hf
+
+    config = Gemma3Config(num_hidden_layers=2, sliding_window=8, layer_types=hybrid_layer_types(2),
+                          max_position_embeddings=64, **shape)
+    save_hf(directory, config, random_model(config).state_dict(), dtype=torch.float32,
+            tokenizer_json=official_tokenizer / "tokenizer.json")
+    return directory

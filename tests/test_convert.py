@@ -11,6 +11,7 @@ from gemma3.weights.convert import convert
 from gemma3.config import PRESETS
 from gemma3.loading import load
 from gemma3.weights.gguf import GGUFFile
+from reference import random_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -124,30 +125,30 @@ def test_llama_cpp_chat_gets_the_same_prompt_tokens_as_ours(tiny_hf_dir, tmp_pat
 @pytest.fixture(scope="module")
 def small_hf_dir(tmp_path_factory, official_tokenizer):
     """A tiny checkpoint whose rows are multiples of the 32-value quantization block."""
-    from gemma3.config import Gemma3Config, hybrid_layer_types
-    from gemma3.weights.hf import save_hf
-    from reference import random_model
-
-    config = Gemma3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                          num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
-                          layer_types=hybrid_layer_types(2), max_position_embeddings=64)
-    directory = tmp_path_factory.mktemp("small")
-    save_hf(directory, config, random_model(config).state_dict(), dtype=torch.float32,
-            tokenizer_json=official_tokenizer / "tokenizer.json")
-    return directory
+    return random_checkpoint(tmp_path_factory.mktemp("small"), official_tokenizer, hidden_size=64,
+                             intermediate_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                             query_pre_attn_scalar=32)
 
 
-@pytest.mark.parametrize("gguf_type", ["Q8_0", "Q4_0", "Q4_1", "Q5_0"])
-def test_quantized_gguf_export_runs_in_its_own_blocks_here_and_in_llama_cpp(small_hf_dir, tmp_path, gguf_type):
-    """A quantized export loads in its own blocks (no dequantization) with the same logits as those weights
-    dequantized; and llama.cpp loads it and gives close logits (where llama-cpp-python is installed)."""
+@pytest.fixture(scope="module")
+def k_quant_hf_dir(tmp_path_factory, official_tokenizer):
+    """A tiny checkpoint where o (2 heads × 128) and down (intermediate 256) have rows of 256 values: Q4_K;
+    q, k, v, gate and up read the hidden size of 64: Q5_0."""
+    return random_checkpoint(tmp_path_factory.mktemp("kquant"), official_tokenizer, hidden_size=64,
+                             intermediate_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=128,
+                             query_pre_attn_scalar=128)
+
+
+def check_quantized_export(source, path, gguf_type: str, formats) -> None:
+    """Export `source` as `gguf_type` to `path`: it loads in its own blocks (no dequantization), with `formats(n
+    layers)` as its block types, and the same logits as those weights dequantized; and llama.cpp loads it and
+    gives close logits (where llama-cpp-python is installed)."""
     from gemma3.loading import load
     from gemma3.quantize import quantized_formats
 
-    path = convert(str(small_hf_dir), tmp_path / f"small-{gguf_type}.gguf", to="gguf", gguf_type=gguf_type,
-                   progress=False)
+    path = convert(str(source), path, to="gguf", gguf_type=gguf_type, progress=False)
     native, tokenizer, config = load(path, quantize=None, progress=False)
-    assert quantized_formats(native) == {gguf_type: 1 + 7 * config.num_hidden_layers}
+    assert quantized_formats(native) == formats(config.num_hidden_layers)
     exact, _, _ = load(path, quantize="none", progress=False)
     ids = torch.tensor([tokenizer.encode("The capital of France is")])
     with torch.no_grad():
@@ -163,42 +164,15 @@ def test_quantized_gguf_export_runs_in_its_own_blocks_here_and_in_llama_cpp(smal
     torch.testing.assert_close(theirs, reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
 
 
-@pytest.fixture(scope="module")
-def k_quant_hf_dir(tmp_path_factory, official_tokenizer):
-    """A tiny checkpoint where o (2 heads × 128) and down (intermediate 256) have rows of 256 values: Q4_K;
-    q, k, v, gate and up read the hidden size of 64: Q5_0."""
-    from gemma3.config import Gemma3Config, hybrid_layer_types
-    from gemma3.weights.hf import save_hf
-    from reference import random_model
-
-    config = Gemma3Config(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                          num_key_value_heads=1, head_dim=128, query_pre_attn_scalar=128, sliding_window=8,
-                          layer_types=hybrid_layer_types(2), max_position_embeddings=64)
-    directory = tmp_path_factory.mktemp("kquant")
-    save_hf(directory, config, random_model(config).state_dict(), dtype=torch.float32,
-            tokenizer_json=official_tokenizer / "tokenizer.json")
-    return directory
+@pytest.mark.parametrize("gguf_type", ["Q8_0", "Q4_0", "Q4_1", "Q5_0"])
+def test_quantized_gguf_export_runs_in_its_own_blocks_here_and_in_llama_cpp(small_hf_dir, tmp_path, gguf_type):
+    check_quantized_export(small_hf_dir, tmp_path / f"small-{gguf_type}.gguf", gguf_type,
+                           lambda layers: {gguf_type: 1 + 7 * layers})
 
 
 def test_q4_k_export_runs_in_its_own_blocks_here_and_in_llama_cpp(k_quant_hf_dir, tmp_path):
-    from gemma3.loading import load
-    from gemma3.quantize import quantized_formats
-
-    path = convert(str(k_quant_hf_dir), tmp_path / "k.gguf", to="gguf", gguf_type="Q4_K", progress=False)
-    native, tokenizer, config = load(path, quantize=None, progress=False)
-    layers = config.num_hidden_layers
-    assert quantized_formats(native) == {"Q4_K": 2 * layers, "Q5_0": 5 * layers, "Q8_0": 1}
-    exact, _, _ = load(path, quantize="none", progress=False)
-    ids = torch.tensor([tokenizer.encode("The capital of France is")])
-    with torch.no_grad():
-        ours, reference = native(ids).logits[0], exact(ids).logits[0]
-    torch.testing.assert_close(ours, reference, rtol=1e-3, atol=5e-4 * reference.abs().max().item())
-    from reference import llama_cpp_model
-
-    llm = llama_cpp_model(path, n_ctx=64, n_threads=1, logits_all=True)
-    llm.eval(ids[0].tolist())
-    theirs = torch.tensor(llm.scores[:ids.shape[1]])
-    torch.testing.assert_close(theirs, reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
+    check_quantized_export(k_quant_hf_dir, tmp_path / "k.gguf", "Q4_K",
+                           lambda layers: {"Q4_K": 2 * layers, "Q5_0": 5 * layers, "Q8_0": 1})
 
 
 def test_the_cli_offers_every_type_the_writer_writes():
