@@ -78,9 +78,9 @@ def rates(prompt_len: int, start: float, stamps: list[float]) -> dict:
 
 def run_ours(args, dtype) -> dict:
     from gemma3.config import GLOBAL
-    from gemma3.generate import GenerationConfig, Generator
+    from gemma3.generation.generator import GenerationConfig, Generator
     from gemma3.loading import load
-    from gemma3.sampling import SamplingParams
+    from gemma3.generation.sampling import SamplingParams
 
     model, tokenizer, config = load(None, dtype=dtype, progress=False)
     gen = Generator(model, tokenizer)
@@ -91,7 +91,7 @@ def run_ours(args, dtype) -> dict:
 
     # The generator hands each new token to a TextStreamer the moment it exists (that is when a user could
     # see it), so timestamp the pushes; the generation itself runs unmodified.
-    from gemma3.streaming import TextStreamer
+    from gemma3.text.streaming import TextStreamer
 
     stamps: list[float] = []
     push = TextStreamer.push
@@ -121,7 +121,7 @@ def run_transformers(args, dtype) -> dict:
     from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
 
-    from gemma3.loading import embedded_gguf_path
+    from gemma3.weights.sources import embedded_gguf_path
     from gemma3.tokenizer import Tokenizer
 
     gguf = embedded_gguf_path()

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_grammar.py [--repeats 5]
 
-For llguidance (what gemma3.structured uses), xgrammar and outlines-core, where installed: the one-time
+For llguidance (what gemma3.generation.structured uses), xgrammar and outlines-core, where installed: the one-time
 tokenizer setup, the compile time of a schema (a server pays it per request, before the request is queued),
 and the time to compute the next-token mask at each step of a fixed valid JSON text (median and max over its
 tokens, best of `--repeats`). A decode step of the embedded 270M on 2 cores takes ~30 ms; a mask costs a
@@ -40,7 +40,7 @@ def report(name, setup, compile_s, masks):
 def bench_llguidance(tok, ids, repeats):
     import llguidance
 
-    from gemma3.structured import JSON_OPTIONS
+    from gemma3.generation.structured import JSON_OPTIONS
 
     llt, setup = timed(lambda: llguidance.LLTokenizer(tok._backend.to_str(), n_vocab=len(tok),
                                                       eos_token=[tok.eos_id, tok.end_of_turn_id]))
@@ -118,7 +118,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    from gemma3.loading import embedded_gguf_path
+    from gemma3.weights.sources import embedded_gguf_path
     from gemma3.tokenizer import Tokenizer
 
     tok = Tokenizer.from_gguf(embedded_gguf_path())

@@ -44,7 +44,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)  # the libraries' OpenMP is the runtime torch loaded
 
     from gemma3.loading import load
-    from gemma3.quantize import QuantizedLinear
+    from gemma3.accel.quantize import QuantizedLinear
 
     model, _, _ = load(None, progress=False, quantize=None)  # the embedded Q4_K_M file in its own blocks
     layers = [m.qweight for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and n.startswith("layers.")]

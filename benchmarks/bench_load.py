@@ -39,11 +39,12 @@ def main() -> None:
 
     import gemma3.model  # noqa: F401  (imports are not what we measure)
     import gemma3.tokenizer  # noqa: F401
-    from gemma3.weights.convert import convert
-    from gemma3.loading import embedded_gguf_path, load
+    from gemma3.convert import convert
+    from gemma3.loading import load
+    from gemma3.weights.sources import embedded_gguf_path
 
-    from gemma3.generate import GenerationConfig, Generator
-    from gemma3.sampling import SamplingParams
+    from gemma3.generation.generator import GenerationConfig, Generator
+    from gemma3.generation.sampling import SamplingParams
 
     gguf = embedded_gguf_path()
     print(f"embedded GGUF -> model + tokenizer:        {best_of(args.repeats, lambda: load(progress=False)):6.2f} s")

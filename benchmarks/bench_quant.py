@@ -48,10 +48,10 @@ def prompt_ids(args) -> list[int]:
 
 
 def run_ours(args) -> dict:
-    from gemma3.generate import GenerationConfig, Generator
+    from gemma3.generation.generator import GenerationConfig, Generator
     from gemma3.loading import load
-    from gemma3.sampling import SamplingParams
-    from gemma3.streaming import TextStreamer
+    from gemma3.generation.sampling import SamplingParams
+    from gemma3.text.streaming import TextStreamer
 
     greedy = SamplingParams(temperature=0.0)
     start = time.perf_counter()
@@ -150,7 +150,7 @@ def q8_file(args, directory: str) -> str:
     if args.q8:
         return args.q8
     path = Path(directory) / "gemma-3-270m-q8_0.gguf"
-    from gemma3.loading import embedded_gguf_path
+    from gemma3.weights.sources import embedded_gguf_path
 
     subprocess.run([sys.executable, "-m", "gemma3", "convert", str(embedded_gguf_path()), str(path), "--to", "gguf",
                     "--gguf-type", "Q8_0", "--quiet"], check=True, stdout=subprocess.DEVNULL)
@@ -179,7 +179,7 @@ def main() -> None:
     import torch
 
     from gemma3 import kernels
-    from gemma3.loading import embedded_gguf_path
+    from gemma3.weights.sources import embedded_gguf_path
     from gemma3.weights.gguf import GGUFFile
 
     print(f"torch {torch.__version__}, llama-cpp-python {llama_cpp.__version__}, {args.prompt_tokens}-token "

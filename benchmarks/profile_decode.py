@@ -34,9 +34,9 @@ def main() -> None:
 
     from gemma3.kv_cache import KVCache
     from gemma3.loading import load
-    from gemma3.generate import Generator
-    from gemma3.packed import PackedEmbedding, PackedLinear
-    from gemma3.quantize import QuantizedEmbedding, QuantizedLinear
+    from gemma3.generation.generator import Generator
+    from gemma3.accel.native import PackedEmbedding, PackedLinear
+    from gemma3.accel.quantize import QuantizedEmbedding, QuantizedLinear
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -65,7 +65,7 @@ def main() -> None:
             profiler.stop()
         return seconds
 
-    from gemma3.decode_step import FusedDecodeStep, reason_not_fused
+    from gemma3.accel.fused_step import FusedDecodeStep, reason_not_fused
 
     fusable = reason_not_fused(model) is None
 
@@ -138,7 +138,7 @@ def main() -> None:
     print(f"  overhead   {overhead * 1e3:6.2f} ms   (step with every matmul replayed from a cache)")
     if fusable:
         print(f"  fused      {best['fused'] * 1e3:6.2f} ms   ({1 / best['fused']:.1f} tok/s: the whole step in one native "
-              "call, gemma3.decode_step, what generation runs for one quantized sequence)")
+              "call, gemma3.accel.fused_step, what generation runs for one quantized sequence)")
     print("\nbusiest ops of the overhead run (8 decode steps):")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 

@@ -24,10 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from gemma3 import imatrix  # noqa: E402
-from gemma3.loading import build_model, embedded_gguf_path, load_weights  # noqa: E402
-from gemma3.packed import pack_model  # noqa: E402
-from gemma3.quantize import QUANTIZABLE, SCHEMES, QuantizedTensor, Scheme, layer_count  # noqa: E402
+from gemma3.accel import imatrix  # noqa: E402
+from gemma3.loading import build_model, load_weights  # noqa: E402
+from gemma3.weights.sources import embedded_gguf_path  # noqa: E402
+from gemma3.accel.native import pack_model  # noqa: E402
+from gemma3.accel.quantize import QUANTIZABLE, SCHEMES, QuantizedTensor, Scheme, layer_count  # noqa: E402
 
 
 def minmax_q4_1(weight: torch.Tensor) -> QuantizedTensor:

@@ -86,8 +86,8 @@ def main() -> None:
         print(f"kv_cache_ablation: error: {e}", file=sys.stderr)
         sys.exit(2)
 
-    from gemma3.evaluate import pydoc_ids
-    from gemma3.generate import Generator
+    from gemma3.eval.perplexity import pydoc_ids
+    from gemma3.generation.generator import Generator
     from gemma3.loading import load
 
     model, tokenizer, config = load(None, quantize=None, progress=False)  # as `gemma3 generate`: Q4_K_M blocks

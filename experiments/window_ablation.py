@@ -66,7 +66,7 @@ def main() -> None:
         print(f"window_ablation: error: {e}", file=sys.stderr)
         sys.exit(2)
 
-    from gemma3.evaluate import pydoc_ids
+    from gemma3.eval.perplexity import pydoc_ids
     from gemma3.loading import load
 
     model, tokenizer, config = load(None, quantize="none", progress=False)

@@ -8,7 +8,7 @@ import json
 import jinja2
 import pytest
 
-from gemma3.chat import GEMMA3_CHAT_TEMPLATE, render_chat
+from gemma3.text.chat import GEMMA3_CHAT_TEMPLATE, render_chat
 from gemma3.errors import Gemma3Error
 
 CONVERSATIONS = {
@@ -206,7 +206,7 @@ def test_runaway_templates_fail_fast_with_bounded_memory(template, match):
     import resource
     import time
 
-    from gemma3.chat import TEMPLATE_SECONDS, ChatTemplate
+    from gemma3.text.chat import TEMPLATE_SECONDS, ChatTemplate
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.monotonic()
@@ -226,11 +226,11 @@ def test_template_worker_memory_is_capped():
     import subprocess
     import sys
 
-    from gemma3 import template_worker
+    from gemma3.text import template_worker
 
     script = (
         "import resource\n"
-        "from gemma3.chat import render_chat, _TEMPLATES\n"
+        "from gemma3.text.chat import render_chat, _TEMPLATES\n"
         "from gemma3.errors import Gemma3Error\n"
         "try:\n"
         "    render_chat([{'role': 'user', 'content': 'Hi'}], template=\"{{ 'x' * 10**10 }}\")\n"

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from gemma3.cli import main  # noqa: E402
-from gemma3.train.lora import LoraSettings, write_adapter  # noqa: E402
+from gemma3.weights.lora import LoraSettings, write_adapter  # noqa: E402
 from gemma3.weights.hf import save_hf  # noqa: E402
 from reference import random_model  # noqa: E402
 from test_train_support import tiny_config, tiny_tokenizer_file, write_corpus  # noqa: E402

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gemma3.cli.weights import model_info
-from gemma3.weights.convert import convert
+from gemma3.convert import convert
 from gemma3.config import PRESETS
 from gemma3.loading import load
 from gemma3.weights.gguf import GGUFFile
@@ -80,7 +80,7 @@ def test_info_numbers():
 
 
 def test_gguf_export_carries_the_chat_template_and_a_model_name(tiny_hf_dir, tmp_path):
-    from gemma3.chat import GEMMA3_CHAT_TEMPLATE
+    from gemma3.text.chat import GEMMA3_CHAT_TEMPLATE
 
     path = convert(str(tiny_hf_dir), tmp_path / "tiny.gguf", to="gguf", gguf_type="F32", progress=False)
     metadata = GGUFFile.open(path).metadata
@@ -90,7 +90,7 @@ def test_gguf_export_carries_the_chat_template_and_a_model_name(tiny_hf_dir, tmp
 
 
 def test_gguf_export_of_the_embedded_model_names_it():
-    from gemma3.weights.convert import model_name
+    from gemma3.convert import model_name
 
     assert model_name(PRESETS["270m"]) == "Gemma 3 270M"
     assert model_name(PRESETS["270m"], {"general.name": "Gemma 3 270m"}) == "Gemma 3 270m"
@@ -99,7 +99,7 @@ def test_gguf_export_of_the_embedded_model_names_it():
 def test_llama_cpp_chat_gets_the_same_prompt_tokens_as_ours(tiny_hf_dir, tmp_path):
     """llama.cpp's chat completion on our exported GGUF formats the conversation with the template we wrote
     (before, without tokenizer.chat_template, it fell back to another format and answered junk)."""
-    from gemma3.chat import render_chat
+    from gemma3.text.chat import render_chat
     from gemma3.tokenizer import Tokenizer
     from reference import llama_cpp_model
 
@@ -144,7 +144,7 @@ def check_quantized_export(source, path, gguf_type: str, formats) -> None:
     layers)` as its block types, and the same logits as those weights dequantized; and llama.cpp loads it and
     gives close logits (where llama-cpp-python is installed)."""
     from gemma3.loading import load
-    from gemma3.quantize import quantized_formats
+    from gemma3.accel.quantize import quantized_formats
 
     path = convert(str(source), path, to="gguf", gguf_type=gguf_type, progress=False)
     native, tokenizer, config = load(path, quantize=None, progress=False)

@@ -14,9 +14,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def test_generate_on_cuda_defaults_to_bf16_with_the_cache_on_the_device(gguf_path):
-    from gemma3.generate import GenerationConfig, Generator, _Run
+    from gemma3.generation.generator import GenerationConfig, Generator, _Run
     from gemma3.loading import load
-    from gemma3.sampling import SamplingParams
+    from gemma3.generation.sampling import SamplingParams
 
     model, tokenizer, _ = load(gguf_path, dtype=torch.bfloat16, device="cuda", progress=False)
     gen = Generator(model, tokenizer)
@@ -29,9 +29,9 @@ def test_generate_on_cuda_defaults_to_bf16_with_the_cache_on_the_device(gguf_pat
 
 def test_cuda_greedy_tokens_match_the_cpu(gguf_path, passage):
     """fp32 on both devices: the same greedy tokens (bf16 kernels differ between devices by rounding)."""
-    from gemma3.generate import GenerationConfig, Generator
+    from gemma3.generation.generator import GenerationConfig, Generator
     from gemma3.loading import load
-    from gemma3.sampling import SamplingParams
+    from gemma3.generation.sampling import SamplingParams
 
     config = GenerationConfig(max_new_tokens=48, sampling=SamplingParams(temperature=0))
     tokens = {}

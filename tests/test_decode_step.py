@@ -1,4 +1,4 @@
-"""The fused decode step (gemma3.decode_step, kernels/step.c) against the module path it replaces: the same
+"""The fused decode step (gemma3.accel.fused_step, kernels/step.c) against the module path it replaces: the same
 logits (to GELU's last bits), the same cache contents, the same greedy tokens, 1 and 2 threads giving the
 same bits, and the models and caches it must leave to the modules."""
 
@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from gemma3.config import Gemma3Config
-from gemma3.decode_step import FusedDecodeStep, reason_not_fused
+from gemma3.accel.fused_step import FusedDecodeStep, reason_not_fused
 from gemma3.errors import Gemma3Error
-from gemma3.generate import GenerationConfig, Generator
+from gemma3.generation.generator import GenerationConfig, Generator
 from gemma3.kv_cache import KVCache
-from gemma3.packed import pack_model
-from gemma3.quantize import QuantizedTensor, quantize_model, quantize_state, split_state
-from gemma3.sampling import SamplingParams
+from gemma3.accel.native import pack_model
+from gemma3.accel.quantize import QuantizedTensor, quantize_model, quantize_state, split_state
+from gemma3.generation.sampling import SamplingParams
 from reference import random_model
 from test_generate import LetterTokenizer
 from test_kernels import needs_kernel
@@ -217,7 +217,7 @@ def test_the_kernel_refuses_a_step_outside_the_cache():
     """kernels/step.c checks the slots and key counts it is handed against every layer's cache before writing."""
     import ctypes
 
-    from gemma3.decode_step import _Step
+    from gemma3.accel.fused_step import _Step
 
     model = quantized_model()
     cache = KVCache(CONFIG, 1, 16)

@@ -8,8 +8,8 @@ import torch
 
 from gemma3.config import Gemma3Config, hybrid_layer_types
 from gemma3.errors import Gemma3Error
-from gemma3.generate import ChatSession, GenerationConfig, Generator
-from gemma3.sampling import SamplingParams
+from gemma3.generation.generator import ChatSession, GenerationConfig, Generator
+from gemma3.generation.sampling import SamplingParams
 from reference import random_model
 
 torch.set_num_threads(2)
@@ -163,7 +163,7 @@ def test_bad_prompts(gen):
 
 
 def test_non_finite_logits_name_the_fp16_cache_when_there_is_one():
-    from gemma3.generate import check_finite
+    from gemma3.generation.generator import check_finite
 
     bad = torch.tensor([[0.0, float("nan")]])
     check_finite(torch.zeros(1, 2), 0, torch.float16)  # finite: nothing to say

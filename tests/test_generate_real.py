@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gemma3.generate import GenerationConfig, Generator
+from gemma3.generation.generator import GenerationConfig, Generator
 from gemma3.kv_cache import KVCache
-from gemma3.sampling import SamplingParams
+from gemma3.generation.sampling import SamplingParams
 
 torch.set_num_threads(2)
 pytestmark = pytest.mark.slow
@@ -31,8 +31,8 @@ def test_cached_decode_equals_full_forward_past_window_twice(real_270m):
     model, tokenizer = real_270m
     # The plain kernels, whatever ran before on this shared model. With Generator's packed fp32 weights the
     # same check measures 1.2e-4: MKL's GEMV on the transposed copy sums in another order than its GEMM does
-    # over the same copy, and the difference is the kernels', not the cache's (see gemma3.packed).
-    from gemma3.packed import unpack_model
+    # over the same copy, and the difference is the kernels', not the cache's (see gemma3.accel.native).
+    from gemma3.accel.native import unpack_model
 
     unpack_model(model)
     ids = held_out_ids(tokenizer, 1200)

@@ -153,14 +153,14 @@ def test_missing_file_and_directory(tmp_path):
 
 
 # ---------------------------------------------------------------------- fuzzing the header reader
-@settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+@settings(suppress_health_check=[HealthCheck.too_slow])  # the profile's examples (tests/conftest.py)
 @given(st.binary(max_size=512))
 def test_fuzz_random_bytes(data):
     _parse_only_checkpoint_errors(b"GGUF" + data)
     _parse_only_checkpoint_errors(data)
 
 
-@settings(max_examples=500, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=max(500, settings.default.max_examples), suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_fuzz_mutated_header(draw):
     data = bytearray(valid_file())

@@ -16,7 +16,7 @@ import pytest
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'gemma3[eval]')")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import gemma3.harness  # noqa: E402,F401  (registers --model gemma3)
+import gemma3.eval.harness  # noqa: E402,F401  (registers --model gemma3)
 from gemma3.errors import Gemma3Error  # noqa: E402
 
 TASKS = ["g3_choice", "g3_rolling", "g3_gen"]
@@ -88,7 +88,7 @@ def task_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_checkpoint(tmp_path_factory, gguf_path):
-    from gemma3.weights.convert import convert
+    from gemma3.convert import convert
 
     out = tmp_path_factory.mktemp("hf_fp32") / "g3"
     convert(gguf_path, out, to="hf", dtype="float32", progress=False)
@@ -108,7 +108,7 @@ def evaluate(model, model_args, task_dir, batch_size=1):
 @pytest.fixture(scope="module")
 def ours(hf_checkpoint):
     """One gemma3 model for the module (lm-eval takes an LM instance as well as a name)."""
-    from gemma3.harness import Gemma3LM
+    from gemma3.eval.harness import Gemma3LM
 
     return Gemma3LM(pretrained=str(hf_checkpoint), dtype="float32", max_length=MAX_LENGTH, progress=False)
 
@@ -196,7 +196,7 @@ def test_shared_contexts_are_scored_once(ours, monkeypatch):
 
 
 def test_bad_model_args_are_clear_errors(hf_checkpoint):
-    from gemma3.harness import Gemma3LM
+    from gemma3.eval.harness import Gemma3LM
 
     with pytest.raises(Gemma3Error, match="unknown gemma3 model_args: colour"):
         Gemma3LM(pretrained=str(hf_checkpoint), colour="red")
@@ -224,7 +224,7 @@ def test_cli_runs_lm_eval_with_gemma3_registered(task_dir, tmp_path):
                          capture_output=True, text=True, env=env, timeout=600)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1] == (
-        "gemma3 lm-eval: error: unknown gemma3 model_args: colour (see gemma3.harness.Gemma3LM)")
+        "gemma3 lm-eval: error: unknown gemma3 model_args: colour (see gemma3.eval.harness.Gemma3LM)")
     assert "Traceback" not in bad.stderr
 
 
@@ -234,7 +234,7 @@ def test_chat_rendering_equals_transformers_apply_chat_template(hf_checkpoint, g
     (continue_final_message when there is no generation prompt, as hf does)."""
     from transformers import AutoTokenizer
 
-    from gemma3.harness import render_chat_for_lm_eval
+    from gemma3.eval.harness import render_chat_for_lm_eval
 
     tokenizer = AutoTokenizer.from_pretrained(hf_checkpoint)
     conversations = [

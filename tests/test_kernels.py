@@ -15,7 +15,7 @@ from gemma3.config import Gemma3Config
 from gemma3.kernels import NativeLinear
 from gemma3.kv_cache import KVCache
 from gemma3.model import Gemma3Model
-from gemma3.packed import PackedEmbedding, PackedLinear, pack_model, unpack_model
+from gemma3.accel.native import PackedEmbedding, PackedLinear, pack_model, unpack_model
 from reference import random_model
 
 BUILDABLE = platform.machine().lower() in ("x86_64", "amd64") and shutil.which("cc") is not None

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gemma3.errors import CheckpointError
-from gemma3.loading import EMBEDDED, load, resolve_source
+from gemma3.loading import load
+from gemma3.weights.sources import EMBEDDED, resolve_source
 from gemma3.weights.hf import save_hf
 
 from test_hf_weights import TINY, tiny_state
@@ -89,8 +90,8 @@ def test_logits_match_transformers_past_the_sliding_window(ours, reference):
 
 @torch.no_grad()
 def test_64_greedy_tokens_match_transformers(ours, reference):
-    from gemma3.generate import GenerationConfig, Generator
-    from gemma3.sampling import SamplingParams
+    from gemma3.generation.generator import GenerationConfig, Generator
+    from gemma3.generation.sampling import SamplingParams
 
     model, tokenizer, _ = ours
     prompt = tokenizer.encode("The capital of France is")
@@ -111,7 +112,7 @@ def test_running_the_embedded_gguf_imports_neither_tokenizers_nor_safetensors():
 
     if bpe.library() is None:
         pytest.skip("the native tokenizer engine does not build here (HF tokenizers is the fallback)")
-    code = ("import sys\nfrom gemma3.loading import load\nfrom gemma3.generate import Generator, GenerationConfig\n"
+    code = ("import sys\nfrom gemma3.loading import load\nfrom gemma3.generation.generator import Generator, GenerationConfig\n"
             "model, tok, _ = load(None, progress=False, quantize=None)\n"
             "Generator(model, tok).generate('Hello', GenerationConfig(max_new_tokens=2))\n"
             "print(sorted(m for m in ('tokenizers', 'safetensors') if m in sys.modules))\n")

@@ -172,7 +172,7 @@ def test_rmsnorm_zero_centred_fp32():
 
 def test_packed_norm_gain_follows_weight_changes():
     """The packed norm reuses its fp32 gain (1 + w) without autograd; it must never be stale."""
-    from gemma3.packed import PackedRMSNorm
+    from gemma3.accel.native import PackedRMSNorm
 
     plain = RMSNorm(8).to(torch.bfloat16)
     with torch.no_grad():
@@ -197,7 +197,7 @@ def test_packed_norm_gain_follows_weight_changes():
 def test_pack_model_swaps_modules_and_unpack_restores_them():
     """model.py never packs; pack_model swaps modules from outside, keeping every Parameter (the state dict
     is unchanged), and unpack_model gives the plain modules back."""
-    from gemma3.packed import PackedAttention, PackedLinear, PackedRMSNorm, pack_model, unpack_model
+    from gemma3.accel.native import PackedAttention, PackedLinear, PackedRMSNorm, pack_model, unpack_model
 
     model = random_model(FAMILY["1b-like-mqa-trailing-sliding"])
     state = {k: v.data_ptr() for k, v in model.state_dict().items()}
@@ -217,7 +217,7 @@ def test_pack_model_swaps_modules_and_unpack_restores_them():
 @torch.no_grad()
 def test_packed_weights_stop_matching_when_weights_change():
     """A packed copy is used only while the weights are the ones it was made from."""
-    from gemma3.packed import pack_model, unpack_model
+    from gemma3.accel.native import pack_model, unpack_model
 
     model = random_model(FAMILY["4b-like-gqa-rope-scaling"])
     ids = torch.randint(0, 300, (1, 12))

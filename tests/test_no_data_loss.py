@@ -14,7 +14,7 @@ import torch
 
 from gemma3.cli import main
 from gemma3.loading import load
-from gemma3.train.lora import LoraSettings, write_adapter
+from gemma3.weights.lora import LoraSettings, write_adapter
 from gemma3.weights.hf import save_hf
 from reference import random_model
 from test_train_support import tiny_config, tiny_tokenizer_file, write_corpus
@@ -167,6 +167,27 @@ def test_train_into_an_existing_run_needs_resume_or_overwrite(capsys, tmp_path):
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [1]
     assert (run_dir / "my-notes.txt").read_text() == "keep me\n"
+
+
+def test_pruning_checkpoints_keeps_a_users_copy_beside_the_run(capsys, tmp_path):
+    """--keep removes only the trainer's own checkpoints (its exact step-NNNNNNNN names with train_state.json):
+    a user's copy of a checkpoint next to them, even one holding train_state.json, is never pruned."""
+    corpus = write_corpus(tmp_path / "corpus")
+    tok = tiny_tokenizer_file(tmp_path)
+    run_dir = tmp_path / "run"
+    args = [corpus, "-o", run_dir, "--tokenizer", tok, *TRAIN_ARCH, "--save-every", "1", "--keep", "1"]
+    assert run(capsys, "train", *args, "--steps", "1")[0] == 0
+    root = run_dir / "checkpoints"
+    best = root / "step-00000000-best"  # sorts before every real step: the first to go by name order
+    best.mkdir()
+    for f in (root / "step-00000001").iterdir():
+        (best / f.name).write_bytes(f.read_bytes())
+    (root / "step-7").mkdir()  # not the trainer's pattern either
+    (root / "step-7" / "notes.txt").write_text("mine\n")
+    before = snapshot(best), snapshot(root / "step-7")
+    assert run(capsys, "train", *args, "--steps", "3", "--resume")[0] == 0
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step-00000000-best", "step-00000003", "step-7"]
+    assert (snapshot(best), snapshot(root / "step-7")) == before
 
 
 @pytest.mark.parametrize("where", ["cwd", "contains the data"])

@@ -1,4 +1,4 @@
-"""gemma3.plot and `gemma3 plot`: the figures' numbers come from the model's own modules (attention weights
+"""gemma3.eval.plot and `gemma3 plot`: the figures' numbers come from the model's own modules (attention weights
 that respect the masks and sum to 1, the residual stream, the logit lens against the model's own logits,
 KV-cache bytes), the modules are left as they were, and the command writes only what it may."""
 
@@ -14,7 +14,7 @@ pytest.importorskip("matplotlib")
 from gemma3.cli import main  # noqa: E402
 from gemma3.config import GLOBAL, PRESETS, SLIDING  # noqa: E402
 from gemma3.kv_cache import cache_bytes  # noqa: E402
-from gemma3.plot import (attention_figure, kv_cache_figure, logit_lens, logit_lens_figure, masks_figure,  # noqa: E402
+from gemma3.eval.plot import (attention_figure, kv_cache_figure, logit_lens, logit_lens_figure, masks_figure,  # noqa: E402
                          residual_figure, rope_figure, trace)
 from reference import random_model  # noqa: E402
 from test_generate import LetterTokenizer, tiny  # noqa: E402

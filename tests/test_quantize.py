@@ -1,4 +1,4 @@
-"""Quantized weights (gemma3.quantize, kernels/quants.c) and the fused decode kernels (kernels/decode.c): each
+"""Quantized weights (gemma3.accel.quantize, kernels/quants.c) and the fused decode kernels (kernels/decode.c): each
 block format against a float64 product of gguf-py's dequantized weights, odd shapes, 1-8 rows, thread counts,
 NaN/inf, bad shapes, the torch fallback, and the modules swapped into a model."""
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import gguf as gguf_py
 from gemma3 import kernels
 from gemma3.errors import CheckpointError, Gemma3Error
-from gemma3.quantize import (FORMATS, QuantizedEmbedding, QuantizedLinear, QuantizedTensor, is_quantized,
+from gemma3.accel.quantize import (FORMATS, QuantizedEmbedding, QuantizedLinear, QuantizedTensor, is_quantized,
                              quantize_model, quantize_state, round_activation)
 from gemma3.weights.gguf import GGUFFile
 from reference import random_model
@@ -151,7 +151,7 @@ def test_q4_1_fit_beats_min_max_and_the_fallback_gives_the_same_blocks():
     the torch fallback gives the same bytes (but for rare ties in the last rounding)."""
     import gguf as gguf_py
 
-    from gemma3.quantize import _fit_q4_1_torch, fit_q4_1
+    from gemma3.accel.quantize import _fit_q4_1_torch, fit_q4_1
 
     g = torch.Generator().manual_seed(5)
     w = torch.randn(96, 320, generator=g) * 0.05
@@ -192,7 +192,7 @@ def test_q8_0_kernel_writes_gguf_py_bytes():
 def test_importance_weighted_q4_1_fits_the_important_columns_closer():
     """With an importance per column (gemma3/imatrix.py), the fit trades error in columns that matter little for
     error in those that matter: the weighted error falls, and the torch fallback gives the same blocks."""
-    from gemma3.quantize import _fit_q4_1_torch, fit_q4_1
+    from gemma3.accel.quantize import _fit_q4_1_torch, fit_q4_1
 
     g = torch.Generator().manual_seed(6)
     w = torch.randn(64, 96, generator=g) * 0.05
@@ -219,7 +219,7 @@ def test_importance_weighted_q4_1_fits_the_important_columns_closer():
 def test_imatrix_is_the_mean_square_of_each_projection_input():
     """imatrix.collect: per projection, E[x_j²] of its input over the calibration tokens — checked on layer 0,
     whose q/k/v input is the first norm of the scaled embeddings — and the calibration text is real text."""
-    from gemma3 import imatrix
+    from gemma3.accel import imatrix
 
     model = _tiny_model(torch.float32)
     ids = [2] + list(range(5, 40))
@@ -244,7 +244,7 @@ def test_many_rows_take_a_tiled_dequantized_gemm(monkeypatch):
     x = torch.randn(40, 64, generator=g)  # more than MAX_DECODE_ROWS
     whole = qt.matmul(x)
     torch.testing.assert_close(whole, F.linear(x, qt.dequantize()), rtol=0, atol=0)
-    monkeypatch.setattr("gemma3.quantize.GEMM_TILE_BYTES", 64 * 4 * 7)  # 7 rows a tile
+    monkeypatch.setattr("gemma3.accel.quantize.GEMM_TILE_BYTES", 64 * 4 * 7)  # 7 rows a tile
     torch.testing.assert_close(qt.matmul(x), whole, rtol=1e-5, atol=1e-5)  # GEMM blocking sums differently
 
 
@@ -259,7 +259,7 @@ def no_kernels(monkeypatch):
 
 @needs_kernel
 def test_torch_fallback_equals_the_kernel_within_rounding(embedded, no_kernels):
-    from gemma3.quantize import kernel_note
+    from gemma3.accel.quantize import kernel_note
 
     g = torch.Generator().manual_seed(3)
     cases = [(qt, torch.randn(3, qt.shape[1], generator=g)) for qt in samples(embedded)]
@@ -300,7 +300,7 @@ def test_quantized_model_is_close_to_float_and_holds_no_float_matrices():
     state = quantize_state(model.state_dict(), "int8")
     assert sum(isinstance(t, QuantizedTensor) for t in state.values()) == 1 + 7 * 2
     quantized = random_model(model.config)
-    from gemma3.quantize import split_state
+    from gemma3.accel.quantize import split_state
 
     floats, blocks = split_state(state)
     quantize_model(quantized, blocks, torch.float32)
@@ -392,7 +392,7 @@ def test_int4_load_calibrates_with_the_tokenizer_or_says_it_cannot(tiny_hf_dir, 
     import shutil
 
     from gemma3.loading import load, load_weights
-    from gemma3.quantize import more_bits_layer
+    from gemma3.accel.quantize import more_bits_layer
 
     _, calibrated, _, _ = load_weights(tiny_hf_dir, quantize="int4", progress=True)
     assert "calibrating --quantize int4 on 64 tokens" in capsys.readouterr().err  # capped at the context

@@ -17,8 +17,8 @@ import torch
 
 from gemma3.kv_cache import KVCache
 from gemma3.loading import build_model, load_weights
-from gemma3.packed import pack_model
-from gemma3.quantize import MAX_DECODE_ROWS as KERNEL_ROWS  # rows that still take the kernel
+from gemma3.accel.native import pack_model
+from gemma3.accel.quantize import MAX_DECODE_ROWS as KERNEL_ROWS  # rows that still take the kernel
 
 TOKENS = 3072
 CHUNK = 8  # bf16: its native kernel's rows
@@ -26,7 +26,7 @@ CHUNK = 8  # bf16: its native kernel's rows
 
 def held_out_ids(tokenizer, n: int) -> list[int]:
     """The first n tokens of CPython's pydoc topics, in a fixed order."""
-    from gemma3.evaluate import pydoc_ids
+    from gemma3.eval.perplexity import pydoc_ids
 
     return pydoc_ids(tokenizer, n)
 
@@ -118,9 +118,9 @@ def test_int8_greedy_tokens_equal_bf16_or_part_at_a_near_tie(gguf_path, real_270
     logits there are within the int8 error (the test prints every such step and its margin). On this prompt
     bf16's very first token is an exact tie (21.875 twice, bf16 logits being coarse), so the free run parts at
     token 0 whatever int8 does."""
-    from gemma3.decode_step import FusedDecodeStep
-    from gemma3.generate import GenerationConfig, Generator
-    from gemma3.sampling import SamplingParams
+    from gemma3.accel.fused_step import FusedDecodeStep
+    from gemma3.generation.generator import GenerationConfig, Generator
+    from gemma3.generation.sampling import SamplingParams
 
     tokenizer = real_270m[1]
     prompt = tokenizer.encode(passage)[:200]
@@ -153,7 +153,7 @@ def test_int8_greedy_tokens_equal_bf16_or_part_at_a_near_tie(gguf_path, real_270
 
 @torch.inference_mode()
 def test_fused_decode_step_scores_text_as_the_module_steps_do(gguf_path, real_tokenizer_ids):
-    """Generation's decode step for the file's own blocks (gemma3.decode_step: the whole step in one native
+    """Generation's decode step for the file's own blocks (gemma3.accel.fused_step: the whole step in one native
     call) against the same one-token steps through the modules, over 576 held-out tokens fed one at a time
     (crossing the 512-token window). Only GELU's tanh differs in its last bits, and the int16 rounding of
     the activations turns some of those into one code step: measured, the same mean NLL to 5 digits (3.06110 vs
@@ -164,7 +164,7 @@ def test_fused_decode_step_scores_text_as_the_module_steps_do(gguf_path, real_to
     fp32 module steps: the cost of storing keys and values in fp16. Measured 2026-12-03: mean NLL -0.0014 %
     (3.0610737 vs 3.0611151), mean KL 6.4e-7 per token (int8 weights: 7.2e-4, bf16: 7.5e-4, in `scores`), the
     worst logit 9.9e-4 of the range apart."""
-    from gemma3.decode_step import FusedDecodeStep
+    from gemma3.accel.fused_step import FusedDecodeStep
 
     model = build(gguf_path, None)
     ids = real_tokenizer_ids[:576]

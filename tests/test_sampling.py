@@ -19,7 +19,7 @@ from transformers.generation import (
 from transformers.generation.utils import GenerationMixin
 
 from gemma3.errors import Gemma3Error
-from gemma3.sampling import (
+from gemma3.generation.sampling import (
     SamplingParams,
     apply_min_p,
     apply_repetition_penalty,

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from gemma3.errors import Gemma3Error
-from gemma3.generate import GenerationConfig, Generator
+from gemma3.generation.generator import GenerationConfig, Generator
 from gemma3.kv_cache import KVCache, SlotKVCache
-from gemma3.sampling import SamplingParams
+from gemma3.generation.sampling import SamplingParams
 from gemma3.serve.scheduler import Failed, Finished, QueueFull, Request, Scheduler, TokenEvent
 from reference import random_model
 from test_generate import LetterTokenizer, tiny

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gemma3.errors import Gemma3Error
-from gemma3.streaming import TextStreamer, find_stop, partial_stop_length, stop_reason
+from gemma3.text.streaming import TextStreamer, find_stop, partial_stop_length, stop_reason
 
 RARE_CJK = "丣乛亶"  # not in the vocabulary: three <0xNN> byte tokens each
 TEXTS = [

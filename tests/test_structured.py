@@ -1,4 +1,4 @@
-"""Structured output (gemma3.structured over llguidance): schemas are checked when compiled, and generation
+"""Structured output (gemma3.generation.structured over llguidance): schemas are checked when compiled, and generation
 under a grammar gives JSON that parses and validates, through the Python API and `gemma3 generate
 --json-schema` on the real 270M."""
 
@@ -14,9 +14,9 @@ jsonschema = pytest.importorskip("jsonschema")
 
 from gemma3.cli import main  # noqa: E402
 from gemma3.errors import Gemma3Error  # noqa: E402
-from gemma3.generate import GenerationConfig, Generator  # noqa: E402
-from gemma3.sampling import SamplingParams  # noqa: E402
-from gemma3.structured import MAX_SCHEMA_BYTES, JsonGrammar  # noqa: E402
+from gemma3.generation.generator import GenerationConfig, Generator  # noqa: E402
+from gemma3.generation.sampling import SamplingParams  # noqa: E402
+from gemma3.generation.structured import MAX_SCHEMA_BYTES, JsonGrammar  # noqa: E402
 
 CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
                                          "population": {"type": "integer", "minimum": 0, "maximum": 10**8},

@@ -42,7 +42,7 @@ def test_stream_packing_bos_at_document_starts_every_token_a_target_once(tmp_pat
 
 
 def test_chat_targets_are_model_turns_with_end_of_turn(official_tokenizer):
-    from gemma3.chat import render_chat
+    from gemma3.text.chat import render_chat
 
     tok = Tokenizer.from_file(official_tokenizer / "tokenizer.json")
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi  there"},

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from gemma3.model import Gemma3Model
-from gemma3.train.lora import (ALL_LINEAR, LoraSettings, apply_lora, load_adapter_into, lora_modules,
-                               merged_state_dict, write_adapter)
+from gemma3.train.lora import apply_lora, load_adapter_into, lora_modules, merged_state_dict
+from gemma3.weights.lora import ALL_LINEAR, LoraSettings, write_adapter
 from reference import hf_model_like, random_model
 from test_train_support import tiny_config, tiny_tokenizer_file, write_chat
 
@@ -62,7 +62,7 @@ def test_merged_model_equals_base_plus_adapter_and_adapter_round_trips(tmp_path)
 def test_merge_lora_command_writes_a_model_source(tmp_path):
     pytest.importorskip("gemma3.weights.hf")
     from gemma3.loading import load
-    from gemma3.train.lora import merge_lora
+    from gemma3.convert import merge_lora
     from gemma3.weights.hf import save_hf
 
     settings = LoraSettings(r=2, alpha=4, targets=("q_proj", "o_proj"))
@@ -84,7 +84,7 @@ def test_merge_lora_command_writes_a_model_source(tmp_path):
 
 def test_lora_flag_on_generate_equals_the_merged_model(tmp_path, capsys):
     from gemma3.cli import main
-    from gemma3.train.lora import merge_lora
+    from gemma3.convert import merge_lora
     from gemma3.weights.hf import save_hf
 
     settings = LoraSettings(r=2, alpha=4, targets=("q_proj", "v_proj"))

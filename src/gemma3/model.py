@@ -61,7 +61,7 @@ class RMSNorm(nn.Module):
 class TiedEmbedding(nn.Embedding):
     """The token embedding, which is also the output head: `attend(h)` = h · Eᵀ (the name Gemma's own Flax
     code gives it). One table serves both ends, so an inference side that keeps it in another form (packed,
-    quantized: gemma3.packed, gemma3.quantize) swaps this one module and the head follows."""
+    quantized: gemma3.accel.native, gemma3.accel.quantize) swaps this one module and the head follows."""
 
     def attend(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.weight)
@@ -245,7 +245,7 @@ class GroupedQueryAttention(nn.Module):
     def attention_probs(self, q, k, mask) -> torch.Tensor:
         """The attention weights softmax(q·kᵀ·scale + mask), fp32, as (B, K, G·T, S): for KV head k, the
         rows of its G query heads one after the other (query head h = k·G + g is rows g·T ... g·T + T - 1).
-        `_eager` multiplies them with v; gemma3.plot draws them."""
+        `_eager` multiplies them with v; gemma3.eval.plot draws them."""
         B, H, T, hd = q.shape
         G = H // self.num_kv_heads
         q = q.reshape(B, self.num_kv_heads, G * T, hd)  # (B, K, G·T, hd)

@@ -57,7 +57,7 @@ def add_cache_args(parser: argparse.ArgumentParser) -> None:
 class Loaded:
     model: torch.nn.Module
     tokenizer: object
-    chat_template: object | None  # gemma3.chat.ChatTemplate, or None for the built-in Gemma 3 format
+    chat_template: object | None  # gemma3.text.chat.ChatTemplate, or None for the built-in Gemma 3 format
     load_s: float
     description: str
 
@@ -102,7 +102,7 @@ def load_from_args(args: argparse.Namespace, device: torch.device, dtype: torch.
     config, state, resolved, metadata = load_weights(args.model, dtype, progress=not args.quiet, lora=args.lora,
                                                      quantize=args.quantize, device=device)
     model = build_model(config, state, device)
-    from gemma3.quantize import is_quantized, kernel_note
+    from gemma3.accel.quantize import is_quantized, kernel_note
 
     if is_quantized(model) and kernel_note() and not args.quiet:
         print(kernel_note(), file=sys.stderr)

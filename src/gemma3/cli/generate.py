@@ -79,8 +79,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def generation_config(args: argparse.Namespace):
-    from gemma3.generate import GenerationConfig
-    from gemma3.sampling import SamplingParams
+    from gemma3.generation.generator import GenerationConfig
+    from gemma3.generation.sampling import SamplingParams
 
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
@@ -95,11 +95,11 @@ def generation_config(args: argparse.Namespace):
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from gemma3.generate import Generator
+    from gemma3.generation.generator import Generator
 
     config = generation_config(args)  # validate flags before the (slow) load
     if args.json_schema is not None:
-        from gemma3.structured import MAX_SCHEMA_BYTES, JsonGrammar
+        from gemma3.generation.structured import MAX_SCHEMA_BYTES, JsonGrammar
 
         schema = read_text_arg(None, args.json_schema, "JSON schema", cap=MAX_SCHEMA_BYTES)
         try:
@@ -135,7 +135,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from gemma3.generate import ChatSession, Generator
+    from gemma3.generation.generator import ChatSession, Generator
 
     config = generation_config(args)
     device, dtype = prepare_run(args)
@@ -196,7 +196,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def run_perplexity(args: argparse.Namespace) -> int:
-    from gemma3.evaluate import perplexity
+    from gemma3.eval.perplexity import perplexity
 
     if args.context < 2 or (args.stride is not None and not 1 <= args.stride < args.context):
         raise Gemma3Error(f"need --context >= 2 and 1 <= --stride < --context, got {args.context} and {args.stride}")

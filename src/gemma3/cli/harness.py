@@ -1,7 +1,7 @@
 """`gemma3 lm-eval ARGS`: EleutherAI's lm-evaluation-harness command line with the `gemma3` model registered.
 
 lm-eval has no plugin entry point, so its own `lm_eval` command cannot see models outside its package; this
-runs that command (every flag of `lm_eval run`, `ls`, `validate`) after importing gemma3.harness."""
+runs that command (every flag of `lm_eval run`, `ls`, `validate`) after importing gemma3.eval.harness."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def run_lm_eval(args: argparse.Namespace) -> int:
         import lm_eval  # noqa: F401
     except ModuleNotFoundError:
         raise Gemma3Error("lm-eval is not installed: pip install 'gemma3[eval]'") from None
-    from gemma3.harness import main
+    from gemma3.eval.harness import main
 
     try:
         return main(args.lm_eval_args)

@@ -1,4 +1,4 @@
-"""`gemma3 plot KIND`: pictures of the model at work (gemma3.plot), written as PNG (or SVG/PDF by -o's suffix)."""
+"""`gemma3 plot KIND`: pictures of the model at work (gemma3.eval.plot), written as PNG (or SVG/PDF by -o's suffix)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ LENS_PROMPT = "The capital of France is Paris. The capital of Italy is Rome. The
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from gemma3.plot import KINDS
+    from gemma3.eval.plot import KINDS
 
     p = sub.add_parser(
         "plot", help="pictures of the model at work: masks, rope, attention, residual, logit-lens, kv-cache",
@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    import gemma3.plot as plots
+    import gemma3.eval.plot as plots
     from gemma3.config import PRESETS, get_preset
     from gemma3.files import check_output_file, temp_path
 
@@ -70,7 +70,7 @@ def run_plot(args: argparse.Namespace) -> int:
         elif args.kind == "logit-lens":
             ids = tok.encode(LENS_PROMPT)
         else:
-            from gemma3.evaluate import pydoc_ids
+            from gemma3.eval.perplexity import pydoc_ids
 
             ids = pydoc_ids(tok, LONG_TEXT_TOKENS)
         if len(ids) > 4096:

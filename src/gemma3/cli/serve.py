@@ -81,7 +81,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as e:
         raise Gemma3Error(f"gemma3 serve needs the server extra ({e.name} is missing): "
                           "pip install 'gemma3[serve]'") from None
-    from gemma3.generate import Generator
+    from gemma3.generation.generator import Generator
 
     for name in ("max_batch", "prefill_chunk"):
         if getattr(args, name) < 1:
@@ -126,6 +126,6 @@ def _warm_grammar_engine(tokenizer, stop_ids) -> None:
 
     if importlib.util.find_spec("llguidance") is None:
         return
-    from gemma3.structured import engine_tokenizer
+    from gemma3.generation.structured import engine_tokenizer
 
     threading.Thread(target=engine_tokenizer, args=(tokenizer, stop_ids), daemon=True).start()

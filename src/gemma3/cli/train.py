@@ -174,7 +174,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
     import torch
 
-    from gemma3.train import merge_lora
+    from gemma3.convert import merge_lora
 
     out = merge_lora(args.model, args.adapter, args.out, dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32,
                      progress=not args.quiet, overwrite=args.overwrite)

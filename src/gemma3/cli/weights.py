@@ -55,7 +55,7 @@ def model_info(config: Gemma3Config) -> dict[str, Any]:
 
 def _config_of(source: str | None) -> tuple[Gemma3Config, str]:
     """The config of a source without loading its weights; preset names (270m ... 27b) also work here."""
-    from gemma3.loading import resolve_model
+    from gemma3.weights.sources import resolve_model
     from gemma3.weights.gguf import GGUFFile, config_from_gguf
 
     if source is not None and source.lower() in PRESETS and not Path(source).exists():
@@ -110,7 +110,7 @@ def run_info(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- convert
 def run_convert(args: argparse.Namespace) -> int:
-    from gemma3.weights.convert import convert
+    from gemma3.convert import convert
 
     written = convert(_source(args.source), args.out, to=args.to, dtype=args.dtype, gguf_type=args.gguf_type,
                       overwrite=args.overwrite, progress=not args.quiet)

@@ -1,8 +1,8 @@
 """Native CPU kernels, built on first use with the system C compiler: the matrix-vector products of a decode
 step in bf16 and fp32 (`linear.c`, which says why it beats oneDNN and MKL there), the same products and
-the dequantization for weights in ggml's block formats (`quants.c`, used by gemma3.quantize), the fused
+the dequantization for weights in ggml's block formats (`quants.c`, used by gemma3.accel.quantize), the fused
 norm and one-token attention (`decode.c`), and a quantized model's whole decode step in one call (`step.c`,
-used by gemma3.decode_step). Apart from those, `bpe.c` is the tokenizer's BPE engine (gemma3.bpe), built into
+used by gemma3.accel.fused_step). Apart from those, `bpe.c` is the tokenizer's BPE engine (gemma3.bpe), built into
 its own small library without OpenMP or -march flags, so that tokenizing never loads torch.
 
 Nothing here is needed: without a C compiler, off x86-64, with `GEMMA3_NATIVE_KERNELS=0`, or when the build
@@ -166,7 +166,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.gemma3_fit_q4_1.restype = None
     lib.gemma3_quantize_q8_0.argtypes = [ptr, i64, i64, ptr]
     lib.gemma3_quantize_q8_0.restype = None
-    lib.gemma3_decode_step.argtypes = [ptr, ptr, ptr]  # gemma3.decode_step passes its Structures by reference
+    lib.gemma3_decode_step.argtypes = [ptr, ptr, ptr]  # gemma3.accel.fused_step passes its Structures by reference
     lib.gemma3_decode_step.restype = ctypes.c_int
     isa = "AVX-512 BF16" if lib.gemma3_kernel_isa() == 512 else "AVX2"
     quants = "AVX-512 VNNI" if lib.gemma3_q_isa() == 512 else "AVX2"
@@ -174,7 +174,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded library (None when unavailable): NativeLinear's GEMV, and quants.c for gemma3.quantize."""
+    """The loaded library (None when unavailable): NativeLinear's GEMV, and quants.c for gemma3.accel.quantize."""
     return _library()[0]
 
 

@@ -34,9 +34,9 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from gemma3.chat import render_chat
+from gemma3.text.chat import render_chat
 from gemma3.errors import Gemma3Error
-from gemma3.sampling import SamplingParams
+from gemma3.generation.sampling import SamplingParams
 from gemma3.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                    _Sampling)
 from gemma3.serve.scheduler import Failed, Finished, QueueFull, Request, Scheduler, TokenEvent
@@ -52,7 +52,7 @@ class ServerConfig:
     model_name: str
     api_key: str | None = None
     max_body_bytes: int = MAX_BODY_BYTES
-    chat_template: Any = None  # gemma3.chat.ChatTemplate, None = the built-in Gemma 3 format
+    chat_template: Any = None  # gemma3.text.chat.ChatTemplate, None = the built-in Gemma 3 format
 
 
 def request_id(prefix: str) -> str:
@@ -240,7 +240,7 @@ class _Server:
         fmt = body.response_format
         if fmt is None or fmt.type == "text":
             return None
-        from gemma3.structured import JsonGrammar, engine_tokenizer
+        from gemma3.generation.structured import JsonGrammar, engine_tokenizer
 
         def compile_():
             if fmt.type == "json_object":

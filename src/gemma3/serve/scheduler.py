@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 import torch
 
 from gemma3.errors import Gemma3Error
-from gemma3.generate import check_finite, default_stop_ids
+from gemma3.generation.generator import check_finite, default_stop_ids
 from gemma3.kv_cache import SlotKVCache
-from gemma3.sampling import SamplingParams, next_token
-from gemma3.streaming import TextStreamer
+from gemma3.generation.sampling import SamplingParams, next_token
+from gemma3.text.streaming import TextStreamer
 
 
 _admitted = itertools.count()  # admission order: prefills run first come, first served
@@ -61,7 +61,7 @@ class Request:
     presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in what was generated
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob and the k most likely
-    grammar: object | None = None  # a gemma3.structured.JsonGrammar
+    grammar: object | None = None  # a gemma3.generation.structured.JsonGrammar
     id: str = ""
     cancelled: bool = False  # set by the HTTP side (client gone); the row is freed at the next step
 

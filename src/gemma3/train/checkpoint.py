@@ -31,10 +31,8 @@ import torch
 
 from gemma3.config import Gemma3Config
 from gemma3.errors import CheckpointError
+from gemma3.weights.sources import CHECKPOINTS, LATEST, TRAIN_STATE, checkpoint_dir, is_checkpoint, latest_checkpoint
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-TRAIN_STATE = "train_state.json"
 TRAINER_STATE = "trainer_state.pt"
 MODEL_WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer.json"
@@ -102,10 +100,6 @@ def write_model_files(directory: Path, config: Gemma3Config, state: dict[str, to
     save_file(tensors, str(directory / MODEL_WEIGHTS), metadata={"format": "pt"})
 
 
-def checkpoint_dir(out_dir: Path, step: int) -> Path:
-    return Path(out_dir) / CHECKPOINTS / f"step-{step:08d}"
-
-
 def save_checkpoint(out_dir: Path, step: int, *, config: Gemma3Config, model_state: dict[str, torch.Tensor] | None,
                     write_adapter=None, trainer_state: dict, train_state: dict, tokenizer_file: Path | None,
                     keep: int) -> Path:
@@ -131,24 +125,14 @@ def save_checkpoint(out_dir: Path, step: int, *, config: Gemma3Config, model_sta
 
 
 def _prune(root: Path, keep: int, newest: Path) -> None:
+    """Delete all but the newest `keep` checkpoints, and only what the trainer wrote: a directory of its exact
+    name pattern holding its train_state.json (a user's copy such as step-00000500-best is never touched)."""
     if keep <= 0:
         return
-    done = sorted(p for p in root.glob("step-*") if p.is_dir())
+    done = sorted(p for p in root.iterdir() if is_checkpoint(p))
     for old in done[:-keep]:
         if old != newest:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The checkpoint `latest` names (or, if that file is missing, the highest complete step)."""
-    root = Path(out_dir) / CHECKPOINTS
-    pointer = root / LATEST
-    if pointer.is_file():
-        candidate = root / pointer.read_text(encoding="utf-8").strip()
-        if (candidate / TRAIN_STATE).is_file():
-            return candidate
-    done = sorted(p for p in root.glob("step-*") if (p / TRAIN_STATE).is_file())
-    return done[-1] if done else None
 
 
 def resolve_resume(resume: str | bool, out_dir: Path) -> Path:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gemma3.errors import Gemma3Error
-from gemma3.train.lora import LoraSettings
+from gemma3.weights.lora import LoraSettings
 
 MAX_GLOBAL_BATCH = 2**20  # sequences per optimizer step per process; real recipes use hundreds
 MAX_HYPERPARAMETER = {"lr": 1e3, "weight_decay": 1e3, "grad_clip": 1e6, "sample_temperature": 1e4, "min_lr_ratio": 1.0}

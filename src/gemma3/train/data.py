@@ -202,7 +202,7 @@ def tokenize_chat(messages: list, tokenizer, where: str = "conversation") -> tup
     the target is that minus the final newline. Segments meet at control tokens or the atomic ``\\n``
     token, so tokenizing them separately gives the same ids as tokenizing the whole rendered text.
     """
-    from gemma3.chat import render_chat
+    from gemma3.text.chat import render_chat
 
     try:
         segments: list[tuple[str, int]] = []

@@ -17,7 +17,7 @@ from typing import Any
 from gemma3.errors import CheckpointError
 from gemma3.train import checkpoint as ckpt
 from gemma3.train.config import TrainConfig
-from gemma3.train.lora import LoraSettings
+from gemma3.weights.lora import LoraSettings
 from gemma3.train.metrics import LOSS_PNG, METRICS
 
 # ------------------------------------------------------------------------------------ resuming a run

@@ -39,7 +39,8 @@ from gemma3.train import distributed as dist_
 from gemma3.train.data import (IGNORE_INDEX, DataError, PackedDataset, TokenFile, collate, global_batch_indices,
                                split_documents, unigram_loss)
 from gemma3.train.config import SCHEDULE_FIELDS, TrainConfig, lr_at, schedule
-from gemma3.train.lora import apply_lora, describe, write_adapter
+from gemma3.train.lora import apply_lora, describe
+from gemma3.weights.lora import write_adapter
 from gemma3.train.metrics import LOSS_PNG, METRICS, Metrics, plot_loss, progress_bar
 from gemma3.train.rundir import absolute, prepare_run_dir, stored_config
 
@@ -119,7 +120,7 @@ def load_tokenizer(spec: str | None):
     from gemma3.tokenizer import Tokenizer
 
     if spec is None:
-        from gemma3.loading import embedded_gguf_path
+        from gemma3.weights.sources import embedded_gguf_path
 
         return Tokenizer.from_gguf(embedded_gguf_path())
     path = Path(spec).expanduser()
@@ -313,7 +314,7 @@ class Trainer:
         if self.cfg.lora is None:
             weights = ckpt.read_model_state(path)
         else:
-            from gemma3.train.lora import read_adapter
+            from gemma3.weights.lora import read_adapter
 
             _, adapter, _ = read_adapter(path)
             weights = {f"{k}.weight": v for k, v in adapter.items()}
@@ -418,7 +419,7 @@ class Trainer:
         else:
             prompts = ["Hello! What can you do?"] if self.tokens.kind == "chat" else [""]
         if self.tokens.kind == "chat":
-            from gemma3.chat import render_chat
+            from gemma3.text.chat import render_chat
 
             return [render_chat([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
         return prompts
@@ -429,7 +430,7 @@ class Trainer:
         samples of different steps differ only because the model did. Run on every rank (FSDP forwards are
         collective); fp32, with the KV cache."""
         from gemma3.kv_cache import KVCache
-        from gemma3.sampling import SamplingParams, next_token
+        from gemma3.generation.sampling import SamplingParams, next_token
 
         cfg, dev = self.cfg, self.env.device
         params = SamplingParams(temperature=cfg.sample_temperature, top_k=50, top_p=1.0)

@@ -250,9 +250,9 @@ class GGUFFile:
         return torch.from_numpy(fn(blocks).reshape(info.shape))
 
     def quantized(self, name: str):
-        """The tensor's blocks as they are in the file (a gemma3.quantize.QuantizedTensor, no copy), or None
+        """The tensor's blocks as they are in the file (a gemma3.accel.quantize.QuantizedTensor, no copy), or None
         when its type has no native kernel."""
-        from gemma3.quantize import FORMATS, QuantizedTensor
+        from gemma3.accel.quantize import FORMATS, QuantizedTensor
 
         info = self.tensors[name]
         if info.type_name not in FORMATS or len(info.shape) != 2:
@@ -525,11 +525,11 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     """Read a Gemma 3 GGUF into (config, our state dict in `dtype`, the open file).
 
     Names and shapes are checked against the config before any tensor is dequantised. `keep_quantized`:
-    projections and the embedding stored in a block format with a native kernel (gemma3.quantize.FORMATS)
+    projections and the embedding stored in a block format with a native kernel (gemma3.accel.quantize.FORMATS)
     stay in it, as QuantizedTensors over the file's mapping; a matrix in another block type is dequantised,
     and `notice` is told so in one line.
     """
-    from gemma3.quantize import QUANTIZABLE
+    from gemma3.accel.quantize import QUANTIZABLE
 
     gguf = GGUFFile.open(path)
     config = config_from_gguf(gguf)

@@ -1,5 +1,5 @@
 """Inference-only fast paths for float (fp32 / bf16) weights on the CPU, swapped into the model from outside
-(`pack_model`), as gemma3.quantize does for quantized weights: model.py stays the architecture.
+(`pack_model`), as gemma3.accel.quantize does for quantized weights: model.py stays the architecture.
 
     PackedLinear     replaces an nn.Linear: one or a few rows (decode) → the native GEMV reading the weight
                      in place; many rows (prefill) → a copy in the layout the CPU's GEMM reads fastest

@@ -8,7 +8,7 @@ Two renderers, one output:
   transformers' `apply_chat_template` does (transformers/utils/chat_template_utils.py,
   `_cached_compile_jinja_template`): a template shipped with a downloaded model is untrusted code. The
   sandbox stops attribute escapes; time and memory are bounded by rendering in a child process
-  (gemma3.template_worker) that is killed after `TEMPLATE_SECONDS` and limited to 512 MiB, with the output
+  (gemma3.text.template_worker) that is killed after `TEMPLATE_SECONDS` and limited to 512 MiB, with the output
   capped at `TEMPLATE_MAX_CHARS`. Errors name the file the template came from (`ChatTemplate.origin`).
   The official Gemma 3 template itself is rendered by the built-in renderer, which gives the same text.
 
@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gemma3 import template_worker as worker
+from gemma3.text import template_worker as worker
 from gemma3.errors import Gemma3Error
 
 # The official Gemma 3 IT template, verbatim from google/gemma-3-*-it tokenizer_config.json ("chat_template"):
@@ -217,7 +217,7 @@ def _plain(value: Any) -> Any:
 
 
 class _TemplateProcess:
-    """The parent's side of gemma3.template_worker: one child process, started on first use, killed and
+    """The parent's side of gemma3.text.template_worker: one child process, started on first use, killed and
     restarted when a rendering overruns `TEMPLATE_SECONDS`. One rendering at a time (a lock), so a server's
     threads can share it. Where no child can be started (no `resource` module or no fork: not Linux/macOS),
     templates render in-process with the output cap but no time or memory bound."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from gemma3.chat import GEMMA3_CHAT_TEMPLATE
+from gemma3.text.chat import GEMMA3_CHAT_TEMPLATE
 from gemma3.config import PRESETS, Gemma3Config
 from gemma3.errors import CheckpointError
 from gemma3.files import check_output_dir, check_output_file
@@ -42,7 +42,8 @@ def convert(source: str | Path | None, out: str | Path, to: str = "hf", dtype: s
     """Write `source` (with the adapter `lora` folded in, if given) as an HF directory (`to="hf"`) or a
     GGUF file (`to="gguf"`); returns what was written. For GGUF, `out` is the file if it ends in .gguf,
     else a directory that receives ``model.gguf``."""
-    from gemma3.loading import chat_template_of, load_tokenizer, load_weights, progress_bar, resolve_model
+    from gemma3.loading import chat_template_of, load_tokenizer, load_weights, tensor_progress
+    from gemma3.weights.sources import resolve_model
     from gemma3.weights.gguf import tokenizer_metadata_from_json, write_gguf
     from gemma3.weights.hf import save_hf
 
@@ -80,4 +81,13 @@ def convert(source: str | Path | None, out: str | Path, to: str = "hf", dtype: s
     tokenizer_keys["tokenizer.chat_template"] = template_text
     out.parent.mkdir(parents=True, exist_ok=True)
     return write_gguf(out, config, state, tokenizer_keys, gguf_type, name=model_name(config, metadata),
-                      progress=progress_bar(progress, f"writing {out.name}"))
+                      progress=tensor_progress(progress, f"writing {out.name}"))
+
+
+def merge_lora(base: str | None, adapter_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32,
+               progress: bool = True, overwrite: bool = False) -> Path:
+    """`gemma3 merge-lora`: base model source + PEFT adapter → a standalone checkpoint directory (config.json,
+    model.safetensors, tokenizer files) that loads as a model source everywhere, and in transformers.
+    An existing non-empty `out_dir` is refused unless `overwrite` (gemma3.files)."""
+    return convert(base, out_dir, to="hf", dtype=str(dtype).removeprefix("torch."), progress=progress,
+                   overwrite=overwrite, lora=adapter_dir, extra_sources=(adapter_dir,), out_flag="-o")

@@ -2,7 +2,7 @@
 into, so a change to the model can be measured on the benchmarks people report.
 
     gemma3 lm-eval --model gemma3 --model_args pretrained=SOURCE,dtype=float32 --tasks hellaswag
-    # or in Python:  import gemma3.harness; lm_eval.simple_evaluate(model="gemma3", model_args=..., tasks=[...])
+    # or in Python:  import gemma3.eval.harness; lm_eval.simple_evaluate(model="gemma3", model_args=..., tasks=[...])
 
 lm-eval (0.4.x) has no plugin entry point: a model exists for it once a module registering it is imported.
 `gemma3 lm-eval ARGS` is lm-eval's own command line (every flag of `lm_eval run`) with this module imported.
@@ -14,7 +14,7 @@ The three request kinds, over our model and generator:
   the 262k-wide output head, a few hundred at a time, so a long continuation never holds (T, V) logits.
 * `loglikelihood_rolling(text)` -> log p(text), over lm-eval's own disjoint rolling windows of `max_length`.
 * `generate_until(context, {until, max_gen_toks, do_sample, temperature, ...})` -> the text before the first
-  stop string, through `gemma3.generate.Generator` (batched, KV cache; greedy unless do_sample).
+  stop string, through `gemma3.generation.generator.Generator` (batched, KV cache; greedy unless do_sample).
 
 Tokenization follows lm-eval's `hf` backend exactly, so the two give the same numbers on the same weights
 (tests/test_harness.py: within 1e-4 on a converted checkpoint): a context is encoded with <bos> (unless it
@@ -80,8 +80,8 @@ class Gemma3LM(TemplateLM):
                  threads: int | None = None, add_bos_token: bool = True, progress: bool = True, **unknown: Any):
         super().__init__()
         if unknown:
-            raise Gemma3Error(f"unknown gemma3 model_args: {', '.join(sorted(unknown))} (see gemma3.harness.Gemma3LM)")
-        from gemma3.generate import Generator
+            raise Gemma3Error(f"unknown gemma3 model_args: {', '.join(sorted(unknown))} (see gemma3.eval.harness.Gemma3LM)")
+        from gemma3.generation.generator import Generator
         from gemma3.loading import check_quantize, load, resolve_device
 
         if device and device.startswith("cuda") and not torch.cuda.is_available():
@@ -162,7 +162,7 @@ class Gemma3LM(TemplateLM):
         return f"gemma3-{self.config.vocab_size}"  # part of lm-eval's request-cache key
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
-        return "gemma3.chat.render_chat (Gemma 3 turns)" if chat_template else None
+        return "gemma3.text.chat.render_chat (Gemma 3 turns)" if chat_template else None
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         return render_chat_for_lm_eval(chat_history, add_generation_prompt)
@@ -255,8 +255,8 @@ class Gemma3LM(TemplateLM):
 
     # ------------------------------------------------------------------ generation
     def _generation_config(self, gen_kwargs: dict):
-        from gemma3.generate import GenerationConfig
-        from gemma3.sampling import SamplingParams
+        from gemma3.generation.generator import GenerationConfig
+        from gemma3.generation.sampling import SamplingParams
 
         kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
         until = handle_stop_sequences(kwargs.pop("until", None), eos=self.tok_decode([self.eot_token_id], False))
@@ -312,7 +312,7 @@ def render_chat_for_lm_eval(messages: list[dict[str, str]], add_generation_promp
     """A conversation as lm-eval's `hf` backend renders it with transformers' `apply_chat_template`: the Gemma 3
     turns; without a generation prompt the last message is left open, to be continued (`hf` passes
     `continue_final_message=True` then)."""
-    from gemma3.chat import render_chat
+    from gemma3.text.chat import render_chat
 
     text = render_chat(messages, add_generation_prompt=add_generation_prompt)
     end = "<end_of_turn>\n"

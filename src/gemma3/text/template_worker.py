@@ -19,7 +19,7 @@ big-endian length and that many bytes of JSON; the child first sends ``{"ready":
 request ``{"template", "messages", "add_generation_prompt", "variables", "max_output"}`` with ``{"text"}``
 or ``{"error"}``.
 
-This module imports nothing from gemma3, so it can run as a plain script; `gemma3.chat` imports
+This module imports nothing from gemma3, so it can run as a plain script; `gemma3.text.chat` imports
 `make_environment` and `render` from it to run the same code in-process where no child can be started.
 """
 

@@ -11,7 +11,7 @@ drift from the model's semantics on those. Logits equal the module path's up to 
 form here, torch's there: an ulp or two on some values); tests/test_decode_step.py measures it.
 
 Used when it applies (`reason_not_fused(model, cache)` says why not): every projection and the tied embedding
-quantized (gemma3.quantize), native kernels built, no attention soft-capping, the SDPA implementation, and
+quantized (gemma3.accel.quantize), native kernels built, no attention soft-capping, the SDPA implementation, and
 a batch-1 KVCache on the CPU, fp32 or fp16 (`gemma3.kv_cache`: the fp16 cache the generator picks for it).
 Anything else runs the modules as before.
 """
@@ -27,7 +27,7 @@ from gemma3 import kernels
 from gemma3.config import GLOBAL, SLIDING
 from gemma3.errors import Gemma3Error
 from gemma3.kv_cache import KVCache
-from gemma3.quantize import QuantizedEmbedding, QuantizedLinear
+from gemma3.accel.quantize import QuantizedEmbedding, QuantizedLinear
 
 _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 PROJECTIONS = (("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),

@@ -401,7 +401,7 @@ def quantize_state(state: Mapping[str, torch.Tensor | QuantizedTensor], scheme: 
                    importance: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor | QuantizedTensor]:
     """`state` with every projection and the embedding quantized to SCHEMES[scheme] (already quantized
     entries are kept); norms stay float. `importance`: {weight name: (in,) weights} for the Q4_1 fits
-    (gemma3.imatrix.collect), names it lacks fitted without."""
+    (gemma3.accel.imatrix.collect), names it lacks fitted without."""
     if scheme not in SCHEMES:
         raise Gemma3Error(f"unknown quantization {scheme!r} (choose: none, {', '.join(SCHEMES)})")
     chosen = SCHEMES[scheme]

@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
-from gemma3.chat import render_chat
+from gemma3.text.chat import render_chat
 from gemma3.errors import Gemma3Error
 from gemma3.kv_cache import KVCache
 from gemma3.model import Gemma3Model
-from gemma3.sampling import SamplingParams, next_token
-from gemma3.streaming import TextStreamer, stop_reason
+from gemma3.generation.sampling import SamplingParams, next_token
+from gemma3.text.streaming import TextStreamer, stop_reason
 
 END_OF_TURN = 106
 DEFAULT_STOP_IDS = (1, END_OF_TURN)  # <eos>, <end_of_turn>: IT models end a turn with the latter
@@ -39,7 +39,7 @@ class GenerationConfig:
     stop_token_ids: tuple[int, ...] | None = None  # None: the checkpoint's eos ids plus 1 and 106
     seed: int | None = None
     prefill_chunk: int = 512
-    # gemma3.structured.JsonGrammar: constrain the output to JSON (any object, or one matching a schema)
+    # gemma3.generation.structured.JsonGrammar: constrain the output to JSON (any object, or one matching a schema)
     grammar: Any = None
 
     def validate(self) -> None:
@@ -99,17 +99,17 @@ class Generator:
     def __init__(self, model: Gemma3Model, tokenizer, dtype: torch.dtype | None = None,
                  pack_weights: bool | None = None, kv_cache_dtype: torch.dtype | None = None):
         self.model = model.eval()
-        # Float weights on the CPU: swap in the packed modules (gemma3.packed: the native decode kernel, and a
+        # Float weights on the CPU: swap in the packed modules (gemma3.accel.native: the native decode kernel, and a
         # copy of the layer weights in the layout the GEMM reads fastest; decode 1.5-1.6× faster on the 270M).
         # None = only when that copy takes under 1/4 of the RAM. Quantized models have their own modules.
         if pack_weights is None:
             weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
             pack_weights = weight_bytes < os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 4
         if pack_weights:
-            from gemma3.packed import pack_model
+            from gemma3.accel.native import pack_model
 
             pack_model(self.model)  # a quantized model gets the fused norm and attention steps only
-        # A quantized model decodes one sequence with its whole step in one native call (gemma3.decode_step);
+        # A quantized model decodes one sequence with its whole step in one native call (gemma3.accel.fused_step);
         # pack_weights=False keeps every step on the modules.
         self.fuse_steps = bool(pack_weights)
         self.tokenizer = tokenizer
@@ -127,7 +127,7 @@ class Generator:
         if self.kv_cache_dtype is not None:
             return self.kv_cache_dtype
         if batch_size == 1 and self.fuse_steps:
-            from gemma3.decode_step import reason_not_fused
+            from gemma3.accel.fused_step import reason_not_fused
 
             if reason_not_fused(self.model) is None:
                 return torch.float16
@@ -204,10 +204,10 @@ class _Run:
             self.matchers = [config.grammar.matcher(gen.tokenizer, tuple(self.stop_ids)) for _ in prompt_ids]
 
     def _fused_step(self):
-        """The decode step in one native call (gemma3.decode_step) where it applies, else None."""
+        """The decode step in one native call (gemma3.accel.fused_step) where it applies, else None."""
         if not self.gen.fuse_steps:
             return None
-        from gemma3.decode_step import FusedDecodeStep, reason_not_fused
+        from gemma3.accel.fused_step import FusedDecodeStep, reason_not_fused
 
         if reason_not_fused(self.gen.model, self.cache) is not None:
             return None
