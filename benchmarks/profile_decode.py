@@ -35,7 +35,7 @@ def main() -> None:
     from gemma3.kv_cache import KVCache
     from gemma3.loading import load
     from gemma3.generation.generator import Generator
-    from gemma3.accel.native import PackedEmbedding, PackedLinear
+    from gemma3.accel.native import NativeEmbedding, PackedLinear
     from gemma3.accel.quantize import QuantizedEmbedding, QuantizedLinear
 
     torch.set_num_threads(args.threads)
@@ -83,7 +83,7 @@ def main() -> None:
 
     # every matrix product of a step: the layers' projections (forward) and the tied head (attend)
     patched = [(cls, "forward") for cls in (PackedLinear, QuantizedLinear)] + \
-              [(cls, "attend") for cls in (PackedEmbedding, QuantizedEmbedding)]
+              [(cls, "attend") for cls in (NativeEmbedding, QuantizedEmbedding)]
     originals = {(cls, name): getattr(cls, name) for cls, name in patched}
 
     def install(make) -> None:

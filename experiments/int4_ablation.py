@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from gemma3.accel import imatrix  # noqa: E402
 from gemma3.loading import build_model, load_weights  # noqa: E402
 from gemma3.weights.sources import embedded_gguf_path  # noqa: E402
-from gemma3.accel.native import pack_model  # noqa: E402
+from gemma3.accel import accelerate  # noqa: E402
 from gemma3.accel.quantize import QUANTIZABLE, SCHEMES, QuantizedTensor, Scheme, layer_count  # noqa: E402
 
 
@@ -80,14 +80,14 @@ def main() -> None:
     tokenizer = Tokenizer.from_gguf(embedded_gguf_path())
     ids = held_out_ids(tokenizer, args.tokens)
     importance = imatrix.collect(build_model(config, dict(state)), imatrix.calibration_ids(tokenizer))
-    reference = pack_model(build_model(config, dict(state)))
+    reference = accelerate(build_model(config, dict(state)), native=True).model
     models, bits = {}, {}
     for name, (scheme, how) in VARIANTS.items():
         start = time.perf_counter()
         weights = quantized(state, scheme, how, importance)
         layer_weights = [t for n, t in weights.items() if n.startswith("layers.") and isinstance(t, QuantizedTensor)]
         bits[name] = 8 * sum(t.nbytes for t in layer_weights) / sum(t.shape[0] * t.shape[1] for t in layer_weights)
-        models[name] = (pack_model(build_model(config, weights)), 512)
+        models[name] = (accelerate(build_model(config, weights), native=True).model, 512)
         print(f"built {name} in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     scores = evaluate(reference, models, ids)
     base = scores["reference"]["ppl"]

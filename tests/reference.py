@@ -40,6 +40,52 @@ def random_model(config: Gemma3Config, seed: int = 0, dtype=torch.float32, norm_
     return model.to(dtype).eval()
 
 
+def set_attention_implementation(model: Gemma3Model, name: str) -> None:
+    """Every layer's attention on "sdpa" (the fused kernel) or "eager" (the same computation spelled out)."""
+    for layer in model.layers:
+        layer.self_attn.implementation = name
+
+
+def native_model(model: Gemma3Model) -> Gemma3Model:
+    """`model` with every inference module gemma3.accel swaps in (the CPU attention paths, the native modules)."""
+    from gemma3.accel import accelerate
+
+    return accelerate(model, native=True).model
+
+
+def unpack_model(model: Gemma3Model) -> Gemma3Model:
+    """The model's own modules back in place of what gemma3.accel swapped in, holding the same Parameters."""
+    from torch import nn
+
+    from gemma3.accel.attention import CPUAttention
+    from gemma3.accel.native import NativeEmbedding, NativeRMSNorm, PackedLinear
+    from gemma3.accel.swap import swap_modules
+    from gemma3.model import GroupedQueryAttention, RMSNorm, TiedEmbedding
+
+    def plain(m):
+        if isinstance(m, PackedLinear):
+            new = nn.Linear(m.in_features, m.out_features, bias=False, device="meta")
+        elif isinstance(m, NativeEmbedding):
+            new = TiedEmbedding(m.num_embeddings, m.embedding_dim, device="meta")
+        elif isinstance(m, NativeRMSNorm):
+            new = RMSNorm(m.weight.shape[0], m.eps)
+        elif isinstance(m, CPUAttention):
+            new = GroupedQueryAttention.__new__(GroupedQueryAttention)
+            nn.Module.__init__(new)
+            for name in ("num_heads", "num_kv_heads", "head_dim", "scale", "softcap", "implementation"):
+                setattr(new, name, getattr(m, name))
+            for name, child in m.named_children():
+                setattr(new, name, child)
+            return new
+        else:
+            return None
+        new.weight = m.weight
+        return new
+
+    swap_modules(model, plain)
+    return model
+
+
 def llama_cpp_model(path, **kwargs):
     """llama-cpp-python's Llama on `path` with its plain CPU kernels (llama_cpp_plain_kernels: the interop these
     tests check does not depend on the others), or a skip where it is not installed."""

@@ -12,10 +12,10 @@ from gemma3.accel.fused_step import FusedDecodeStep, reason_not_fused
 from gemma3.errors import Gemma3Error
 from gemma3.generation.generator import GenerationConfig, Generator
 from gemma3.kv_cache import KVCache
-from gemma3.accel.native import pack_model
+
 from gemma3.accel.quantize import QuantizedTensor, quantize_model, quantize_state, split_state
 from gemma3.generation.sampling import SamplingParams
-from reference import random_model
+from reference import native_model, random_model
 from test_generate import LetterTokenizer
 from test_kernels import needs_kernel
 
@@ -40,7 +40,7 @@ def quantized_model(config: Gemma3Config = CONFIG, seed: int = 0):
     out = random_model(config)
     quantize_model(out, blocks, torch.float32)
     out.load_state_dict(floats, strict=True)
-    return pack_model(out.eval())  # the fused norms and attention generation runs the modules with
+    return native_model(out.eval())  # the fused norms and attention generation runs the modules with
 
 
 def prompt(n: int = 5) -> torch.Tensor:

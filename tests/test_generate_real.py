@@ -32,7 +32,7 @@ def test_cached_decode_equals_full_forward_past_window_twice(real_270m):
     # The plain kernels, whatever ran before on this shared model. With Generator's packed fp32 weights the
     # same check measures 1.2e-4: MKL's GEMV on the transposed copy sums in another order than its GEMM does
     # over the same copy, and the difference is the kernels', not the cache's (see gemma3.accel.native).
-    from gemma3.accel.native import unpack_model
+    from reference import unpack_model
 
     unpack_model(model)
     ids = held_out_ids(tokenizer, 1200)

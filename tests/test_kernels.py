@@ -15,8 +15,8 @@ from gemma3.config import Gemma3Config
 from gemma3.kernels import NativeLinear
 from gemma3.kv_cache import KVCache
 from gemma3.model import Gemma3Model
-from gemma3.accel.native import PackedEmbedding, PackedLinear, pack_model, unpack_model
-from reference import random_model
+from gemma3.accel.native import NativeEmbedding, PackedLinear
+from reference import native_model, random_model, unpack_model
 
 BUILDABLE = platform.machine().lower() in ("x86_64", "amd64") and shutil.which("cc") is not None
 needs_kernel = pytest.mark.skipif(not BUILDABLE, reason="the native kernel is built on x86-64 with a C compiler")
@@ -121,15 +121,15 @@ def test_decode_without_native_kernel_is_close(fresh_kernels, dtype):
     attention through torch; the decode gives the same logits up to the order of fp32 additions."""
     model = _tiny_model(dtype)
     plain = _decode_logits(model)
-    pack_model(model)
+    native_model(model)
     native = _decode_logits(model)
     unpack_model(model)
     fresh_kernels.setenv("GEMMA3_NATIVE_KERNELS", "0")
     kernels._library.cache_clear()
     assert not kernels.available() and "disabled" in kernels.status()
-    pack_model(model)
+    native_model(model)
     head = model.embed_tokens
-    assert isinstance(head, PackedEmbedding) and head.rows is None
+    assert isinstance(head, NativeEmbedding) and head.rows is None
     fallback = _decode_logits(model)
     unpack_model(model)
     for got in (native, fallback):
@@ -170,7 +170,7 @@ def test_head_without_gemm_copy_takes_many_rows():
     from gemma3.model import TiedEmbedding
 
     table = TiedEmbedding(1000, 64).bfloat16()
-    head = PackedEmbedding(table)
+    head = NativeEmbedding(table)
     assert head.weight is table.weight and head.rows is not None
     for rows in (1, 5, 40):
         x = torch.randn(rows, 64).bfloat16()

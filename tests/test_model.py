@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from gemma3.config import GLOBAL, SLIDING, Gemma3Config, hybrid_layer_types
 from gemma3.errors import Gemma3Error
 from gemma3.model import Gemma3Model, RMSNorm, attention_mask
-from reference import hf_model_like, random_model
+from reference import hf_model_like, native_model, random_model, set_attention_implementation, unpack_model
 
 torch.set_num_threads(2)
 
@@ -69,11 +69,14 @@ def test_parity_270m_exact_config_600_tokens():
 @pytest.mark.parametrize("name", ["1b-like-mqa-trailing-sliding", "4b-like-gqa-rope-scaling"])
 def test_inference_prefill_in_query_blocks_matches_reference(name):
     """Without autograd, a plain causal prefill of T >= 256 runs attention in blocks of 128 queries
-    (GroupedQueryAttention._causal_in_blocks); with it, one SDPA call. Both match the reference, with
+    (gemma3.accel's CPUAttention._causal_in_blocks); with it, one SDPA call. Both match the reference, with
     a last block that is not full (T = 300)."""
+    from gemma3.accel import accelerate
+
     config = FAMILY[name].replace(sliding_window=512)
     model = random_model(config)
     ref = hf_model_like(model)
+    accelerate(model, native=False)
     ids = torch.randint(0, config.vocab_size, (2, 300))
     with torch.no_grad():
         blocked, theirs = model(ids).logits, ref(ids).logits
@@ -125,7 +128,7 @@ def test_eager_and_sdpa_equal():
     mask = torch.ones_like(ids)
     mask[1, :9] = 0
     sdpa = model(ids, padding_mask=mask).logits
-    model.set_attention_implementation("eager")
+    set_attention_implementation(model, "eager")
     eager = model(ids, padding_mask=mask).logits
     torch.testing.assert_close(sdpa[0], eager[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sdpa[1, 9:], eager[1, 9:], atol=1e-5, rtol=1e-5)
@@ -172,12 +175,12 @@ def test_rmsnorm_zero_centred_fp32():
 
 def test_packed_norm_gain_follows_weight_changes():
     """The packed norm reuses its fp32 gain (1 + w) without autograd; it must never be stale."""
-    from gemma3.accel.native import PackedRMSNorm
+    from gemma3.accel.native import NativeRMSNorm
 
     plain = RMSNorm(8).to(torch.bfloat16)
     with torch.no_grad():
         plain.weight.normal_()
-    norm = PackedRMSNorm(plain)
+    norm = NativeRMSNorm(plain)
     assert norm.weight is plain.weight
     x = torch.randn(3, 8).to(torch.bfloat16)
     trained = plain(x)
@@ -195,34 +198,33 @@ def test_packed_norm_gain_follows_weight_changes():
 
 @torch.no_grad()
 def test_pack_model_swaps_modules_and_unpack_restores_them():
-    """model.py never packs; pack_model swaps modules from outside, keeping every Parameter (the state dict
-    is unchanged), and unpack_model gives the plain modules back."""
-    from gemma3.accel.native import PackedAttention, PackedLinear, PackedRMSNorm, pack_model, unpack_model
+    """model.py never packs; gemma3.accel swaps modules in from outside, keeping every Parameter (the state dict
+    is unchanged), and the plain modules can be put back (the tests' unpack_model)."""
+    from gemma3.accel.attention import CPUAttention
+    from gemma3.accel.native import NativeRMSNorm, PackedLinear
 
     model = random_model(FAMILY["1b-like-mqa-trailing-sliding"])
     state = {k: v.data_ptr() for k, v in model.state_dict().items()}
     ids = torch.randint(0, 300, (1, 12))
     plain = model(ids).logits
-    pack_model(model)
+    native_model(model)
     attn = model.layers[0].self_attn
-    assert isinstance(attn, PackedAttention) and isinstance(attn.q_proj, PackedLinear)
-    assert isinstance(attn.q_norm, PackedRMSNorm) and isinstance(model.norm, PackedRMSNorm)
+    assert isinstance(attn, CPUAttention) and isinstance(attn.q_proj, PackedLinear)
+    assert isinstance(attn.q_norm, NativeRMSNorm) and isinstance(model.norm, NativeRMSNorm)
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == state
     torch.testing.assert_close(model(ids).logits, plain, atol=1e-5, rtol=1e-5)
     unpack_model(model)
-    assert not any("Packed" in type(m).__name__ for m in model.modules())
+    assert not any(type(m).__module__.startswith("gemma3.accel") for m in model.modules())
     assert torch.equal(model(ids).logits, plain)
 
 
 @torch.no_grad()
 def test_packed_weights_stop_matching_when_weights_change():
     """A packed copy is used only while the weights are the ones it was made from."""
-    from gemma3.accel.native import pack_model, unpack_model
-
     model = random_model(FAMILY["4b-like-gqa-rope-scaling"])
     ids = torch.randint(0, 300, (1, 12))
     plain = model(ids).logits
-    pack_model(model)
+    native_model(model)
     torch.testing.assert_close(model(ids).logits, plain, atol=1e-5, rtol=1e-5)
     q_proj = model.layers[0].self_attn.q_proj
     q_proj.weight.mul_(2.0)  # in place: the packed copy is stale
@@ -328,7 +330,10 @@ def test_token_ids_out_of_range(bad):
 
 @pytest.mark.parametrize("softcap", [None, 30.0])
 def test_chunked_loss_gradients_equal_plain_cross_entropy(softcap):
-    """The chunked loss computes its gradients in the forward pass; they must equal autograd's."""
+    """The training loss head (gemma3.train.loss) computes its gradients in the forward pass; they must equal
+    autograd's."""
+    from gemma3.train.loss import use_fused_loss
+
     config = small(final_logit_softcapping=softcap)
     ids = torch.randint(0, config.vocab_size, (2, 21))
     labels = ids.clone()
@@ -336,6 +341,8 @@ def test_chunked_loss_gradients_equal_plain_cross_entropy(softcap):
     grads = []
     for chunked in (True, False):
         model = random_model(config).train()
+        if chunked:
+            use_fused_loss(model)
         if chunked:
             loss = model(ids, labels=labels).loss
         else:

@@ -17,7 +17,7 @@ import torch
 
 from gemma3.kv_cache import KVCache
 from gemma3.loading import build_model, load_weights
-from gemma3.accel.native import pack_model
+from reference import native_model
 from gemma3.accel.quantize import MAX_DECODE_ROWS as KERNEL_ROWS  # rows that still take the kernel
 
 TOKENS = 3072
@@ -34,7 +34,7 @@ def held_out_ids(tokenizer, n: int) -> list[int]:
 def build(gguf_path, quantize, dtype=torch.float32):
     """The model as generation runs it (Generator swaps in the same packed and fused modules)."""
     config, state, _, _ = load_weights(gguf_path, dtype, progress=False, quantize=quantize)
-    return pack_model(build_model(config, state))
+    return native_model(build_model(config, state))
 
 
 @torch.inference_mode()

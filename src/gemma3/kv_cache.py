@@ -26,12 +26,11 @@ which reads it natively (kernels/decode.c); elsewhere the widening is a copy per
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from gemma3.config import GLOBAL, SLIDING, Gemma3Config
 from gemma3.errors import Gemma3Error
+from gemma3.memory import available_memory
 from gemma3.model import attention_mask
 
 
@@ -42,26 +41,6 @@ def cache_bytes(config: Gemma3Config, batch_size: int, max_seq_len: int, dtype: 
     element = torch.empty((), dtype=dtype).element_size()
     return 2 * batch_size * config.num_key_value_heads * config.head_dim * slots * element \
         + 8 * batch_size * (max_seq_len + ring + 1)
-
-
-def available_memory(device: torch.device | str) -> int | None:
-    """Bytes that can still be allocated on `device` (None where that cannot be told)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 class KVCache:

@@ -31,8 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from gemma3.config import GLOBAL, SLIDING, Gemma3Config
 from gemma3.errors import Gemma3Error
 
-IGNORE_INDEX = -100
-CAUSAL_QUERY_BLOCK = 128  # queries per SDPA call in an inference prefill (GroupedQueryAttention._causal_in_blocks)
+IGNORE_INDEX = -100  # a label that is no target (HF's convention)
 
 
 class RMSNorm(nn.Module):
@@ -65,6 +64,25 @@ class TiedEmbedding(nn.Embedding):
 
     def attend(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.weight)
+
+    def cross_entropy(self, h: torch.Tensor, targets: torch.Tensor, softcap: float | None, chunk_size: int
+                      ) -> torch.Tensor:
+        """sum(cross_entropy(softcap(attend(h)), targets)) in fp32, `chunk_size` rows of logits at a time. Every
+        head offers this; training swaps in one that also never keeps a chunk's logits for backward
+        (gemma3.train.loss)."""
+        return chunked_cross_entropy(self.attend, h, targets, softcap, chunk_size)
+
+
+def chunked_cross_entropy(attend, h: torch.Tensor, targets: torch.Tensor, softcap: float | None, chunk_size: int
+                          ) -> torch.Tensor:
+    """sum(cross_entropy(softcap(attend(h)), targets)), fp32, over chunks of `chunk_size` rows."""
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), chunk_size):
+        logits = attend(h[start:start + chunk_size]).float()
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        total = total + F.cross_entropy(logits, targets[start:start + chunk_size], reduction="sum")
+    return total
 
     def reset_parameters(self) -> None:
         # A model built on the meta device (to load weights into) has no values to draw, and drawing N(0, 1) on
@@ -164,6 +182,7 @@ class GroupedQueryAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
         self.q_norm = RMSNorm(hd, config.rms_norm_eps)
         self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+        self.softmax = MaskedSoftmax()
 
     def forward(self, x, cos, sin, mask, cache=None, layer_idx: int = 0):
         B, T, _ = x.shape
@@ -180,53 +199,16 @@ class GroupedQueryAttention(nn.Module):
             k, v = cache.update(layer_idx, k, v)  # (B, K, S, hd)
         if self.implementation == "eager" or self.softcap is not None:
             out = self._eager(q, k, v, mask)
-        elif T == 1:
-            out = self._decode(q, k, v, mask)
-        elif mask is None and T >= 2 * CAUSAL_QUERY_BLOCK and not torch.is_grad_enabled():
-            out = self._causal_in_blocks(q, k, v)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
-                                                 enable_gqa=self.num_kv_heads != self.num_heads)
+            out = self.sdpa(q, k, v, mask)
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H·hd)
         return self.o_proj(out)
 
-    def _decode(self, q, k, v, mask):
-        """Attention for one new token per row (a decode step), through SDPA.
-
-        The G = H / K query heads that share a KV head are handed over as G queries of that one head: with a
-        single token there is no causal order among them, and the (B, 1, 1, S) mask broadcasts over them.
-        SDPA then reads each KV head once on its plain path; given as H heads with enable_gqa it takes a path
-        ~9× slower on CPU (453 vs 52 µs per layer, 270M, 512 keys, measured). Numerically this is what
-        transformers' SDPA attention computes for the same step.
-        """
-        B, H, _, hd = q.shape
-        q = q.reshape(B, self.num_kv_heads, H // self.num_kv_heads, hd)  # (B, K, G, hd)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        return out.view(B, H, 1, hd)
-
-    def _causal_in_blocks(self, q, k, v):
-        """Plain causal attention (a prefill from position 0), one SDPA call per block of queries, each over
-        the keys up to its last query only.
-
-        PyTorch's CPU flash kernel cuts the keys in blocks of up to 512 and skips a block only when it lies
-        wholly above the diagonal; at T <= 512 there is one block, so it computes the full T × T scores and
-        masks half of them away. Blocks of 128 queries skip most of that upper triangle: a 512-token prefill's
-        attention is ~25% faster (bf16 and fp32, 270M shapes). The same arithmetic per score; the outputs move
-        by rounding only (fp32: 2e-7). Inference only: training keeps the single call and its fused backward.
-        """
-        T = q.shape[2]
-        gqa = self.num_kv_heads != self.num_heads
-        outs = []
-        for start in range(0, T, CAUSAL_QUERY_BLOCK):
-            end = min(T, start + CAUSAL_QUERY_BLOCK)
-            keys = slice(0, end)
-            if start == 0:  # the top-left block is itself plainly causal
-                mask = None
-            else:  # query start + i sees keys j <= start + i
-                mask = torch.ones(end - start, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
-            outs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, keys], v[:, :, keys], attn_mask=mask,
-                                                       is_causal=mask is None, scale=self.scale, enable_gqa=gqa))
-        return torch.cat(outs, dim=2)
+    def sdpa(self, q, k, v, mask):
+        """softmax(q·kᵀ·scale + mask)·v by PyTorch's fused kernel; mask None = plain causal (its is_causal path,
+        which skips the masked half of the scores). gemma3.accel swaps in CPU paths for inference here."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                                              enable_gqa=self.num_kv_heads != self.num_heads)
 
     def _eager(self, q, k, v, mask):
         """Explicit softmax(q·kᵀ·scale + mask)·v: fp32 scores and softmax, finfo.min for masked.
@@ -245,7 +227,8 @@ class GroupedQueryAttention(nn.Module):
     def attention_probs(self, q, k, mask) -> torch.Tensor:
         """The attention weights softmax(q·kᵀ·scale + mask), fp32, as (B, K, G·T, S): for KV head k, the
         rows of its G query heads one after the other (query head h = k·G + g is rows g·T ... g·T + T - 1).
-        `_eager` multiplies them with v; gemma3.eval.plot draws them."""
+        `_eager` multiplies them with v; they leave through `self.softmax`, where a forward hook can read them
+        (gemma3.eval.plot does)."""
         B, H, T, hd = q.shape
         G = H // self.num_kv_heads
         q = q.reshape(B, self.num_kv_heads, G * T, hd)  # (B, K, G·T, hd)
@@ -256,6 +239,14 @@ class GroupedQueryAttention(nn.Module):
             mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()[None, None]  # (1, 1, T, S)
         if T > 1:  # (B, 1, T, S) → (B, 1, G·T, S); one query's (B, 1, 1, S) row broadcasts as it is
             mask = mask[:, :, None].expand(B, 1, G, T, mask.shape[-1]).reshape(B, 1, G * T, -1)
+        return self.softmax(scores, mask)
+
+
+class MaskedSoftmax(nn.Module):
+    """softmax over the keys with masked scores at finfo.min, in fp32: the attention weights. A module of its
+    own so that a forward hook sees the weights of the eager path (it has no parameters)."""
+
+    def forward(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
         return F.softmax(scores, dim=-1, dtype=torch.float32)
 
@@ -297,52 +288,6 @@ class TransformerBlock(nn.Module):
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx))
         x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return x
-
-
-class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """sum(cross_entropy(softcap(h @ Wᵀ), targets)), computed chunk by chunk, with its gradients.
-
-    The (N, V) logits of a batch are the largest tensor in training (V = 262 144), so they are never held
-    whole: each chunk's logits are computed, turned into the loss and, right away, into the chunk's
-    gradients for h and W; then they are freed. Computing the gradients in the forward pass costs no more
-    than autograd would (the same three matmuls) and, unlike recomputing the logits in backward, no extra
-    matmul. Gradients are kept for backward, which only scales them by the incoming gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunk_size: int, softcap: float | None):
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        w = weight.to(h.dtype)
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for start in range(0, targets.numel(), chunk_size):
-            h_c, t_c = h[start:start + chunk_size], targets[start:start + chunk_size]
-            logits = (h_c @ w.t()).float()  # (n, V)
-            if softcap is not None:
-                capped = torch.tanh(logits / softcap)
-                logits = capped * softcap
-            total += F.cross_entropy(logits, t_c, reduction="sum")
-            if need_h or need_w:
-                grad = logits.softmax(dim=-1)  # d(loss)/d(logits) = softmax - one_hot(target)
-                grad[torch.arange(len(t_c), device=grad.device), t_c] -= 1.0
-                if softcap is not None:
-                    grad *= 1.0 - capped * capped
-                grad = grad.to(h.dtype)
-                if need_h:
-                    grad_h[start:start + chunk_size] = grad @ w  # (n, d)
-                if need_w:
-                    grad_w += (grad.t() @ h_c).float()  # (V, d)
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        grad_h, grad_w = ctx.saved_tensors
-        grad_h = None if grad_h is None else grad_h * grad_total.to(grad_h.dtype)
-        grad_w = None if grad_w is None else (grad_w * grad_total).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None
 
 
 @dataclass
@@ -432,23 +377,16 @@ class Gemma3Model(nn.Module):
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
-        """Mean next-token cross-entropy from final hidden states, `chunk_size` positions at a time, so that
-        memory holds one chunk's (chunk, V) fp32 logits instead of the whole batch's: 256 × 262 144 × 4 bytes
-        = 256 MiB for Gemma 3's vocabulary, where a (8, 2048) batch would need 16 GiB at once."""
+        """Mean next-token cross-entropy from final hidden states. The head computes it `chunk_size` positions
+        at a time, so memory holds one chunk's (chunk, V) fp32 logits instead of the whole batch's:
+        256 × 262 144 × 4 bytes = 256 MiB for Gemma 3's vocabulary, where a (8, 2048) batch needs 16 GiB."""
         targets = labels[:, 1:].reshape(-1)
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         keep = targets != IGNORE_INDEX
         h, targets = h[keep], targets[keep]
         if targets.numel() == 0:
             return hidden.sum() * 0.0  # no target in the batch: a zero that still has a graph
-        if not isinstance(self.embed_tokens, nn.Embedding):  # a head swapped in for inference (quantized): no
-            total = hidden.new_zeros((), dtype=torch.float32)  # table to differentiate, so chunks of attend()
-            for start in range(0, targets.numel(), chunk_size):
-                logits = self._head(h[start:start + chunk_size]).float()
-                total += F.cross_entropy(logits, targets[start:start + chunk_size], reduction="sum")
-            return total / targets.numel()
-        total = ChunkedLinearCrossEntropy.apply(h, self.embed_tokens.weight, targets, chunk_size,
-                                                self.config.final_logit_softcapping)
+        total = self.embed_tokens.cross_entropy(h, targets, self.config.final_logit_softcapping, chunk_size)
         return total / targets.numel()
 
     # ------------------------------------------------------------------ helpers
@@ -477,12 +415,6 @@ class Gemma3Model(nn.Module):
         real = padding_mask.to(device=input_ids.device).bool()
         counted = start[:, None] + real.long().cumsum(dim=1) - 1
         return torch.where(real, counted, torch.full_like(counted, -1))
-
-    def set_attention_implementation(self, name: str) -> None:
-        if name not in ("sdpa", "eager"):
-            raise Gemma3Error(f"attention implementation must be 'sdpa' or 'eager', got {name!r}")
-        for layer in self.layers:
-            layer.self_attn.implementation = name
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:

@@ -1,27 +1,19 @@
-"""Inference-only fast paths for float (fp32 / bf16) weights on the CPU, swapped into the model from outside
-(`pack_model`), as gemma3.accel.quantize does for quantized weights: model.py stays the architecture.
+"""Float (fp32 / bf16) weights on the CPU, for inference: modules swapped in for the model's own by
+`use_native_modules` (called by gemma3.accel.accelerate), each keeping the module's own Parameter, so the
+state dict is unchanged.
 
     PackedLinear     replaces an nn.Linear: one or a few rows (decode) → the native GEMV reading the weight
                      in place; many rows (prefill) → a copy in the layout the CPU's GEMM reads fastest
-    PackedEmbedding  replaces the tied embedding: same lookup, and its `attend` (the output head, 63 % of the
-                     bytes a 270M decode step reads) goes to the native GEMV with no copy at all
-    PackedRMSNorm    replaces RMSNorm: (1 + w) in fp32 computed once, not in each of 109 calls a step, and
-                     fp32 inputs through one fused native call (kernels/decode.c)
-    PackedAttention  replaces GroupedQueryAttention's one-token step (fp32) with one fused native call
+    NativeEmbedding  replaces the tied embedding: the same lookup, and its `attend` (the output head, most of
+                     the bytes a decode step reads) on the native GEMV with no copy at all
+    NativeRMSNorm    replaces RMSNorm: (1 + w) in fp32 computed once instead of at every call, and fp32 inputs
+                     through one fused native call (kernels/decode.c)
 
-Each keeps the module's own Parameter (the state dict is unchanged) and remembers the tensor, storage and
-in-place version it packed (`WeightState`): once the weight changes (an optimizer step, `load_state_dict`,
-a LoRA merge) or autograd is on, it computes from the weight itself, exactly as the plain module. FSDP2's
-gathers write a parameter without bumping its version, which is why training never packs (`unpack_model`
-restores the plain modules).
-
-Measured on the 270M (AMD EPYC, torch 2.13): one token, bf16 or fp32: the native kernel (gemma3.kernels)
-streams nn.Linear's own (out, in) rows at 1.2-2.4× the rate of oneDNN on packed bf16 weights and of MKL's
-fp32 GEMV. Many tokens, bf16: oneDNN re-packs a plain weight into its blocked format on every call; a copy
-packed once is bit-identical and skips that. Many tokens, fp32: MKL reads a transposed (in, out) copy faster
-than nn.Linear's layout. That GEMM and the decode kernel sum in different orders, so on the real 270M a
-cached decode and a full forward differ by more than with the plain weights (README, exactness). The copies
-double the memory of the layer weights; the head keeps none.
+Each remembers the tensor, storage and in-place version it derived its copy from (`WeightState`): once the
+weight changes (an optimizer step, `load_state_dict`, a LoRA merge) or autograd is on, it computes from the
+weight itself, exactly as the plain module. FSDP2's gathers write a parameter without bumping its version,
+which is one reason training never calls this. The GEMM and the decode kernel sum in different orders, so a
+cached decode and a full forward differ by rounding (docs/exactness.md); figures: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -34,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemma3 import kernels
+from gemma3.accel.swap import swap_modules
 from gemma3.kernels import NativeLinear
-from gemma3.model import GroupedQueryAttention, RMSNorm, TiedEmbedding
+from gemma3.model import RMSNorm, TiedEmbedding
 
 
 class WeightState:
@@ -101,16 +94,11 @@ class PackedLinear(nn.Module):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         return x @ self.packed
 
-    def plain(self) -> nn.Linear:
-        linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
-        linear.weight = self.weight
-        return linear
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, native={self.rows is not None}"
 
 
-class PackedEmbedding(TiedEmbedding):
+class NativeEmbedding(TiedEmbedding):
     """The tied embedding with the head on the native kernel: few rows read the table in place; many rows
     (a perplexity window) go through F.linear on the same table, so no copy of its 168M values is made."""
 
@@ -130,13 +118,7 @@ class PackedEmbedding(TiedEmbedding):
             return self.rows(h)
         return F.linear(h, self.weight)
 
-    def plain(self) -> TiedEmbedding:
-        embedding = TiedEmbedding(self.num_embeddings, self.embedding_dim, device="meta")
-        embedding.weight = self.weight
-        return embedding
-
-
-class PackedRMSNorm(RMSNorm):
+class NativeRMSNorm(RMSNorm):
     """RMSNorm reusing its fp32 gain (1 + w) while the weight is the one it was computed from; fp32 inputs go
     to the fused native kernel (kernels/decode.c: one call instead of F.rms_norm's 30-40 µs on 640 values)."""
 
@@ -161,69 +143,15 @@ class PackedRMSNorm(RMSNorm):
         self._lib.gemma3_rms_norm(x.data_ptr(), self._gain.data_ptr(), x.numel() // dim, dim, self.eps, out.data_ptr())
         return out
 
-    def plain(self) -> RMSNorm:
-        norm = RMSNorm(self.weight.shape[0], self.eps)
-        norm.weight = self.weight
-        return norm
-
-
-class PackedAttention(GroupedQueryAttention):
-    """GroupedQueryAttention whose one-token step (fp32, CPU) is the fused native kernel (kernels/decode.c):
-    scores, softmax and the weighted sum of values for the G query heads of each KV head in one call, reading
-    the cache in place. Everything else is the module's own code."""
-
-    def __init__(self, attn: GroupedQueryAttention):
-        nn.Module.__init__(self)
-        for name in ("num_heads", "num_kv_heads", "head_dim", "scale", "softcap", "implementation"):
-            setattr(self, name, getattr(attn, name))
-        for name, child in attn.named_children():
-            setattr(self, name, child)
-        self._lib = kernels.library()
-
-    def _decode(self, q, k, v, mask):
-        B, H, _, hd = q.shape
-        S = k.shape[2]
-        if (self._lib is None or q.dtype != torch.float32 or q.device.type != "cpu" or k.stride() != v.stride()
-                or k.stride()[2:] != (hd, 1) or (mask is not None and mask.shape != (B, 1, 1, S))):
-            return super()._decode(q, k, v, mask)
-        q = q.reshape(B, self.num_kv_heads, H // self.num_kv_heads, hd).contiguous()  # (B, K, G, hd)
-        out = torch.empty_like(q)
-        m = None if mask is None else mask.reshape(B, S).contiguous().view(torch.uint8)
-        if self._lib.gemma3_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), B, self.num_kv_heads,
-                                             q.shape[2], S, hd, k.stride(0), k.stride(1),
-                                             None if m is None else m.data_ptr(), self.scale, out.data_ptr()):
-            raise MemoryError("decode attention: out of memory for its partial sums")
-        return out.view(B, H, 1, hd)
-
-    def plain(self) -> GroupedQueryAttention:
-        attn = GroupedQueryAttention.__new__(GroupedQueryAttention)
-        nn.Module.__init__(attn)
-        for name in ("num_heads", "num_kv_heads", "head_dim", "scale", "softcap", "implementation"):
-            setattr(attn, name, getattr(self, name))
-        for name, child in self.named_children():
-            setattr(attn, name, child)
-        return attn
-
-
 def supported(model: nn.Module) -> bool:
     w = model.embed_tokens.weight if isinstance(model.embed_tokens, nn.Embedding) else None
     return w is not None and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
 
 
-def _swap(module: nn.Module, replace) -> None:
-    """Replace each descendant m by replace(m) when that is not None, children before their parents (so a
-    replaced parent takes its already-replaced children along)."""
-    for child_name, child in list(module.named_children()):
-        _swap(child, replace)
-        new = replace(child)
-        if new is not None:
-            setattr(module, child_name, new)
-
-
-def pack_model(model: nn.Module) -> nn.Module:
-    """Swap in the packed modules: for float weights on the CPU, PackedLinear and PackedEmbedding (plain
+def use_native_modules(model: nn.Module) -> nn.Module:
+    """Swap in the native modules: for float weights on the CPU, PackedLinear and NativeEmbedding (plain
     nn.Linear / TiedEmbedding only: a LoRA-wrapped or quantized module is left as it is); for any CPU model,
-    PackedRMSNorm and PackedAttention (a quantized model computes its activations in fp32 too)."""
+    NativeRMSNorm (a quantized model computes its activations in fp32 too)."""
     norm = next((m for m in model.modules() if type(m) is RMSNorm), None)
     if norm is None or norm.weight.device.type != "cpu":
         return model
@@ -233,23 +161,10 @@ def pack_model(model: nn.Module) -> nn.Module:
         if float_weights and type(m) is nn.Linear and m.bias is None:
             return PackedLinear(m)
         if float_weights and type(m) is TiedEmbedding and m is head:
-            return PackedEmbedding(m)
+            return NativeEmbedding(m)
         if type(m) is RMSNorm:
-            return PackedRMSNorm(m)
-        if type(m) is GroupedQueryAttention:
-            return PackedAttention(m)
+            return NativeRMSNorm(m)
         return None
 
-    _swap(model, replace)
+    swap_modules(model, replace)
     return model
-
-
-def unpack_model(model: nn.Module) -> nn.Module:
-    """The plain modules back, holding the same Parameters; the copies are freed."""
-    _swap(model, lambda m: m.plain() if isinstance(m, (PackedLinear, PackedEmbedding, PackedRMSNorm, PackedAttention))
-          else None)
-    return model
-
-
-def is_packed(model: nn.Module) -> bool:
-    return any(isinstance(m, (PackedLinear, PackedEmbedding)) for m in model.modules())

@@ -45,6 +45,7 @@ from torch import nn
 
 from gemma3 import kernels
 from gemma3.errors import CheckpointError, Gemma3Error
+from gemma3.model import chunked_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -376,6 +377,11 @@ class QuantizedEmbedding(nn.Module):
 
     def attend(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(h)
+
+    def cross_entropy(self, h: torch.Tensor, targets: torch.Tensor, softcap: float | None, chunk_size: int
+                      ) -> torch.Tensor:
+        """The head's summed cross-entropy, as every head offers it (model.TiedEmbedding.cross_entropy)."""
+        return chunked_cross_entropy(self.attend, h, targets, softcap, chunk_size)
 
     def extra_repr(self) -> str:
         return f"{self.qweight.format.name}, {self.num_embeddings}, {self.embedding_dim}"

@@ -132,22 +132,16 @@ def trace(model, ids: list[int], layers: Sequence[int] = ()) -> dict:
     for i in layers:
         attn = model.layers[i].self_attn
         implementations[i] = attn.implementation
-
-        def spy(q, k, mask, attn=attn, i=i):
-            p = type(attn).attention_probs(attn, q, k, mask)
-            probs[i] = p[0]  # (K, G·T, S)
-            return p
-
-        attn.implementation, attn.attention_probs = "eager", spy
+        attn.implementation = "eager"  # the path that computes the weights as a tensor of their own
+        # MaskedSoftmax's output: (B, K, G·T, S) fp32, the rows of a KV head's G query heads one after another
+        handles.append(attn.softmax.register_forward_hook(lambda m, args, out, i=i: probs.__setitem__(i, out[0])))
     try:
         model(torch.tensor([ids]), logits_to_keep=1)
     finally:
         for h in handles:
             h.remove()
         for i, implementation in implementations.items():
-            attn = model.layers[i].self_attn
-            attn.implementation = implementation
-            del attn.attention_probs  # the instance's spy; the class's method shows through again
+            model.layers[i].self_attn.implementation = implementation
     return {"residual": residual, "probs": probs}
 
 

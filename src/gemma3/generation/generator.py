@@ -12,7 +12,6 @@ stores, so it stays masked on every later step and each row generates exactly wh
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 
 import torch
 
+from gemma3.accel import accelerate
 from gemma3.text.chat import render_chat
 from gemma3.errors import Gemma3Error
 from gemma3.kv_cache import KVCache
@@ -98,40 +98,22 @@ class Generator:
 
     def __init__(self, model: Gemma3Model, tokenizer, dtype: torch.dtype | None = None,
                  pack_weights: bool | None = None, kv_cache_dtype: torch.dtype | None = None):
+        """`pack_weights`: gemma3.accel.accelerate's `native` (None = decided from the RAM; False = the
+        model's own matrix products and no fused step); `kv_cache_dtype`: None = chosen per batch."""
         self.model = model.eval()
-        # Float weights on the CPU: swap in the packed modules (gemma3.accel.native: the native decode kernel, and a
-        # copy of the layer weights in the layout the GEMM reads fastest; decode 1.5-1.6× faster on the 270M).
-        # None = only when that copy takes under 1/4 of the RAM. Quantized models have their own modules.
-        if pack_weights is None:
-            weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-            pack_weights = weight_bytes < os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 4
-        if pack_weights:
-            from gemma3.accel.native import pack_model
-
-            pack_model(self.model)  # a quantized model gets the fused norm and attention steps only
-        # A quantized model decodes one sequence with its whole step in one native call (gemma3.accel.fused_step);
-        # pack_weights=False keeps every step on the modules.
-        self.fuse_steps = bool(pack_weights)
+        self.accel = accelerate(self.model, native=pack_weights, kv_cache_dtype=kv_cache_dtype)
         self.tokenizer = tokenizer
         param = next(model.parameters())
         self.device, self.dtype = param.device, dtype or param.dtype
-        if kv_cache_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
-            raise Gemma3Error(f"kv_cache_dtype must be None (auto), float32, bfloat16 or float16, not {kv_cache_dtype}")
-        self.kv_cache_dtype = kv_cache_dtype
+
+    # what accelerate decided, adjustable afterwards
+    fuse_steps = property(lambda self: self.accel.fuse_steps, lambda self, v: setattr(self.accel, "fuse_steps", v))
+    kv_cache_dtype = property(lambda self: self.accel.kv_cache_dtype,
+                              lambda self, v: setattr(self.accel, "kv_cache_dtype", v))
 
     def cache_dtype(self, batch_size: int) -> torch.dtype:
-        """The KV cache's dtype for `batch_size` sequences: `kv_cache_dtype` when given; else float16 where the
-        fused decode step runs (one sequence of a quantized model on the CPU), which reads it natively: half the
-        cache's memory and half the bytes attention reads, as llama.cpp keeps it (its cost, measured on the real
-        270M: tests/test_quantize_real.py, README); else the compute dtype."""
-        if self.kv_cache_dtype is not None:
-            return self.kv_cache_dtype
-        if batch_size == 1 and self.fuse_steps:
-            from gemma3.accel.fused_step import reason_not_fused
-
-            if reason_not_fused(self.model) is None:
-                return torch.float16
-        return self.dtype
+        """The KV cache's dtype for `batch_size` sequences (gemma3.accel.Acceleration.cache_dtype)."""
+        return self.accel.cache_dtype(batch_size, self.dtype)
 
     @property
     def context_length(self) -> int:
@@ -203,16 +185,6 @@ class _Run:
         if config.grammar is not None:
             self.matchers = [config.grammar.matcher(gen.tokenizer, tuple(self.stop_ids)) for _ in prompt_ids]
 
-    def _fused_step(self):
-        """The decode step in one native call (gemma3.accel.fused_step) where it applies, else None."""
-        if not self.gen.fuse_steps:
-            return None
-        from gemma3.accel.fused_step import FusedDecodeStep, reason_not_fused
-
-        if reason_not_fused(self.gen.model, self.cache) is not None:
-            return None
-        return FusedDecodeStep(self.gen.model, self.cache)
-
     def stream_text(self, pieces: list[str]) -> Iterator[str]:
         """The text of a one-prompt run as it becomes final; every piece is also appended to `pieces`."""
         streamer = TextStreamer(self.gen.tokenizer, self.config.stop_strings)
@@ -258,7 +230,7 @@ class _Run:
 
             t1 = time.perf_counter()
             running = [True] * B
-            fused = self._fused_step()
+            fused = gen.accel.fused_step(self.cache)
             # Embedding rows past the tokenizer's vocabulary (the 4B-27B's 64 padding rows) are no tokens.
             vocab = len(gen.tokenizer) if hasattr(gen.tokenizer, "__len__") else None
             for step in range(self.budget):

@@ -40,6 +40,7 @@ from gemma3.train.data import (IGNORE_INDEX, DataError, PackedDataset, TokenFile
                                split_documents, unigram_loss)
 from gemma3.train.config import SCHEDULE_FIELDS, TrainConfig, lr_at, schedule
 from gemma3.train.lora import apply_lora, describe
+from gemma3.train.loss import use_fused_loss
 from gemma3.weights.lora import write_adapter
 from gemma3.train.metrics import LOSS_PNG, METRICS, Metrics, plot_loss, progress_bar
 from gemma3.train.rundir import absolute, prepare_run_dir, stored_config
@@ -116,7 +117,7 @@ def layer_types_from_pattern(pattern: int | str, num_layers: int) -> tuple[str, 
     return tuple(kinds[i % len(kinds)] for i in range(num_layers))
 
 
-def load_tokenizer(spec: str | None):
+def tokenizer_for_run(spec: str | None):
     from gemma3.tokenizer import Tokenizer
 
     if spec is None:
@@ -137,8 +138,8 @@ def check_fits(config: Gemma3Config, cfg: TrainConfig, loaded: bool = False) -> 
     weights, gradients and AdamW's two moments are 16 bytes a parameter (4 of them already taken when the
     weights are `loaded`; LoRA trains next to none), and backward keeps at least the fp32 residual stream of
     every layer for every token of a micro-batch."""
-    from gemma3.kv_cache import available_memory
     from gemma3.loading import resolve_device
+    from gemma3.memory import available_memory
 
     free = available_memory(resolve_device(cfg.device))
     if free is None:
@@ -152,12 +153,12 @@ def check_fits(config: Gemma3Config, cfg: TrainConfig, loaded: bool = False) -> 
                           f"{free / 2**30:.1f} GiB free; make the model or --batch-size smaller")
 
 
-def build_model(cfg: TrainConfig, main: bool):
+def model_for_run(cfg: TrainConfig, main: bool):
     """(model in fp32 on CPU, tokenizer, config, description of where the weights came from)."""
     if cfg.init is not None:
         config = scratch_config(cfg.init, cfg.model_overrides)
         check_fits(config, cfg)
-        tokenizer = load_tokenizer(cfg.tokenizer)
+        tokenizer = tokenizer_for_run(cfg.tokenizer)
         from gemma3.model import Gemma3Model
 
         model = Gemma3Model(config)
@@ -169,7 +170,7 @@ def build_model(cfg: TrainConfig, main: bool):
         model, tokenizer, config = load(cfg.model, dtype=torch.float32, progress=cfg.progress and main)
         check_fits(config, cfg, loaded=True)
         if cfg.tokenizer is not None:
-            tokenizer = load_tokenizer(cfg.tokenizer)
+            tokenizer = tokenizer_for_run(cfg.tokenizer)
         if tokenizer is None:
             raise CheckpointError(f"{cfg.model}: has no tokenizer files; pass --tokenizer")
         origin = cfg.model or "the embedded Gemma 3 270M"
@@ -205,10 +206,11 @@ class Trainer:
         resume_state = ckpt.read_train_state(self.resume_from) if self.resume_from else None
         self.lr_anchor: tuple[int, float] | None = None
 
-        model, self.tokenizer, self.config, origin = build_model(cfg, self.main)
+        model, self.tokenizer, self.config, origin = model_for_run(cfg, self.main)
         self.lora_targets = None
         if cfg.lora is not None:
             self.lora_targets = apply_lora(model, cfg.lora, torch.Generator().manual_seed(cfg.seed + 1))
+        use_fused_loss(model)  # the loss never holds a chunk's logits for backward (train/loss.py)
         model.gradient_checkpointing = cfg.gradient_checkpointing
         self.model = model.to(self.env.device)
         self.precision = cfg.precision
