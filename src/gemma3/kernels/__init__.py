@@ -2,8 +2,9 @@
 step in bf16 and fp32 (`linear.c`, which says why it beats oneDNN and MKL there), the same products and
 the dequantization for weights in ggml's block formats (`quants.c`, used by gemma3.accel.quantize), the fused
 norm and one-token attention (`decode.c`), and a quantized model's whole decode step in one call (`step.c`,
-used by gemma3.accel.fused_step). Apart from those, `bpe.c` is the tokenizer's BPE engine (gemma3.bpe), built into
-its own small library without OpenMP or -march flags, so that tokenizing never loads torch.
+used by gemma3.accel.fused_step). Apart from those, `bpe.c` is the tokenizer's BPE engine
+(gemma3.text.native_bpe), built into its own small library without OpenMP or -march flags, so that tokenizing
+never loads torch.
 
 Nothing here is needed: without a C compiler, off x86-64, with `GEMMA3_NATIVE_KERNELS=0`, or when the build
 fails, `available()` is False and the model uses torch's own kernels (same results up to the order of
@@ -119,7 +120,7 @@ def _compiler() -> tuple[str | None, str]:
 @functools.cache
 def bpe_library() -> tuple[ctypes.CDLL | None, str]:
     """(the tokenizer's BPE engine, or None; a line saying what was loaded or why not). Tried once per process.
-    Any CPU with a C compiler builds it; gemma3.bpe declares its functions."""
+    Any CPU with a C compiler builds it; gemma3.text.native_bpe declares its functions."""
     compiler, why = _compiler()
     if not compiler:
         return None, why

@@ -11,7 +11,7 @@ matched leftmost-longest in the raw text, `" "` -> `"▁"`, BPE over each stretc
 lowest rank first, byte fallback. `tests/test_tokenizer.py` holds it to the official file on a corpus of
 hard cases and on random text. Decoding is Python here, HF's decoder chain rule for rule.
 
-`gemma3.tokenizer.Tokenizer` picks this engine whenever the kernels build, HF `tokenizers` otherwise (or
+`gemma3.text.tokenizer.Tokenizer` picks this engine whenever the kernels build, HF `tokenizers` otherwise (or
 for an HF tokenizer.json, which it loads as is). `to_json()` builds the HF form when something needs the
 file itself (`Tokenizer.save`, llguidance).
 """
@@ -163,7 +163,7 @@ class NativeBPE:
         return np.stack([left, right], axis=1)
 
     def _ranking_scores(self) -> np.ndarray:
-        from gemma3.tokenizer import NORMAL
+        from gemma3.text.tokenizer import NORMAL
 
         # SentencePiece gives every non-NORMAL piece score 0.0, which ranks their merges first.
         return np.where(self._types == NORMAL, self._scores, 0.0)
@@ -238,7 +238,7 @@ class NativeBPE:
 
     def to_json(self) -> str:
         """The official tokenizer.json for this vocabulary, through HF `tokenizers` (built here, not kept)."""
-        from gemma3.tokenizer import _assemble
+        from gemma3.text.tokenizer import _assemble
 
         pieces = self.pieces()
         vocab = {piece: index for index, piece in enumerate(pieces)}

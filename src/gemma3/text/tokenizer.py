@@ -19,7 +19,7 @@ What an exact rebuild from GGUF has to undo (spec §12, pitfall 24):
 * Which added tokens are `special` (skipped by `decode(skip_special_tokens=True)`) is not recorded;
   the official file marks the nine in `SPECIAL_TOKENS`.
 
-Two engines run it, with the same ids: our BPE in C (`gemma3.bpe`, ~20 MB, built in ~0.1 s) for a GGUF or a
+Two engines run it, with the same ids: our BPE in C (`gemma3.text.native_bpe`, ~20 MB, built in ~0.1 s) for a GGUF or a
 tokenizer.model wherever the kernels compile; HF `tokenizers` (~95 MB, ~1 s to build, with the derived merges
 cached on disk) for an HF tokenizer.json, which it loads as it is, and where nothing compiles. `engine=` on
 the constructors chooses; `Tokenizer.engine` says which runs.
@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from gemma3.bpe import _byte_value
+from gemma3.text.native_bpe import _byte_value
 from gemma3.errors import CheckpointError, Gemma3Error
 
 # SentencePiece piece types (sentencepiece_model.proto); GGUF's `tokenizer.ggml.token_type` uses the same codes.
@@ -70,7 +70,7 @@ def _is_hf_tokenizer(backend: Any) -> bool:
 
 
 class _HFEngine:
-    """HF `tokenizers` behind the interface `gemma3.bpe.NativeBPE` has."""
+    """HF `tokenizers` behind the interface `gemma3.text.native_bpe.NativeBPE` has."""
 
     name = "hf"
 
@@ -338,12 +338,12 @@ def _build_cached(pieces: list[str], scores: Any, types: Any, source: str) -> An
 
 
 def _engine_for(pieces: list[str], scores: Any, types: Any, source: str, engine: str = "auto") -> Any:
-    """The engine for SentencePiece-style vocab arrays: ours (`gemma3.bpe`) unless `engine` is "hf" or it does
+    """The engine for SentencePiece-style vocab arrays: ours (`gemma3.text.native_bpe`) unless `engine` is "hf" or it does
     not build ("auto" then falls back to HF `tokenizers`; "native" raises)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     if engine != "hf":
-        from gemma3 import bpe
+        from gemma3.text import native_bpe as bpe
 
         lib = bpe.library()
         if lib is not None:
