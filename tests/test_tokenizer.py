@@ -19,7 +19,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gemma3.errors import CheckpointError, Gemma3Error
-from gemma3.text.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, Tokenizer
+from gemma3.text.tokenizer import Tokenizer
+from gemma3.text.vocab import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED
 from gemma3.weights.gguf import read_gguf_metadata
 from tokenizer_corpus import corpus
 
@@ -176,7 +177,7 @@ def test_fragment_soups_match_the_official_tokenizer(built, reference, parts):
 def test_native_merges_are_the_python_derivation(built, gguf_metadata):
     """bpe.c's split search + `rank_merges` give the merge list `_bpe_merges` (the HF engine's, in Python) gives,
     in the same order."""
-    from gemma3.text.tokenizer import _bpe_merges, _checked
+    from gemma3.text.hf_engine import _bpe_merges, _checked
 
     pieces = [p.replace(" ", "▁") for p in gguf_metadata["tokenizer.ggml.tokens"]]
     scores, types, vocab = _checked(pieces, gguf_metadata["tokenizer.ggml.scores"],
@@ -425,7 +426,7 @@ def test_tokenizer_cache_is_used_only_when_it_is_ours_and_sound(gguf_metadata, t
     writes nothing. (Only the HF engine keeps one: the native engine derives the merges in ~0.2 s.)"""
     import os
 
-    from gemma3.text import tokenizer as tokenizer_module
+    from gemma3.text import hf_engine as tokenizer_module
 
     monkeypatch.setenv("GEMMA3_TOKENIZER_CACHE", str(tmp_path))
     builds = []  # each time the merges are derived (the slow part the cache saves)
