@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gemma3.files import owned_and_private, user_cache_dir
+
 if TYPE_CHECKING:
     import torch
 
@@ -50,10 +52,7 @@ def _flags() -> list[str]:
 
 
 def cache_dir() -> Path:
-    if os.environ.get("GEMMA3_KERNEL_CACHE"):
-        return Path(os.environ["GEMMA3_KERNEL_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "gemma3" / "kernels"
+    return user_cache_dir("kernels", "GEMMA3_KERNEL_CACHE")
 
 
 def _cpu_flags() -> str:
@@ -64,14 +63,6 @@ def _cpu_flags() -> str:
     except OSError:
         pass
     return platform.processor()
-
-
-def _owned_and_private(path: Path) -> bool:
-    """Ours, and writable by nobody else: a library loaded from here runs as code in this process."""
-    if not hasattr(os, "getuid"):
-        return True
-    st = path.stat()
-    return st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
 def _build(compiler: str, sources: Sequence[Path] = SOURCES, flags: Sequence[str] | None = None,
@@ -85,13 +76,13 @@ def _build(compiler: str, sources: Sequence[Path] = SOURCES, flags: Sequence[str
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         probe = tempfile.NamedTemporaryFile(dir=directory, delete=True)
         probe.close()
-        private = _owned_and_private(directory)
+        private = owned_and_private(directory)
     except OSError:
         private = False
     if not private:  # unwritable, or others could plant a library there: build for this process only
         directory = Path(tempfile.mkdtemp(prefix="gemma3-kernels-"))
     target = directory / f"{stem}-{key}.so"
-    if target.exists() and _owned_and_private(target):
+    if target.exists() and owned_and_private(target):
         return target
     fd, partial = tempfile.mkstemp(dir=directory, suffix=".so.partial")
     os.close(fd)

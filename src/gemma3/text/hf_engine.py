@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from gemma3.errors import CheckpointError
+from gemma3.files import owned_and_private, temp_path, user_cache_dir
 from gemma3.text.vocab import (SPECIAL_TOKENS, added_ids, checked_arrays, extra_tokens, rank_merges, ranking_scores,
                                require_pieces)
 
@@ -68,10 +69,7 @@ CACHE_FORMAT = 2  # bump when what the cache keeps changes (2: merges as piece-i
 def tokenizer_cache_dir() -> Path:
     """Where rebuilt tokenizers are kept: $GEMMA3_TOKENIZER_CACHE, else $XDG_CACHE_HOME/gemma3/tokenizers
     (~/.cache/gemma3/tokenizers). GEMMA3_TOKENIZER_CACHE=0 turns the cache off."""
-    if os.environ.get("GEMMA3_TOKENIZER_CACHE"):
-        return Path(os.environ["GEMMA3_TOKENIZER_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "gemma3" / "tokenizers"
+    return user_cache_dir("tokenizers", "GEMMA3_TOKENIZER_CACHE")
 
 
 def build_cached(pieces: list[str], scores: Any, types: Any, source: str) -> Any:
@@ -85,8 +83,6 @@ def build_cached(pieces: list[str], scores: Any, types: Any, source: str) -> Any
     import hashlib
     import io
 
-    from gemma3.kernels import _owned_and_private  # the kernel cache's check: ours, writable by nobody else
-
     if os.environ.get("GEMMA3_TOKENIZER_CACHE") == "0":
         return _build(pieces, scores, types, source)
     try:
@@ -99,7 +95,7 @@ def build_cached(pieces: list[str], scores: Any, types: Any, source: str) -> Any
     directory, name = tokenizer_cache_dir(), key.hexdigest()[:32]
     with contextlib.suppress(OSError):
         for path in sorted(directory.glob(f"{name}.*.npy")):
-            data = path.read_bytes() if _owned_and_private(path) else b""
+            data = path.read_bytes() if owned_and_private(path) else b""
             if data and hashlib.sha256(data).hexdigest()[:16] == path.name.split(".")[1]:
                 with contextlib.suppress(ValueError, OSError):
                     merges = np.load(io.BytesIO(data), allow_pickle=False)
@@ -110,8 +106,6 @@ def build_cached(pieces: list[str], scores: Any, types: Any, source: str) -> Any
     merges = _derived_merges(pieces, vocab, scores, types)
     backend = assemble(pieces, vocab, types, merges)
     with contextlib.suppress(OSError):
-        from gemma3.files import temp_path
-
         buffer = io.BytesIO()
         np.save(buffer, merges, allow_pickle=False)
         data = buffer.getvalue()
@@ -120,7 +114,7 @@ def build_cached(pieces: list[str], scores: Any, types: Any, source: str) -> Any
         for old in directory.glob(f"{name}.*.npy"):  # a spoiled copy under the same key
             old.unlink()
         for old in directory.glob("*.*.json"):  # what CACHE_FORMAT 1 kept (whole tokenizer.json files, ~14 MB)
-            if re.fullmatch(r"[0-9a-f]{32}\.[0-9a-f]{16}\.json", old.name) and _owned_and_private(old):
+            if re.fullmatch(r"[0-9a-f]{32}\.[0-9a-f]{16}\.json", old.name) and owned_and_private(old):
                 old.unlink()
         tmp = temp_path(path)
         try:
