@@ -28,7 +28,7 @@ from gemma3.text.vocab import (SPECIAL_TOKENS, added_ids, checked_arrays, extra_
 
 def is_hf_tokenizer(backend: Any) -> bool:
     """Whether `backend` is an HF `tokenizers.Tokenizer`, told without importing `tokenizers`: the native
-    engine never needs it, and importing it costs ~7 MB of memory for nothing."""
+    engine never needs it, and importing it costs memory for nothing."""
     kind = type(backend)
     return kind.__name__ == "Tokenizer" and kind.__module__.split(".")[0] == "tokenizers"
 
@@ -75,10 +75,9 @@ def tokenizer_cache_dir() -> Path:
 def build_cached(pieces: list[str], scores: Any, types: Any, source: str) -> Any:
     """`_build`, with the merges it derives kept in the cache: an (M, 2) int32 .npy of the merged pieces' ids,
     named by a hash of everything they were derived from (the pieces, scores and types, this cache format) and
-    by a hash of the file's own bytes. Deriving 514k merges in Python takes ~1.5-2 s; reading 4 MB back and
-    handing them to `tokenizers` ~1 s. (Until 2026-12-02 the whole tokenizer.json was kept: as fast to read,
-    but parsing its 33 MB of JSON took 440 MB at its peak against 260 MB for this build.) A file whose bytes
-    do not match its name, one not ours or writable by others, or one that does not hold valid merges is not
+    by a hash of the file's own bytes. Deriving the merges in Python is the slow part of the build; only they are
+    kept, not the whole tokenizer.json, whose parsing peaks higher than this build (docs/tokenizer.md has the
+    figures). A file whose bytes do not match its name, one not ours or writable by others, or one that does not hold valid merges is not
     used: the merges are derived again and kept again. A cache that cannot be written costs only the time."""
     import hashlib
     import io
@@ -113,7 +112,7 @@ def build_cached(pieces: list[str], scores: Any, types: Any, source: str) -> Any
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         for old in directory.glob(f"{name}.*.npy"):  # a spoiled copy under the same key
             old.unlink()
-        for old in directory.glob("*.*.json"):  # what CACHE_FORMAT 1 kept (whole tokenizer.json files, ~14 MB)
+        for old in directory.glob("*.*.json"):  # what CACHE_FORMAT 1 kept (whole tokenizer.json files)
             if re.fullmatch(r"[0-9a-f]{32}\.[0-9a-f]{16}\.json", old.name) and owned_and_private(old):
                 old.unlink()
         tmp = temp_path(path)
@@ -173,8 +172,8 @@ def assemble(pieces: list[str], vocab: dict[str, int], types: np.ndarray, merges
 
 @contextlib.contextmanager
 def _gc_paused() -> Iterator[None]:
-    """The rebuild creates ~2 M small objects that all stay alive; pausing the cyclic garbage collector
-    saves it from rescanning them again and again (~20 % of the build time)."""
+    """The rebuild creates millions of small objects that all stay alive; pausing the cyclic garbage collector
+    saves it from rescanning them again and again."""
     enabled = gc.isenabled()
     gc.disable()
     try:

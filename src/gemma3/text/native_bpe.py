@@ -1,10 +1,10 @@
 """Gemma 3's tokenizer run by our own BPE engine (`kernels/bpe.c`), with the same ids as HF `tokenizers`.
 
 Why not just `tokenizers`: it holds the 262 144-piece vocabulary, its 514 906 merges and the 6 415 added
-tokens in ~95 MB of Rust maps, and building them from a GGUF's vocabulary takes ~1 s (plus ~1.5 s to derive
-the merges in Python, which is why a cache exists for it). That is a sixth of the memory of running the
-embedded 270M and half of its load time. This engine keeps the vocabulary as one byte string with offsets
-and builds its tables in C in ~0.1 s, ~20 MB in all, merges derived on the spot, no cache.
+tokens in Rust maps, and building them from a GGUF's vocabulary takes a while (plus deriving the merges in
+Python, which is why a cache exists for it): a large share of the memory and the load time of running the
+embedded 270M. This engine keeps the vocabulary as one byte string with offsets and builds its tables in C, a
+fraction of the memory and the time, merges derived on the spot, no cache (docs/tokenizer.md has the figures).
 
 It implements exactly the official `tokenizer.json` pipeline (bpe.c's header walks through it): added tokens
 matched leftmost-longest in the raw text, `" "` -> `"▁"`, BPE over each stretch between them, merges applied
@@ -157,7 +157,7 @@ class NativeBPE:
 
     def merges(self) -> np.ndarray:
         """The merges in rank order, as (M, 2) int32 ids of their left and right pieces (what
-        `hf_engine._bpe_merges` derives, ~10x faster)."""
+        `hf_engine._bpe_merges` derives in Python, in a fraction of its time)."""
         left, right, _ = self._ranked()
         return np.stack([left, right], axis=1)
 

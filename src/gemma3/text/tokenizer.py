@@ -19,11 +19,11 @@ What an exact rebuild from GGUF has to undo (spec §12, pitfall 24):
 * Which added tokens are `special` (skipped by `decode(skip_special_tokens=True)`) is not recorded;
   the official file marks the nine in `vocab.SPECIAL_TOKENS`.
 
-Two engines run it, with the same ids: our BPE in C (`native_bpe`, ~20 MB, built in ~0.1 s) for a GGUF or a
-tokenizer.model wherever the kernels compile; HF `tokenizers` (`hf_engine`: ~95 MB, ~1 s to build, with the
-derived merges cached on disk) for an HF tokenizer.json, which it loads as it is, and where nothing compiles.
-`engine=` on the constructors chooses; `Tokenizer.engine` says which runs. The rules both engines share are in
-`vocab`.
+Two engines run it, with the same ids: our BPE in C (`native_bpe`: smaller, and quicker to build) for a GGUF or
+a tokenizer.model wherever the kernels compile; HF `tokenizers` (`hf_engine`, with the derived merges cached on
+disk) for an HF tokenizer.json, which it loads as it is, and where nothing compiles. `engine=` on the
+constructors chooses; `Tokenizer.engine` says which runs; docs/tokenizer.md has what each costs. The rules both
+engines share are in `vocab`.
 
 BOS policy (pitfall 19: Gemma wants exactly one `<bos>`): `encode(text, add_bos=True)` prepends `<bos>`
 unless the text already starts with one. Text that spells a control token (`"<start_of_turn>"`,
@@ -154,7 +154,7 @@ class Tokenizer:
 
     def to_json(self) -> str:
         """The tokenizer as HF's `tokenizer.json` text (for `save`, and for libraries that take the file, such as
-        llguidance). With the native engine, the HF form is built for this (~1 s) and not kept."""
+        llguidance). With the native engine, the HF form is built for this (an HF build's time) and not kept."""
         return self._engine.to_json()
 
     # -------------------------------------------------------------------------------------- text <-> ids
