@@ -77,8 +77,9 @@ def build_cached(pieces: list[str], scores: Any, types: Any, source: str) -> Any
     named by a hash of everything they were derived from (the pieces, scores and types, this cache format) and
     by a hash of the file's own bytes. Deriving the merges in Python is the slow part of the build; only they are
     kept, not the whole tokenizer.json, whose parsing peaks higher than this build (docs/tokenizer.md has the
-    figures). A file whose bytes do not match its name, one not ours or writable by others, or one that does not hold valid merges is not
-    used: the merges are derived again and kept again. A cache that cannot be written costs only the time."""
+    figures). A file whose bytes do not match its name, one not ours or writable by others, or one that does not
+    hold valid merges is not used: the merges are derived again and kept again. A cache that cannot be written
+    costs only the time."""
     import hashlib
     import io
 

@@ -49,7 +49,8 @@ ENGINES = ("auto", "native", "hf")
 class Tokenizer:
     """Text <-> Gemma 3 token ids. Build it with `from_file`, `from_gguf`, `from_sentencepiece` or `from_dir`.
 
-    `Tokenizer(backend)` wraps an HF `tokenizers.Tokenizer` (or an engine of this module's own)."""
+    `Tokenizer(backend)` wraps an HF `tokenizers.Tokenizer`, or an engine (`native_bpe.NativeBPE`,
+    `hf_engine.HFEngine`)."""
 
     def __init__(self, backend: Any, source: str = "tokenizer"):
         self._engine = hf_engine.HFEngine(backend) if hf_engine.is_hf_tokenizer(backend) else backend
