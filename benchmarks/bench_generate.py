@@ -122,7 +122,7 @@ def run_transformers(args, dtype) -> dict:
     from transformers.generation.streamers import BaseStreamer
 
     from gemma3.weights.sources import embedded_gguf_path
-    from gemma3.tokenizer import Tokenizer
+    from gemma3.text.tokenizer import Tokenizer
 
     gguf = embedded_gguf_path()
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype).eval()

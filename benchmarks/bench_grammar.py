@@ -119,7 +119,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     from gemma3.weights.sources import embedded_gguf_path
-    from gemma3.tokenizer import Tokenizer
+    from gemma3.text.tokenizer import Tokenizer
 
     tok = Tokenizer.from_gguf(embedded_gguf_path())
     ids = tok.encode(TEXT, add_bos=False)

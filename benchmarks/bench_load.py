@@ -38,7 +38,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import gemma3.model  # noqa: F401  (imports are not what we measure)
-    import gemma3.tokenizer  # noqa: F401
+    import gemma3.text.tokenizer  # noqa: F401
     from gemma3.convert import convert
     from gemma3.loading import load
     from gemma3.weights.sources import embedded_gguf_path

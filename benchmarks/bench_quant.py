@@ -189,7 +189,7 @@ def main() -> None:
     if args.no_extra_bufts:
         print("llama.cpp crashed on a probe forward with its extra CPU buffer types (AMX / repacked weights) on this "
               "machine: it runs with use_extra_bufts=False (its plain ggml CPU kernels)")
-    from gemma3.tokenizer import Tokenizer
+    from gemma3.text.tokenizer import Tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         ids = Tokenizer.from_gguf(embedded_gguf_path()).encode(TEXT * (1 + args.prompt_tokens // 100), add_bos=True)

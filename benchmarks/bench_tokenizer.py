@@ -30,7 +30,8 @@ from conftest import official_tokenizer_dir  # noqa: E402
 from test_tokenizer import sentencepiece_model  # noqa: E402
 from tokenizer_corpus import corpus  # noqa: E402
 
-from gemma3.tokenizer import NORMAL, UNKNOWN, Tokenizer  # noqa: E402
+from gemma3.text.tokenizer import Tokenizer  # noqa: E402
+from gemma3.text.vocab import NORMAL, UNKNOWN  # noqa: E402
 from gemma3.weights.gguf import read_gguf_metadata  # noqa: E402
 
 

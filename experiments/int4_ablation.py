@@ -74,7 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     from test_quantize_real import evaluate, held_out_ids
 
-    from gemma3.tokenizer import Tokenizer
+    from gemma3.text.tokenizer import Tokenizer
 
     config, state, _, _ = load_weights(embedded_gguf_path(), torch.float32, progress=False, quantize="none")
     tokenizer = Tokenizer.from_gguf(embedded_gguf_path())

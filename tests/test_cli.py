@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gemma3.cli import main
-from gemma3.tokenizer import Tokenizer
+from gemma3.text.tokenizer import Tokenizer
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -100,7 +100,7 @@ def test_llama_cpp_chat_gets_the_same_prompt_tokens_as_ours(tiny_hf_dir, tmp_pat
     """llama.cpp's chat completion on our exported GGUF formats the conversation with the template we wrote
     (before, without tokenizer.chat_template, it fell back to another format and answered junk)."""
     from gemma3.text.chat import render_chat
-    from gemma3.tokenizer import Tokenizer
+    from gemma3.text.tokenizer import Tokenizer
     from reference import llama_cpp_model
 
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it builds for 10-25 min, so CI "

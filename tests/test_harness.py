@@ -153,7 +153,7 @@ def test_loglikelihoods_equal_lm_evals_hf_backend(runs):
 
 def test_rolling_windows_are_crossed(hf_checkpoint):
     """The first text is longer than max_length, so it is scored over several windows (the case that matters)."""
-    from gemma3.tokenizer import Tokenizer
+    from gemma3.text.tokenizer import Tokenizer
 
     assert len(Tokenizer.from_dir(hf_checkpoint).encode(TEXTS[0]["text"])) > 2 * MAX_LENGTH
 

@@ -108,7 +108,7 @@ def test_running_the_embedded_gguf_imports_neither_tokenizers_nor_safetensors():
     run's memory for nothing (tokenizers ~6, safetensors ~1; #10's peak RSS budget is 1.5x llama.cpp's)."""
     import subprocess
 
-    from gemma3 import bpe
+    from gemma3.text import native_bpe as bpe
 
     if bpe.library() is None:
         pytest.skip("the native tokenizer engine does not build here (HF tokenizers is the fallback)")

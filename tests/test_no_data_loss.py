@@ -204,7 +204,7 @@ def test_train_refuses_the_current_directory_and_its_data(capsys, tmp_path, monk
 
 
 def test_leftovers_of_a_killed_tokenization_are_removed(tmp_path):
-    from gemma3.tokenizer import Tokenizer
+    from gemma3.text.tokenizer import Tokenizer
     from gemma3.train.data import TokenFile, data_fingerprint, expand_sources
 
     corpus = write_corpus(tmp_path / "corpus")

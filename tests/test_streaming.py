@@ -182,7 +182,7 @@ def test_any_text_streams_to_its_decode_cut_at_the_first_stop(tok, pieces, stops
 
 
 def test_works_with_the_project_tokenizer(official_tokenizer):
-    from gemma3.tokenizer import Tokenizer
+    from gemma3.text.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_file(official_tokenizer / "tokenizer.json")
     text = TEXTS[4] + " <end_of_turn> hidden"

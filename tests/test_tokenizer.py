@@ -2,8 +2,9 @@
 270M GGUF, a SentencePiece tokenizer.model), a byte-identical rebuild, decoding, BOS once, and bad input.
 
 The reference is HF `tokenizers` running the official tokenizer.json. Each tokenizer is built once per module.
-A GGUF or tokenizer.model runs on our C BPE engine (gemma3.bpe) by default; "gguf_hf" / "gguf_cached" are the same
-GGUF on the HF `tokenizers` engine (the fallback where nothing compiles), built into an empty cache and read back."""
+A GGUF or tokenizer.model runs on our C BPE engine (gemma3.text.native_bpe) by default; "gguf_hf" / "gguf_cached" are
+the same GGUF on the HF `tokenizers` engine (the fallback where nothing compiles), built into an empty cache and read
+back."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gemma3.errors import CheckpointError, Gemma3Error
-from gemma3.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, Tokenizer
+from gemma3.text.tokenizer import Tokenizer
+from gemma3.text.vocab import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED
 from gemma3.weights.gguf import read_gguf_metadata
 from tokenizer_corpus import corpus
 
@@ -175,7 +177,7 @@ def test_fragment_soups_match_the_official_tokenizer(built, reference, parts):
 def test_native_merges_are_the_python_derivation(built, gguf_metadata):
     """bpe.c's split search + `rank_merges` give the merge list `_bpe_merges` (the HF engine's, in Python) gives,
     in the same order."""
-    from gemma3.tokenizer import _bpe_merges, _checked
+    from gemma3.text.hf_engine import _bpe_merges, _checked
 
     pieces = [p.replace(" ", "▁") for p in gguf_metadata["tokenizer.ggml.tokens"]]
     scores, types, vocab = _checked(pieces, gguf_metadata["tokenizer.ggml.scores"],
@@ -186,7 +188,7 @@ def test_native_merges_are_the_python_derivation(built, gguf_metadata):
 
 
 def test_engine_choice(gguf_metadata, monkeypatch):
-    from gemma3 import bpe
+    from gemma3.text import native_bpe as bpe
 
     with pytest.raises(ValueError, match="engine must be one of"):
         Tokenizer.from_gguf_metadata(gguf_metadata, engine="rust")
@@ -424,7 +426,7 @@ def test_tokenizer_cache_is_used_only_when_it_is_ours_and_sound(gguf_metadata, t
     writes nothing. (Only the HF engine keeps one: the native engine derives the merges in ~0.2 s.)"""
     import os
 
-    from gemma3 import tokenizer as tokenizer_module
+    from gemma3.text import hf_engine as tokenizer_module
 
     monkeypatch.setenv("GEMMA3_TOKENIZER_CACHE", str(tmp_path))
     builds = []  # each time the merges are derived (the slow part the cache saves)

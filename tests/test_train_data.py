@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from gemma3.tokenizer import Tokenizer
+from gemma3.text.tokenizer import Tokenizer
 from gemma3.train.data import (IGNORE_INDEX, DataError, PackedDataset, TokenFile, global_batch_indices,
                                split_documents, tokenize_chat)
 from test_train_support import TEXT, tiny_tokenizer_file, write_chat, write_corpus

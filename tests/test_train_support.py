@@ -57,7 +57,7 @@ def write_chat(path: Path, n: int = 8) -> Path:
 
 
 def test_tiny_tokenizer_round_trip(tmp_path):
-    from gemma3.tokenizer import Tokenizer
+    from gemma3.text.tokenizer import Tokenizer
 
     tok = Tokenizer.from_file(tiny_tokenizer_file(tmp_path))
     ids = tok.encode("Hi there\n<start_of_turn>x")

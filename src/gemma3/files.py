@@ -11,6 +11,9 @@ Two rules every command follows (docs/security.md, "Our own files"):
 * **Read inputs with a cap.** ``-f /dev/zero`` or an endless pipe must end in a clear error, not an
   unbounded allocation; text must be UTF-8, and the error says where it is not.
 
+Caches of our own (compiled kernels, derived tokenizer merges) live in a per-user directory, and only files that
+are ours and writable by nobody else are trusted from there (`user_cache_dir`, `owned_and_private`).
+
 Temporary files carry the writing process's id (``NAME.tmp-PID``), so a later run can tell the leftovers of
 a killed process (whose pid is gone) from the files of one still running, and remove them.
 """
@@ -99,6 +102,25 @@ def check_output_file(out: str | os.PathLike, *, overwrite: bool, sources: Itera
     if out.exists() and not overwrite:
         raise OutputError(f"{flag} {out}: already exists; choose a new name, or pass --overwrite to replace it")
     return out
+
+
+# ------------------------------------------------------------------------------------------------ caches
+def user_cache_dir(name: str, env: str) -> Path:
+    """Where gemma3 keeps its cache `name`: $`env` when set, else $XDG_CACHE_HOME/gemma3/`name`
+    (~/.cache/gemma3/`name`)."""
+    if os.environ.get(env):
+        return Path(os.environ[env]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gemma3" / name
+
+
+def owned_and_private(path: Path) -> bool:
+    """Ours, and writable by nobody else: what a cache may trust (a library loaded from it runs as code in this
+    process)."""
+    if not hasattr(os, "getuid"):
+        return True
+    st = path.stat()
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
 # ---------------------------------------------------------------------------------------- temporary files

@@ -122,7 +122,7 @@ def _importance(config: Gemma3Config, state: dict[str, torch.Tensor], tokenizer,
 
 def load_tokenizer(resolved: ResolvedSource, gguf_metadata: dict | None = None):
     """The tokenizer that belongs to `resolved` (None for a checkpoint directory that has none)."""
-    from gemma3.tokenizer import Tokenizer
+    from gemma3.text.tokenizer import Tokenizer
 
     tokenizer = None
     if resolved.kind == "gguf":

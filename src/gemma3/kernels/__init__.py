@@ -2,8 +2,9 @@
 step in bf16 and fp32 (`linear.c`, which says why it beats oneDNN and MKL there), the same products and
 the dequantization for weights in ggml's block formats (`quants.c`, used by gemma3.accel.quantize), the fused
 norm and one-token attention (`decode.c`), and a quantized model's whole decode step in one call (`step.c`,
-used by gemma3.accel.fused_step). Apart from those, `bpe.c` is the tokenizer's BPE engine (gemma3.bpe), built into
-its own small library without OpenMP or -march flags, so that tokenizing never loads torch.
+used by gemma3.accel.fused_step). Apart from those, `bpe.c` is the tokenizer's BPE engine
+(gemma3.text.native_bpe), built into its own small library without OpenMP or -march flags, so that tokenizing
+never loads torch.
 
 Nothing here is needed: without a C compiler, off x86-64, with `GEMMA3_NATIVE_KERNELS=0`, or when the build
 fails, `available()` is False and the model uses torch's own kernels (same results up to the order of
@@ -30,6 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gemma3.files import owned_and_private, user_cache_dir
+
 if TYPE_CHECKING:
     import torch
 
@@ -49,10 +52,7 @@ def _flags() -> list[str]:
 
 
 def cache_dir() -> Path:
-    if os.environ.get("GEMMA3_KERNEL_CACHE"):
-        return Path(os.environ["GEMMA3_KERNEL_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "gemma3" / "kernels"
+    return user_cache_dir("kernels", "GEMMA3_KERNEL_CACHE")
 
 
 def _cpu_flags() -> str:
@@ -63,14 +63,6 @@ def _cpu_flags() -> str:
     except OSError:
         pass
     return platform.processor()
-
-
-def _owned_and_private(path: Path) -> bool:
-    """Ours, and writable by nobody else: a library loaded from here runs as code in this process."""
-    if not hasattr(os, "getuid"):
-        return True
-    st = path.stat()
-    return st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
 def _build(compiler: str, sources: Sequence[Path] = SOURCES, flags: Sequence[str] | None = None,
@@ -84,13 +76,13 @@ def _build(compiler: str, sources: Sequence[Path] = SOURCES, flags: Sequence[str
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         probe = tempfile.NamedTemporaryFile(dir=directory, delete=True)
         probe.close()
-        private = _owned_and_private(directory)
+        private = owned_and_private(directory)
     except OSError:
         private = False
     if not private:  # unwritable, or others could plant a library there: build for this process only
         directory = Path(tempfile.mkdtemp(prefix="gemma3-kernels-"))
     target = directory / f"{stem}-{key}.so"
-    if target.exists() and _owned_and_private(target):
+    if target.exists() and owned_and_private(target):
         return target
     fd, partial = tempfile.mkstemp(dir=directory, suffix=".so.partial")
     os.close(fd)
@@ -119,7 +111,7 @@ def _compiler() -> tuple[str | None, str]:
 @functools.cache
 def bpe_library() -> tuple[ctypes.CDLL | None, str]:
     """(the tokenizer's BPE engine, or None; a line saying what was loaded or why not). Tried once per process.
-    Any CPU with a C compiler builds it; gemma3.bpe declares its functions."""
+    Any CPU with a C compiler builds it; gemma3.text.native_bpe declares its functions."""
     compiler, why = _compiler()
     if not compiler:
         return None, why

@@ -118,7 +118,7 @@ def layer_types_from_pattern(pattern: int | str, num_layers: int) -> tuple[str, 
 
 
 def tokenizer_for_run(spec: str | None):
-    from gemma3.tokenizer import Tokenizer
+    from gemma3.text.tokenizer import Tokenizer
 
     if spec is None:
         from gemma3.weights.sources import embedded_gguf_path

@@ -31,6 +31,7 @@ import torch
 
 from gemma3.config import Gemma3Config, hybrid_layer_types
 from gemma3.errors import CheckpointError, ConfigError
+from gemma3.text.vocab import BYTE, CONTROL, NORMAL, USER_DEFINED
 from gemma3.weights.names import GGUF_NAMES, OUR_TO_GGUF, check_tensors, is_norm, rename
 
 GGUF_MAGIC = b"GGUF"
@@ -685,10 +686,9 @@ def write_gguf(path: str | os.PathLike, config: Gemma3Config, state: Mapping[str
     return path
 
 
-# Token types of llama.cpp's vocabulary (gguf-py TokenType).
-NORMAL, CONTROL, USER_DEFINED, BYTE = 1, 3, 4, 6
 # Gemma 3's SentencePiece CONTROL pieces; every other added token is USER_DEFINED (whitespace runs, HTML
-# tags, <start_of_image> ...). tokenizer.json does not record this, so it is spelled out here.
+# tags, <start_of_image> ...). tokenizer.json does not record this, so it is spelled out here. (The token types,
+# gguf-py's TokenType, are SentencePiece's piece types: gemma3.text.vocab.)
 _CONTROL_PIECES = frozenset({"<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"})
 
 

@@ -1,17 +1,17 @@
 """Gemma 3's tokenizer run by our own BPE engine (`kernels/bpe.c`), with the same ids as HF `tokenizers`.
 
 Why not just `tokenizers`: it holds the 262 144-piece vocabulary, its 514 906 merges and the 6 415 added
-tokens in ~95 MB of Rust maps, and building them from a GGUF's vocabulary takes ~1 s (plus ~1.5 s to derive
-the merges in Python, which is why a cache exists for it). That is a sixth of the memory of running the
-embedded 270M and half of its load time. This engine keeps the vocabulary as one byte string with offsets
-and builds its tables in C in ~0.1 s, ~20 MB in all, merges derived on the spot, no cache.
+tokens in Rust maps, and building them from a GGUF's vocabulary takes a while (plus deriving the merges in
+Python, which is why a cache exists for it): a large share of the memory and the load time of running the
+embedded 270M. This engine keeps the vocabulary as one byte string with offsets and builds its tables in C, a
+fraction of the memory and the time, merges derived on the spot, no cache (docs/tokenizer.md has the figures).
 
 It implements exactly the official `tokenizer.json` pipeline (bpe.c's header walks through it): added tokens
 matched leftmost-longest in the raw text, `" "` -> `"▁"`, BPE over each stretch between them, merges applied
 lowest rank first, byte fallback. `tests/test_tokenizer.py` holds it to the official file on a corpus of
 hard cases and on random text. Decoding is Python here, HF's decoder chain rule for rule.
 
-`gemma3.tokenizer.Tokenizer` picks this engine whenever the kernels build, HF `tokenizers` otherwise (or
+`gemma3.text.tokenizer.Tokenizer` picks this engine whenever the kernels build, HF `tokenizers` otherwise (or
 for an HF tokenizer.json, which it loads as is). `to_json()` builds the HF form when something needs the
 file itself (`Tokenizer.save`, llguidance).
 """
@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 from gemma3.errors import CheckpointError, Gemma3Error
+from gemma3.text.vocab import (SPECIAL_TOKENS, added_ids, byte_value, checked_arrays, extra_tokens, rank_merges,
+                               ranking_scores, require_pieces)
 
 i64, ptr = ctypes.c_int64, ctypes.c_void_p
 
@@ -52,16 +55,12 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def _byte_value(piece: bytes) -> int | None:
-    """The byte a `<0xNN>` piece stands for, by the rule of HF's ByteFallback decoder: six bytes, `<0x` ... `>`,
-    and Rust's `u8::from_str_radix` of the two in between (hex digits of either case, or `+` and one digit)."""
-    if len(piece) != 6 or not piece.startswith(b"<0x") or not piece.endswith(b">"):
-        return None
-    digits = piece[3:5]
-    body = digits[1:] if digits[:1] == b"+" else digits
-    if not body or any(c not in b"0123456789abcdefABCDEF" for c in body):
-        return None
-    return int(body, 16)
+def from_vocab(pieces: Sequence[str], scores: Any, types: Any, source: str, lib: ctypes.CDLL) -> NativeBPE:
+    """The engine for SentencePiece-style vocab arrays, checked (duplicate pieces are found while hashing them)."""
+    scores, types = checked_arrays(pieces, scores, types, source)
+    require_pieces(pieces, source)
+    return NativeBPE(pieces, scores, types, added_ids(types), extra_tokens(pieces, len(pieces)), SPECIAL_TOKENS,
+                     source, lib)
 
 
 class NativeBPE:
@@ -69,8 +68,8 @@ class NativeBPE:
 
     `pieces` are spelled as in tokenizer.json (`▁` for spaces); `added` lists the ids matched whole in raw
     text, `extra` the added tokens past the pieces (content, id), `special` the added contents that
-    `decode(skip_special_tokens=True)` drops. The merges are derived here, ranked as `tokenizer._bpe_merges`
-    ranks them (`rank_merges`)."""
+    `decode(skip_special_tokens=True)` drops. The merges are derived here: bpe.c finds the splits,
+    `vocab.rank_merges` ranks them, as for the HF engine."""
 
     name = "native"
 
@@ -115,7 +114,7 @@ class NativeBPE:
         six = np.flatnonzero(np.diff(self._offsets) == 6)
         six = six[(blob[self._offsets[six]] == ord("<")) & (blob[self._offsets[six] + 2] == ord("x"))]
         for index in six.tolist():
-            value = _byte_value(self._piece_bytes(index))
+            value = byte_value(self._piece_bytes(index))
             if value is not None:
                 self._byte_ids[index] = value
         added_set = set(added.tolist())
@@ -153,20 +152,14 @@ class NativeBPE:
     def _ranked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(left, right, merged piece) ids of the merges, in rank order."""
         left, right, owner, left_chars = self.splits()
-        order = rank_merges(owner, left_chars, self._chars, self._ranking_scores())
+        order = rank_merges(owner, left_chars, self._chars, ranking_scores(self._scores, self._types))
         return tuple(np.ascontiguousarray(a[order]) for a in (left, right, owner))
 
     def merges(self) -> np.ndarray:
         """The merges in rank order, as (M, 2) int32 ids of their left and right pieces (what
-        `tokenizer._bpe_merges` derives, ~10x faster)."""
+        `hf_engine._bpe_merges` derives in Python, in a fraction of its time)."""
         left, right, _ = self._ranked()
         return np.stack([left, right], axis=1)
-
-    def _ranking_scores(self) -> np.ndarray:
-        from gemma3.tokenizer import NORMAL
-
-        # SentencePiece gives every non-NORMAL piece score 0.0, which ranks their merges first.
-        return np.where(self._types == NORMAL, self._scores, 0.0)
 
     def _set_merges(self) -> None:
         left, right, owner = self._ranked()
@@ -238,11 +231,11 @@ class NativeBPE:
 
     def to_json(self) -> str:
         """The official tokenizer.json for this vocabulary, through HF `tokenizers` (built here, not kept)."""
-        from gemma3.tokenizer import _assemble
+        from gemma3.text.hf_engine import assemble
 
         pieces = self.pieces()
         vocab = {piece: index for index, piece in enumerate(pieces)}
-        return _assemble(pieces, vocab, self._types.astype(np.int64), self.merges()).to_str(pretty=True)
+        return assemble(pieces, vocab, self._types.astype(np.int64), self.merges()).to_str(pretty=True)
 
 
 def _decode_byte_run(data: bytearray) -> str:
@@ -250,13 +243,3 @@ def _decode_byte_run(data: bytearray) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         return "\ufffd" * len(data)
-
-
-def rank_merges(owner: np.ndarray, left_chars: np.ndarray, char_lengths: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """The order of the candidate merges (owner piece, left part's length in characters): by the owner's score
-    descending, then left length descending, right length descending, then owner id: the ranking of HF's
-    SentencePiece converter (`tokenizer._bpe_merges` explains it)."""
-    owner = owner.astype(np.int64)
-    left_len = left_chars.astype(np.int64)
-    right_len = char_lengths[owner] - left_len
-    return np.lexsort((owner, -right_len, -left_len, -scores[owner]))  # the last key sorts first
