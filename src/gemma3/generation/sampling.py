@@ -178,6 +178,31 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, prev_ids: torch
     return apply_min_p(logits, params.min_p)
 
 
+def check_finite(logits: torch.Tensor, generated: int, cache_dtype: torch.dtype | None = None) -> None:
+    """Stop with a clear error when the model's logits hold NaN or inf (sampling would fail on them, and an
+    argmax would pick garbage). One sum is the check (cheap next to a decode step): non-finite iff any is."""
+    if not bool(torch.isfinite(logits.sum(dtype=torch.float32))):
+        cache = (", or a key or value beyond ±65504 overflowed the float16 KV cache (try --kv-cache-dtype float32)"
+                 if cache_dtype == torch.float16 else "")
+        raise Gemma3Error(f"the model produced non-finite logits (NaN or inf) after {generated} generated token(s): "
+                          "its weights are probably non-finite (a corrupt or overflowed checkpoint), or the "
+                          "dtype cannot hold its activations (Gemma 3 needs bfloat16 or float32, never float16)"
+                          + cache)
+
+
+def tokenizer_vocab(tokenizer) -> int | None:
+    """How many token ids the tokenizer has (None where it does not say): `mask_padding`'s `vocab`."""
+    return len(tokenizer) if hasattr(tokenizer, "__len__") else None
+
+
+def mask_padding(logits: torch.Tensor, vocab: int | None) -> torch.Tensor:
+    """Set the logits (..., V) of the embedding rows past the tokenizer's `vocab` ids to -inf, in place, and
+    return them: no token maps to those rows (the 4B-27B's 64 padding rows), so they are never sampled."""
+    if vocab is not None and logits.shape[-1] > vocab:
+        logits[..., vocab:] = -math.inf
+    return logits
+
+
 # Top-k at or below this: filter and draw among the k candidates (see `next_token`).
 TOP_K_CANDIDATES = 1024
 
