@@ -145,9 +145,9 @@ def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 def greedy(logits: torch.Tensor, block: int = 1024) -> torch.Tensor:
     """The most likely token per row: (B, V) → (B,), the first one on ties (and the first NaN), as argmax.
 
-    Over Gemma's 262 144 logits, torch's CPU argmax runs on one thread without vectorizing (220 µs, ~1% of
-    a bf16 decode step); taking the max of each block of 1 024 (vectorized), then the argmax over the 256
-    block maxima and inside the first block that holds the overall max, gives the same index in ~27 µs."""
+    torch's CPU argmax runs on one thread without vectorizing; taking the max of each block of 1 024
+    (vectorized), then the argmax over the block maxima and inside the first block that holds the overall max,
+    gives the same index several times faster (docs/performance.md, "Generation")."""
     B, V = logits.shape
     if V % block or V < 16 * block:
         return logits.argmax(dim=-1)
@@ -218,9 +218,8 @@ def next_token(
 
     With a top-k (Gemma's default is 64), top-p, min-p and the draw work on the k candidates only: the same
     distribution as `process_logits` over the whole vocabulary (tokens outside the top k are -inf there,
-    probability 0), without sorting and drawing over 262 144 logits: on our 2-core test machine a token's
-    draw with Gemma's defaults took 25 ms that way (about one decode step; 40-80 ms when the machine was busy),
-    and takes 2.4 ms this way."""
+    probability 0), without sorting and drawing over 262 144 logits, which cost about a decode step
+    (docs/generation.md, "Sampling")."""
     if params.greedy or not 0 < params.top_k <= TOP_K_CANDIDATES or params.top_k >= logits.shape[-1]:
         logits = process_logits(logits, params, prev_ids)
         return greedy(logits) if params.greedy else sample(logits, generator)
