@@ -163,7 +163,7 @@ def test_bad_prompts(gen):
 
 
 def test_non_finite_logits_name_the_fp16_cache_when_there_is_one():
-    from gemma3.generation.generator import check_finite
+    from gemma3.generation.sampling import check_finite
 
     bad = torch.tensor([[0.0, float("nan")]])
     check_finite(torch.zeros(1, 2), 0, torch.float16)  # finite: nothing to say

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gemma3.errors import Gemma3Error
-from gemma3.text.streaming import TextStreamer, find_stop, partial_stop_length, stop_reason
+from gemma3.generation.finish import stop_reason
+from gemma3.text.streaming import TextStreamer, find_stop, partial_stop_length
 
 RARE_CJK = "丣乛亶"  # not in the vocabulary: three <0xNN> byte tokens each
 TEXTS = [

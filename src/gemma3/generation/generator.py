@@ -24,11 +24,9 @@ from gemma3.text.chat import render_chat
 from gemma3.errors import Gemma3Error
 from gemma3.kv_cache import KVCache
 from gemma3.model import Gemma3Model
-from gemma3.generation.sampling import SamplingParams, next_token
-from gemma3.text.streaming import TextStreamer, stop_reason
-
-END_OF_TURN = 106
-DEFAULT_STOP_IDS = (1, END_OF_TURN)  # <eos>, <end_of_turn>: IT models end a turn with the latter
+from gemma3.generation.finish import RowState, default_stop_ids
+from gemma3.generation.sampling import SamplingParams, check_finite, mask_padding, next_token, tokenizer_vocab
+from gemma3.text.streaming import TextStreamer
 
 
 @dataclass
@@ -73,24 +71,6 @@ class GenerationResult:
     prompt_tokens: int
     finish_reason: str  # "stop" (eos id or stop string), "length" (max_new_tokens) or "context"
     timings: Timings
-
-
-def check_finite(logits: torch.Tensor, generated: int, cache_dtype: torch.dtype | None = None) -> None:
-    """Stop with a clear error when the model's logits hold NaN or inf (sampling would fail on them, and an
-    argmax would pick garbage). One sum is the check: ~10 µs over 262 144 logits, and non-finite iff any is."""
-    if not bool(torch.isfinite(logits.sum(dtype=torch.float32))):
-        cache = (", or a key or value beyond ±65504 overflowed the float16 KV cache (try --kv-cache-dtype float32)"
-                 if cache_dtype == torch.float16 else "")
-        raise Gemma3Error(f"the model produced non-finite logits (NaN or inf) after {generated} generated token(s): "
-                          "its weights are probably non-finite (a corrupt or overflowed checkpoint), or the "
-                          "dtype cannot hold its activations (Gemma 3 needs bfloat16 or float32, never float16)"
-                          + cache)
-
-
-def default_stop_ids(config) -> tuple[int, ...]:
-    """The ids that end a generation when none are given: the checkpoint's eos ids, plus <eos> and
-    <end_of_turn> (in that order, each once)."""
-    return tuple(dict.fromkeys((*config.eos_token_id, *DEFAULT_STOP_IDS)))
 
 
 class Generator:
@@ -143,10 +123,7 @@ class Generator:
         run = _Run(self, prompt_ids, config)
         for row, token, delta in run.steps(streamers):
             texts[row].append(delta)
-        for row, streamer in enumerate(streamers):
-            texts[row].append(streamer.finish())
-        return [GenerationResult("".join(texts[r]), run.generated[r], len(prompt_ids[r]), run.finish[r], run.timings)
-                for r in range(len(prompt_ids))]
+        return [run.result(r, "".join(texts[r]) + run.rows[r].flush()) for r in range(len(prompt_ids))]
 
     def stream(self, prompt: str | Sequence[int], config: GenerationConfig | None = None) -> Iterator[str]:
         """Yield text deltas as they become final (never half a UTF-8 character, never a stop string).
@@ -156,14 +133,15 @@ class Generator:
         run = _Run(self, [ids], config)
         pieces: list[str] = []
         yield from run.stream_text(pieces)
-        self.last_result = GenerationResult("".join(pieces), run.generated[0], len(ids), run.finish[0], run.timings)
+        self.last_result = run.result(0, "".join(pieces))
 
 
 class _Run:
-    """One batched generation: owns the cache, the token history and the per-row stop state."""
+    """One batched generation: owns the cache, the token history and each row's `RowState`."""
 
     def __init__(self, gen: Generator, prompt_ids: list[list[int]], config: GenerationConfig,
-                 cache: KVCache | None = None, cached_tokens: int = 0):
+                 cache: KVCache | None = None, cached_tokens: int = 0, context_length: int | None = None):
+        """`context_length`: the context to stay within (ChatSession's may be shorter than the model's)."""
         config.validate()
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise Gemma3Error("the prompt is empty")
@@ -173,17 +151,28 @@ class _Run:
         limit = gen.context_length
         if longest >= limit:
             raise Gemma3Error(f"the prompt has {longest} tokens, but the model's context is {limit} tokens")
-        self.budget = min(config.max_new_tokens, limit - longest)
+        self.budget = min(config.max_new_tokens, (context_length or limit) - longest)
         self.cache = cache or KVCache(gen.model.config, len(prompt_ids), longest + self.budget,
                                       gen.cache_dtype(len(prompt_ids)), gen.device)
         self.cached_tokens = cached_tokens  # tokens of prompt_ids[0] the cache already holds (chat reuse)
-        self.generated: list[list[int]] = [[] for _ in prompt_ids]
-        self.finish: list[str | None] = [None] * len(prompt_ids)
         self.timings = Timings()
         self.stop_ids = set(gen.stop_ids(config))
-        self.matchers = None
+        self.matchers: list[Any] = [None] * len(prompt_ids)
         if config.grammar is not None:
             self.matchers = [config.grammar.matcher(gen.tokenizer, tuple(self.stop_ids)) for _ in prompt_ids]
+        self.rows: list[RowState] = []  # made by `steps`, one per prompt
+
+    @property
+    def generated(self) -> list[list[int]]:
+        return [row.generated for row in self.rows]
+
+    @property
+    def finish(self) -> list[str | None]:
+        return [row.reason for row in self.rows]
+
+    def result(self, r: int, text: str) -> GenerationResult:
+        row = self.rows[r]
+        return GenerationResult(text, row.generated, len(self.prompt_ids[r]), row.reason, self.timings)
 
     def stream_text(self, pieces: list[str]) -> Iterator[str]:
         """The text of a one-prompt run as it becomes final; every piece is also appended to `pieces`."""
@@ -192,85 +181,86 @@ class _Run:
             if delta:
                 pieces.append(delta)
                 yield delta
-        tail = streamer.finish()
+        tail = self.rows[0].flush()
         if tail:
             pieces.append(tail)
             yield tail
 
     def steps(self, streamers: list[TextStreamer]) -> Iterator[tuple[int, int, str]]:
         """Yield (row, token, text delta) for every generated token of every still-running row."""
-        gen, cfg = self.gen, self.config
-        model, device = gen.model, gen.device
-        B = len(self.prompt_ids)
-        T = max(len(p) for p in self.prompt_ids)
-        pad = model.config.pad_token_id
-        ids = torch.full((B, T), pad, dtype=torch.long)
+        cfg = self.config
+        # every row may take `budget` tokens: the longest prompt's room in the context, or max_new_tokens
+        self.rows = [RowState(self.stop_ids, cfg.max_new_tokens, self.budget, streamer, matcher)
+                     for streamer, matcher in zip(streamers, self.matchers)]
+        ids, mask, history = self._padded_prompts()
+        generator = None
+        if cfg.seed is not None:
+            generator = torch.Generator(device=self.gen.device).manual_seed(cfg.seed)
+        with torch.inference_mode():
+            logits = self._prefill(ids, mask)
+            t1 = time.perf_counter()
+            fused = self.gen.accel.fused_step(self.cache)
+            vocab = tokenizer_vocab(self.gen.tokenizer)
+            for step in range(self.budget):
+                token = self._next_tokens(logits, history, generator, vocab)
+                history = torch.cat([history, token[:, None]], dim=1)
+                for r, row in enumerate(self.rows):
+                    if not row.finished:
+                        yield r, int(token[r]), row.push(int(token[r]))
+                self.timings.decode_steps += 1
+                if all(row.finished for row in self.rows):  # at the latest after `budget` steps
+                    break
+                logits = self._decode_step(token, fused, step + 1)
+            self.timings.decode_s = time.perf_counter() - t1
+
+    def _padded_prompts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, mask, history), each (B, T): the prompts left-padded, which positions are real, and the
+        token history for the repetition penalty (padded with a real id of the row)."""
+        B, T = len(self.prompt_ids), max(len(p) for p in self.prompt_ids)
+        ids = torch.full((B, T), self.gen.model.config.pad_token_id, dtype=torch.long)
         mask = torch.zeros(B, T, dtype=torch.bool)
-        history = torch.zeros(B, T, dtype=torch.long)  # for the repetition penalty; padded with a real id
+        history = torch.zeros(B, T, dtype=torch.long)
         for r, p in enumerate(self.prompt_ids):
             ids[r, T - len(p):] = torch.tensor(p)
             mask[r, T - len(p):] = True
             history[r] = ids[r]
             history[r, :T - len(p)] = p[0]
-        generator = None
-        if cfg.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        return ids, mask, history
 
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            start = self.cached_tokens
-            logits = None
-            for s in range(start, T, cfg.prefill_chunk):
-                chunk = slice(s, min(T, s + cfg.prefill_chunk))
-                logits = model(ids[:, chunk].to(device), padding_mask=mask[:, chunk].to(device),
-                               cache=self.cache, logits_to_keep=1).logits[:, -1]
-            check_finite(logits, 0, self.cache.keys[0].dtype)
-            self.timings.prefill_tokens = int(mask[:, start:].sum())
-            self.timings.prefill_s = time.perf_counter() - t0
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Feed the prompts (past what the cache holds) in chunks of `prefill_chunk`; the last position's logits."""
+        model, device, chunk_size = self.gen.model, self.gen.device, self.config.prefill_chunk
+        t0 = time.perf_counter()
+        start, T = self.cached_tokens, ids.shape[1]
+        logits = None
+        for s in range(start, T, chunk_size):
+            chunk = slice(s, min(T, s + chunk_size))
+            logits = model(ids[:, chunk].to(device), padding_mask=mask[:, chunk].to(device),
+                           cache=self.cache, logits_to_keep=1).logits[:, -1]
+        check_finite(logits, 0, self.cache.keys[0].dtype)
+        self.timings.prefill_tokens = int(mask[:, start:].sum())
+        self.timings.prefill_s = time.perf_counter() - t0
+        return logits
 
-            t1 = time.perf_counter()
-            running = [True] * B
-            fused = gen.accel.fused_step(self.cache)
-            # Embedding rows past the tokenizer's vocabulary (the 4B-27B's 64 padding rows) are no tokens.
-            vocab = len(gen.tokenizer) if hasattr(gen.tokenizer, "__len__") else None
-            for step in range(self.budget):
-                logits = logits.float()
-                if vocab is not None and logits.shape[-1] > vocab:
-                    logits[:, vocab:] = -float("inf")
-                if self.matchers is not None:
-                    logits = torch.stack([m.constrain(row) if running[r] else row
-                                          for r, (m, row) in enumerate(zip(self.matchers, logits))])
-                token = next_token(logits, cfg.sampling, history.to(device), generator).cpu()
-                history = torch.cat([history, token[:, None]], dim=1)
-                for r in range(B):
-                    if not running[r]:
-                        continue
-                    t = int(token[r])
-                    self.generated[r].append(t)
-                    delta = "" if t in self.stop_ids else streamers[r].push(t)
-                    reason = "stop" if streamers[r].stopped else stop_reason(
-                        t, len(self.generated[r]), stop_token_ids=self.stop_ids, max_new_tokens=cfg.max_new_tokens)
-                    if self.matchers is not None and t not in self.stop_ids:
-                        self.matchers[r].advance(t)
-                        if self.matchers[r].finished:  # the grammar took its end token (no stop id was set)
-                            reason = "stop"
-                    if reason:
-                        self.finish[r], running[r] = reason, False
-                    yield r, t, delta
-                self.timings.decode_steps += 1
-                if not any(running):
-                    break
-                if step + 1 == self.budget:  # the context is full before max_new_tokens
-                    break
-                if fused is not None:
-                    logits = fused(int(token[0]))
-                else:
-                    logits = model(token[:, None].to(device), cache=self.cache, logits_to_keep=1).logits[:, -1]
-                check_finite(logits, step + 1, self.cache.keys[0].dtype)
-            self.timings.decode_s = time.perf_counter() - t1
-        for r in range(B):
-            if self.finish[r] is None:
-                self.finish[r] = "length" if len(self.generated[r]) >= cfg.max_new_tokens else "context"
+    def _next_tokens(self, logits: torch.Tensor, history: torch.Tensor, generator: torch.Generator | None,
+                     vocab: int | None) -> torch.Tensor:
+        """(B,) the next token of every row, on the CPU: padding rows masked, each running row's grammar applied."""
+        logits = mask_padding(logits.float(), vocab)
+        if self.config.grammar is not None:
+            logits = torch.stack([row.matcher.constrain(l) if not row.finished else l
+                                  for row, l in zip(self.rows, logits)])
+        return next_token(logits, self.config.sampling, history.to(self.gen.device), generator).cpu()
+
+    def _decode_step(self, token: torch.Tensor, fused, generated: int) -> torch.Tensor:
+        """Feed `token` (B,) and return the next logits: through the fused native step where `accelerate`
+        gave one (one sequence of a quantized model), else through the model's modules."""
+        if fused is not None:
+            logits = fused(int(token[0]))
+        else:
+            logits = self.gen.model(token[:, None].to(self.gen.device), cache=self.cache,
+                                    logits_to_keep=1).logits[:, -1]
+        check_finite(logits, generated, self.cache.keys[0].dtype)
+        return logits
 
 
 class ChatSession:
@@ -324,15 +314,13 @@ class ChatSession:
         reuse = len(self.cache_ids) if ids[:len(self.cache_ids)] == self.cache_ids and len(ids) > len(self.cache_ids) else 0
         if reuse == 0:
             self.cache.reset()
-        config = self.config
-        run = _Run(self.gen, [ids], config, cache=self.cache, cached_tokens=reuse)
-        run.budget = min(config.max_new_tokens, self.context_length - len(ids))
+        run = _Run(self.gen, [ids], self.config, cache=self.cache, cached_tokens=reuse,
+                   context_length=self.context_length)
         pieces: list[str] = []
         yield from run.stream_text(pieces)
         reply = "".join(pieces)
-        generated = run.generated[0]
         # the cache holds the prompt and every generated token but the last (sampled, never fed back)
-        self.cache_ids = ids + generated[:-1]
+        self.cache_ids = ids + run.rows[0].generated[:-1]
         self.messages = messages + [{"role": "model", "content": reply}]
-        self.last_result = GenerationResult(reply, generated, len(ids), run.finish[0], run.timings)
+        self.last_result = run.result(0, reply)
         self.last_reused_tokens = reuse

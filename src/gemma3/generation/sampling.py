@@ -145,9 +145,9 @@ def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 def greedy(logits: torch.Tensor, block: int = 1024) -> torch.Tensor:
     """The most likely token per row: (B, V) → (B,), the first one on ties (and the first NaN), as argmax.
 
-    Over Gemma's 262 144 logits, torch's CPU argmax runs on one thread without vectorizing (220 µs, ~1% of
-    a bf16 decode step); taking the max of each block of 1 024 (vectorized), then the argmax over the 256
-    block maxima and inside the first block that holds the overall max, gives the same index in ~27 µs."""
+    torch's CPU argmax runs on one thread without vectorizing; taking the max of each block of 1 024
+    (vectorized), then the argmax over the block maxima and inside the first block that holds the overall max,
+    gives the same index several times faster (docs/performance.md, "Generation")."""
     B, V = logits.shape
     if V % block or V < 16 * block:
         return logits.argmax(dim=-1)
@@ -178,6 +178,31 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, prev_ids: torch
     return apply_min_p(logits, params.min_p)
 
 
+def check_finite(logits: torch.Tensor, generated: int, cache_dtype: torch.dtype | None = None) -> None:
+    """Stop with a clear error when the model's logits hold NaN or inf (sampling would fail on them, and an
+    argmax would pick garbage). One sum is the check (cheap next to a decode step): non-finite iff any is."""
+    if not bool(torch.isfinite(logits.sum(dtype=torch.float32))):
+        cache = (", or a key or value beyond ±65504 overflowed the float16 KV cache (try --kv-cache-dtype float32)"
+                 if cache_dtype == torch.float16 else "")
+        raise Gemma3Error(f"the model produced non-finite logits (NaN or inf) after {generated} generated token(s): "
+                          "its weights are probably non-finite (a corrupt or overflowed checkpoint), or the "
+                          "dtype cannot hold its activations (Gemma 3 needs bfloat16 or float32, never float16)"
+                          + cache)
+
+
+def tokenizer_vocab(tokenizer) -> int | None:
+    """How many token ids the tokenizer has (None where it does not say): `mask_padding`'s `vocab`."""
+    return len(tokenizer) if hasattr(tokenizer, "__len__") else None
+
+
+def mask_padding(logits: torch.Tensor, vocab: int | None) -> torch.Tensor:
+    """Set the logits (..., V) of the embedding rows past the tokenizer's `vocab` ids to -inf, in place, and
+    return them: no token maps to those rows (the 4B-27B's 64 padding rows), so they are never sampled."""
+    if vocab is not None and logits.shape[-1] > vocab:
+        logits[..., vocab:] = -math.inf
+    return logits
+
+
 # Top-k at or below this: filter and draw among the k candidates (see `next_token`).
 TOP_K_CANDIDATES = 1024
 
@@ -193,9 +218,8 @@ def next_token(
 
     With a top-k (Gemma's default is 64), top-p, min-p and the draw work on the k candidates only: the same
     distribution as `process_logits` over the whole vocabulary (tokens outside the top k are -inf there,
-    probability 0), without sorting and drawing over 262 144 logits: on our 2-core test machine a token's
-    draw with Gemma's defaults took 25 ms that way (about one decode step; 40-80 ms when the machine was busy),
-    and takes 2.4 ms this way."""
+    probability 0), without sorting and drawing over 262 144 logits, which cost about a decode step
+    (docs/generation.md, "Sampling")."""
     if params.greedy or not 0 < params.top_k <= TOP_K_CANDIDATES or params.top_k >= logits.shape[-1]:
         logits = process_logits(logits, params, prev_ids)
         return greedy(logits) if params.greedy else sample(logits, generator)

@@ -4,19 +4,12 @@ Each step, the grammar engine says which of the 262 144 tokens may come next; th
 before sampling, so the text parses and validates by construction. When the JSON is complete, only the stop
 tokens are allowed, and generation ends with finish_reason "stop".
 
-The engine is llguidance (one of those llama.cpp and vLLM ship). Measured with our 262k vocabulary on this
-project's 2-core test machine (benchmarks/bench_grammar.py, a 4-field nested schema):
-
-    engine          compile a schema   mask per token (median)   one-time tokenizer setup
-    llguidance            0.8 ms              28 µs                     3.1 s
-    xgrammar              100 ms               6 µs                     3.2 s
-    outlines-core         6.6 s                1 µs                     1.2 s
-
-Every mask is far below one decode step (~30 ms), so what decides is the compile, which a server pays for
-every request, before queueing it (a schema that does not compile is a 400, not a failure mid-stream):
-llguidance's is 100× cheaper than xgrammar's and outlines-core builds a whole automaton over the vocabulary
-per schema. llguidance also reads our tokenizer.json directly, with no transformers import. Its tokenizer
-setup is cached per tokenizer.
+The engine is llguidance (one of those llama.cpp and vLLM ship). Every engine's mask costs far less than a
+decode step, so what decides is the compile, which a server pays for every request, before queueing it (a
+schema that does not compile is a 400, not a failure mid-stream): llguidance's is the cheapest by far, and
+outlines-core builds a whole automaton over the vocabulary per schema (the figures: docs/generation.md,
+"Structured output"; benchmarks/bench_grammar.py). llguidance also reads our tokenizer.json directly, with no
+transformers import. Its tokenizer setup is cached per tokenizer.
 
 Whitespace is fixed (", " and ": ", no newlines or indentation): a base model given a free choice of
 whitespace can spend its whole budget on it, and the JSON is then cut off before it closes.
@@ -51,7 +44,7 @@ def _llguidance():
 
 
 def engine_tokenizer(tokenizer, stop_ids: tuple[int, ...] = ()):
-    """llguidance's view of our tokenizer (built once per tokenizer object: ~3.5 s for Gemma's vocabulary)."""
+    """llguidance's view of our tokenizer, built once per tokenizer object (seconds for Gemma's vocabulary)."""
     llg = _llguidance()
     key = id(tokenizer)
     with _lock:

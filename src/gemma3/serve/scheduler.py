@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 import torch
 
 from gemma3.errors import Gemma3Error
-from gemma3.generation.generator import check_finite, default_stop_ids
+from gemma3.generation.finish import RowState, default_stop_ids
+from gemma3.generation.sampling import SamplingParams, check_finite, mask_padding, next_token
 from gemma3.kv_cache import SlotKVCache
-from gemma3.generation.sampling import SamplingParams, next_token
 from gemma3.text.streaming import TextStreamer
 
 
@@ -98,16 +98,22 @@ class _Sequence:
         self.request, self.row = request, row
         self.order = next(_admitted)
         self.prefilled = 0
-        self.generated: list[int] = []
         self.next_input: int | None = None  # the sampled token to feed at the next decode step
-        self.streamer = TextStreamer(scheduler.tokenizer, request.stop_strings)
+        streamer = TextStreamer(scheduler.tokenizer, request.stop_strings)
         seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(8), "little")
         self.generator = torch.Generator().manual_seed(seed)
         self.history = torch.tensor([request.prompt_ids], dtype=torch.long)
         self.counts: torch.Tensor | None = None
         if request.presence_penalty or request.frequency_penalty:
-            self.counts = torch.zeros(scheduler.vocab, dtype=torch.float32)
+            self.counts = torch.zeros(scheduler.model.config.vocab_size, dtype=torch.float32)
         self.matcher = request.grammar.matcher(scheduler.tokenizer, scheduler.stop_ids) if request.grammar else None
+        # the row ends where the cache does; a finished grammar leaves its stop token to be sampled (and counted)
+        self.state = RowState(scheduler.stop_ids, request.max_tokens, scheduler.context - len(request.prompt_ids),
+                              streamer, self.matcher, grammar_ends_row=False)
+
+    @property
+    def generated(self) -> list[int]:
+        return self.state.generated
 
     @property
     def prefilling(self) -> bool:
@@ -252,8 +258,9 @@ class Scheduler:
     def _sample(self, seq: _Sequence, logits: torch.Tensor) -> None:
         """Pick seq's next token from its logits (V,), send it, and finish or free the row when done."""
         request = seq.request
-        logits = logits.float()[None, :self.vocab]
+        logits = logits.float()[None]
         check_finite(logits, len(seq.generated))  # raises: the caller fails this request alone
+        mask_padding(logits, self.vocab)
         logprob = top = None
         if request.logprobs is not None:
             logp = torch.log_softmax(logits[0], dim=-1)
@@ -267,29 +274,20 @@ class Scheduler:
             if request.logprobs:
                 values, ids = torch.topk(logp, request.logprobs)
                 top = list(zip(ids.tolist(), values.tolist()))
-        seq.generated.append(token)
         seq.history = torch.cat([seq.history, torch.tensor([[token]])], dim=1)
         if seq.counts is not None:
             seq.counts[token] += 1
-        is_stop = token in self.stop_ids
-        text, reason = "", None
-        if is_stop:
-            reason = "stop"
-        else:
-            if seq.matcher is not None:
-                seq.matcher.advance(token)
-            text = seq.streamer.push(token)
-            if seq.streamer.stopped:
-                reason = "stop"
-            elif len(seq.generated) >= request.max_tokens or seq.position + 1 >= self.context:
-                reason = "length"
-        if reason is not None and not seq.streamer.stopped:
-            text += seq.streamer.finish()
-        if not is_stop or text:
+        state = seq.state
+        text = state.push(token)
+        if state.finished:
+            text += state.flush()
+        is_stop = state.stop_token is not None
+        if not is_stop or text:  # a stop token is sent only to carry the text held back before it
             request.sink(TokenEvent(token, text, logprob, top, is_stop))
-        if reason is None:
+        if not state.finished:
             seq.next_input = token
             return
+        reason = "length" if state.reason == "context" else state.reason  # OpenAI's words: a full context is "length"
         request.sink(Finished(reason, len(request.prompt_ids), len(seq.generated)))
         self.served += 1
         self._release(seq)

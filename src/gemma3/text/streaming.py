@@ -11,13 +11,13 @@ Two things make naive per-token decoding wrong:
   text before it is released and the stream stops. The stop string itself is never emitted.
 
 The streamer needs only `tokenizer.decode(ids: list[int]) -> str`. Stop *tokens* (`<end_of_turn>`, `<eos>`)
-are the generation loop's business: it should not feed them here (see `stop_reason`).
+are the generation loop's business: it should not feed them here (gemma3.generation.finish.RowState does not).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Protocol
+from typing import Protocol
 
 from gemma3.errors import Gemma3Error
 
@@ -44,19 +44,6 @@ def partial_stop_length(text: str, stop_strings: Sequence[str]) -> int:
                 longest = n
                 break
     return longest
-
-
-def stop_reason(
-    token_id: int, num_generated: int, *, stop_token_ids: Sequence[int], max_new_tokens: int
-) -> Literal["stop", "length"] | None:
-    """Why generation ends after `token_id`, the `num_generated`-th new token, in OpenAI's `finish_reason`
-    words: "stop" for a stop token (Gemma 3 IT: `<end_of_turn>` 106 and `<eos>` 1), "length" when the
-    budget is spent, None to go on. A stop string is reported by `TextStreamer.stopped`."""
-    if token_id in stop_token_ids:
-        return "stop"
-    if num_generated >= max_new_tokens:
-        return "length"
-    return None
 
 
 class TextStreamer:

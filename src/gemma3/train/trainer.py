@@ -431,8 +431,9 @@ class Trainer:
         """(prompt, continuation) for each sample prompt: temperature sampling with a fixed seed, so the
         samples of different steps differ only because the model did. Run on every rank (FSDP forwards are
         collective); fp32, with the KV cache."""
+        from gemma3.generation.finish import RowState
+        from gemma3.generation.sampling import SamplingParams, mask_padding, next_token
         from gemma3.kv_cache import KVCache
-        from gemma3.generation.sampling import SamplingParams, next_token
 
         cfg, dev = self.cfg, self.env.device
         params = SamplingParams(temperature=cfg.sample_temperature, top_k=50, top_p=1.0)
@@ -448,19 +449,16 @@ class Trainer:
                 continue
             cache = KVCache(self.config, 1, len(ids) + n_new, torch.float32, dev)
             x = torch.tensor([ids], device=dev)
-            new: list[int] = []
-            for _ in range(n_new):
+            row = RowState(stops, cfg.sample_tokens, self.config.max_position_embeddings - len(ids))
+            while not row.finished:
                 logits = self.module(x, cache=cache, logits_to_keep=1).logits[:, -1].float()
                 if not bool(torch.isfinite(logits.sum())):
                     raise TrainingError(f"the model's logits are not finite at step {self.step} (the weights "
                                         f"diverged: lower --lr); {self._last_good()}")
-                logits[:, len(self.tokenizer):] = -float("inf")  # embedding rows no token maps to (padding)
-                token = int(next_token(logits, params, generator=generator)[0])
-                if token in stops:
-                    break
-                new.append(token)
+                token = int(next_token(mask_padding(logits, len(self.tokenizer)), params, generator=generator)[0])
+                row.push(token)
                 x = torch.tensor([[token]], device=dev)
-            out.append((prompt, self.tokenizer.decode(new)))
+            out.append((prompt, self.tokenizer.decode(row.text_ids)))
         self.module.train()
         return out
 
