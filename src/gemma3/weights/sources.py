@@ -92,7 +92,6 @@ def resolve_source(source: str | Path | None) -> ResolvedSource:
             return resolve_source(path.parent)
         raise CheckpointError(f"{path}: not a GGUF file (pass a .gguf file or a checkpoint directory)")
     if path.is_dir():
-        from gemma3.train.checkpoint import CHECKPOINTS, latest_checkpoint
         if is_hf_dir(path):
             return ResolvedSource("hf", path, str(path))
         if is_adapter_dir(path):
