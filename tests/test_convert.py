@@ -80,7 +80,7 @@ def test_info_numbers():
 
 
 def test_gguf_export_carries_the_chat_template_and_a_model_name(tiny_hf_dir, tmp_path):
-    from gemma3.text.chat import GEMMA3_CHAT_TEMPLATE
+    from gemma3.weights.chat_template import GEMMA3_CHAT_TEMPLATE
 
     path = convert(str(tiny_hf_dir), tmp_path / "tiny.gguf", to="gguf", gguf_type="F32", progress=False)
     metadata = GGUFFile.open(path).metadata

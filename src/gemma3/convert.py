@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from gemma3.text.chat import GEMMA3_CHAT_TEMPLATE
 from gemma3.config import PRESETS, Gemma3Config
 from gemma3.errors import CheckpointError
 from gemma3.files import check_output_dir, check_output_file
+from gemma3.weights.chat_template import GEMMA3_CHAT_TEMPLATE
 
 
 def model_name(config: Gemma3Config, metadata: dict | None = None) -> str:

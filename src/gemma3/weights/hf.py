@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from gemma3.text.chat import GEMMA3_CHAT_TEMPLATE
 from gemma3.config import Gemma3Config
 from gemma3.errors import CheckpointError
 from gemma3.files import temp_path
+from gemma3.weights.chat_template import GEMMA3_CHAT_TEMPLATE
 from gemma3.weights.names import check_tensors
 
 CONFIG = "config.json"
