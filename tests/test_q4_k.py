@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gemma3.weights.gguf import _dq_q4_k
-from gemma3.weights.q4_k import quantize_q4_k
+from gemma3.weights.gguf.q4_k import quantize_q4_k
 
 gguf = pytest.importorskip("gguf")
 Q4_K = gguf.GGMLQuantizationType.Q4_K

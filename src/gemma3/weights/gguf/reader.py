@@ -567,7 +567,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
 
 # ---------------------------------------------------------------------- writer
 # Q8_0 / Q5_0 / Q4_1 / Q4_0 are quantized by gguf-py (llama.cpp's reference quantizers); Q4_K, which gguf-py
-# cannot write, by weights/q4_k.py. A matrix whose rows are not a multiple of Q4_K's 256 values is written Q5_0
+# cannot write, by weights/gguf/q4_k.py. A matrix whose rows are not a multiple of Q4_K's 256 values is written Q5_0
 # instead (llama.cpp's own fallback for Q4_K): for the 270M (hidden size 640) that is q, k, v, gate and up; o and
 # down are Q4_K. The tied embedding, which is also the output head, is Q8_0 (llama.cpp gives the output Q6_K, or
 # Q8_0 where its rows do not fit Q6_K's 256; we have no Q6_K quantizer).
@@ -579,7 +579,7 @@ Q4_K_FALLBACK = "Q5_0"
 def _block_type(tensor_type: str, gguf_name: str, cols: int) -> str:
     """The type one matrix is written in: `tensor_type`, but under Q4_K the embedding Q8_0 and rows that do not
     fill Q4_K's super-blocks Q4_K_FALLBACK (above)."""
-    from gemma3.weights.q4_k import QK_K
+    from gemma3.weights.gguf.q4_k import QK_K
 
     if tensor_type != "Q4_K":
         return tensor_type
@@ -599,7 +599,7 @@ def write_gguf(path: str | os.PathLike, config: Gemma3Config, state: Mapping[str
     """
     import gguf as gguf_py  # the writer and quantisers of the reference implementation
 
-    from gemma3.weights.q4_k import quantize_q4_k
+    from gemma3.weights.gguf.q4_k import quantize_q4_k
 
     if tensor_type not in WRITABLE_TYPES:
         raise CheckpointError(f"cannot write GGUF tensor type {tensor_type!r}; choose one of {', '.join(WRITABLE_TYPES)}")
