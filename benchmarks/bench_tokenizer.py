@@ -31,7 +31,7 @@ from test_tokenizer import sentencepiece_model  # noqa: E402
 from tokenizer_corpus import corpus  # noqa: E402
 
 from gemma3.tokenizer import NORMAL, UNKNOWN, Tokenizer  # noqa: E402
-from gemma3.weights.gguf import read_gguf_metadata  # noqa: E402
+from gemma3.weights.gguf.reader import read_gguf_metadata  # noqa: E402
 
 
 def best_of(repeat: int, fn):

@@ -10,7 +10,7 @@ from gemma3.cli.weights import model_info
 from gemma3.convert import convert
 from gemma3.config import PRESETS
 from gemma3.loading import load
-from gemma3.weights.gguf import GGUFFile
+from gemma3.weights.gguf.reader import GGUFFile
 from reference import random_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -177,6 +177,6 @@ def test_q4_k_export_runs_in_its_own_blocks_here_and_in_llama_cpp(k_quant_hf_dir
 
 def test_the_cli_offers_every_type_the_writer_writes():
     from gemma3.cli.weights import GGUF_TYPES
-    from gemma3.weights.gguf import WRITABLE_TYPES
+    from gemma3.weights.gguf.writer import WRITABLE_TYPES
 
     assert GGUF_TYPES == WRITABLE_TYPES

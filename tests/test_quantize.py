@@ -14,7 +14,7 @@ from gemma3 import kernels
 from gemma3.errors import CheckpointError, Gemma3Error
 from gemma3.accel.quantize import (FORMATS, QuantizedEmbedding, QuantizedLinear, QuantizedTensor, is_quantized,
                              quantize_model, quantize_state, round_activation)
-from gemma3.weights.gguf import GGUFFile
+from gemma3.weights.gguf.reader import GGUFFile
 from reference import random_model
 from test_kernels import _tiny_model, needs_kernel
 
@@ -34,9 +34,15 @@ def reference_weight(qt: QuantizedTensor) -> torch.Tensor:
     return torch.from_numpy(np.asarray(rows, dtype=np.float64))[:, :qt.shape[1]]
 
 
+def file_blocks(embedded, name: str) -> QuantizedTensor:
+    """A matrix of the file as gemma3.loading keeps it: its blocks over the mapping, as a QuantizedTensor."""
+    blocks = embedded.blocks(name)
+    return QuantizedTensor(blocks.type_name, blocks.data, blocks.shape)
+
+
 def samples(embedded) -> list[QuantizedTensor]:
     g = torch.Generator().manual_seed(0)
-    out = [embedded.quantized(name) for name in FILE_TENSORS.values()]
+    out = [file_blocks(embedded, name) for name in FILE_TENSORS.values()]
     out += [QuantizedTensor.quantize(torch.randn(37, 160, generator=g), fmt) for fmt in ("Q8_0", "Q4_0", "Q4_1", "Q5_0")]
     return out
 

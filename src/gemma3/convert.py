@@ -44,7 +44,7 @@ def convert(source: str | Path | None, out: str | Path, to: str = "hf", dtype: s
     else a directory that receives ``model.gguf``."""
     from gemma3.loading import chat_template_of, load_tokenizer, load_weights, tensor_progress
     from gemma3.weights.sources import resolve_model
-    from gemma3.weights.gguf import tokenizer_metadata_from_json, write_gguf
+    from gemma3.weights.gguf.writer import tokenizer_metadata_from_json, write_gguf
     from gemma3.weights.hf import save_hf
 
     if to not in ("hf", "gguf"):

@@ -46,6 +46,7 @@ from torch import nn
 from gemma3 import kernels
 from gemma3.errors import CheckpointError, Gemma3Error
 from gemma3.model import chunked_cross_entropy
+from gemma3.weights.names import QUANTIZABLE
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,6 @@ MAX_KERNEL_ROWS = 8  # rows of x per kernel call (quants.c MAX_ROWS)
 # keeps the bits it has alone. More rows (a prefill) go to the dequantized GEMM.
 MAX_DECODE_ROWS = 32
 GEMM_TILE_BYTES = 64 << 20  # fp32 weight dequantized at a time for a many-row product
-# the matrices a model quantizes: every projection and the tied embedding / output head
-QUANTIZABLE = re.compile(r"^(embed_tokens|layers\.\d+\.(self_attn|mlp)\.[a-z_]+_proj)\.weight$")
 
 
 # ---------------------------------------------------------------------------------------------- tensors

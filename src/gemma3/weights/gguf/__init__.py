@@ -1,5 +1,3 @@
-"""GGUF for Gemma 3 (for one commit only, while gguf.py moves to gguf/reader.py: the next commit splits it and
-its callers import the modules)."""
-
-from gemma3.weights.gguf.reader import *  # noqa: F401,F403
-from gemma3.weights.gguf.reader import _DEQUANTISERS, _dq_q4_k, _parse  # noqa: F401
+"""GGUF, llama.cpp's checkpoint format, for Gemma 3: `reader` (the bounded parser, the ggml type table, tensors
+from a memory map), `dequantize` (ggml's block layouts in numpy), `translate` (metadata -> config, tensors ->
+our state dict), `writer` (config and state dict -> a file) and `q4_k` (the Q4_K quantizer the writer uses)."""
