@@ -63,6 +63,29 @@ def test_dequantize_is_gguf_py_exactly(embedded):
 
 
 @needs_kernel
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_kernel_and_numpy_dequantisers_agree_on_random_blocks(fmt, no_kernels):
+    """The native kernel (kernels/quants.c) and the numpy fallback (gemma3.weights.gguf.dequantize) read every
+    block format the same, to the bit, on random bytes (scales drawn finite: NaN and inf halves are left out)."""
+    spec = FORMATS[fmt]
+    rng = np.random.default_rng(spec.ggml_type)
+    rows, blocks_per_row = 7, 3
+    data = rng.integers(0, 256, size=(rows * blocks_per_row, spec.block_bytes), dtype=np.uint8)
+    halves = {"Q4_1": (0, 2), "Q4_K": (0, 2), "Q6_K": (208,)}.get(fmt, (0,))  # where its fp16 factors are
+    for at in halves:  # scales and mins in [-2, 2]
+        data[:, at:at + 2] = rng.uniform(-2, 2, size=(len(data), 1)).astype(np.float16).view(np.uint8)
+    qt = QuantizedTensor(fmt, torch.from_numpy(data).reshape(-1), (rows, blocks_per_row * spec.block_values))
+    ids = torch.tensor([6, 0, 3, 3])
+    numpy_whole, numpy_rows = qt.dequantize(), qt.dequantize(ids)
+    kernels._library.cache_clear()
+    import os
+
+    os.environ["GEMMA3_NATIVE_KERNELS"] = "1"
+    assert kernels.available()
+    assert torch.equal(qt.dequantize(), numpy_whole) and torch.equal(qt.dequantize(ids), numpy_rows)
+
+
+@needs_kernel
 @pytest.mark.parametrize("rows", [1, 2, 3, 8])
 def test_kernel_matches_fp64_product_of_gguf_py_weights(embedded, rows):
     """Against x rounded as the kernel rounds it (int16 per 32 values): only fp32 summation differs. Against

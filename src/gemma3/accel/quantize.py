@@ -46,6 +46,7 @@ from torch import nn
 from gemma3 import kernels
 from gemma3.errors import CheckpointError, Gemma3Error
 from gemma3.model import chunked_cross_entropy
+from gemma3.weights.gguf.dequantize import dequantize_blocks
 from gemma3.weights.names import QUANTIZABLE
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,9 @@ class QuantizedTensor:
             if rc:
                 raise Gemma3Error(f"dequantizing {self}: kernel error {rc}")
         else:
-            result = _dequantize_numpy(self.format.name, self.data if ids is None else self.data[ids])
+            rows = (self.data if ids is None else self.data[ids]).numpy()
+            blocks = dequantize_blocks(self.format.name, rows.reshape(-1, self.format.block_bytes))
+            result = torch.from_numpy(blocks.reshape(count, self.padded_in))
         return result[:, :inp] if inp != self.padded_in else result
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -317,13 +320,6 @@ def round_activation(x: torch.Tensor) -> torch.Tensor:
     out = torch.where(amax > 0, out, torch.zeros_like(out))
     out = torch.where(finite, out, torch.full_like(out, float("nan")))
     return out.reshape(x.shape)
-
-
-def _dequantize_numpy(fmt: str, data: torch.Tensor) -> torch.Tensor:
-    import gguf as gguf_py
-
-    rows = gguf_py.quants.dequantize(data.numpy(), gguf_py.GGMLQuantizationType[fmt])
-    return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
 
 
 # ---------------------------------------------------------------------------------------------- modules

@@ -1,7 +1,8 @@
-"""ggml's block layouts (`ggml-quants.c`) dequantised with vectorised numpy, for the GGUF reader.
+"""ggml's block layouts (`ggml-quants.c`) dequantised with vectorised numpy: the one numpy implementation, used
+by the GGUF reader and by gemma3.accel.quantize when its native kernels (gemma3/kernels/quants.c) are missing.
 
 Each function maps [blocks, block_bytes] uint8 to [blocks, block_elements] float32; tests check every one
-against gguf-py's `gguf.quants.dequantize` (the reference).
+against gguf-py's `gguf.quants.dequantize` (the reference) and against the native kernel on random blocks.
 """
 
 from __future__ import annotations
@@ -38,12 +39,32 @@ def _dq_q8_0(b: np.ndarray) -> np.ndarray:
     return out
 
 
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """16 bytes of 4-bit codes -> the block's 32 codes: value j is qs[j] & 15 for j < 16, qs[j - 16] >> 4 after."""
+    return np.concatenate([qs & 15, qs >> 4], axis=1)
+
+
+def _dq_q4_0(b: np.ndarray) -> np.ndarray:
+    # block: f16 scale, 16 bytes of nibbles. Values are offset by 8.
+    out = _nibbles(b[:, 2:18]).astype(np.float32)
+    out -= 8
+    out *= _f16(b[:, :2])
+    return out
+
+
+def _dq_q4_1(b: np.ndarray) -> np.ndarray:
+    # block: f16 scale d, f16 min m, 16 bytes of nibbles; value = d * q + m.
+    out = _nibbles(b[:, 4:20]).astype(np.float32)
+    out *= _f16(b[:, :2])
+    out += _f16(b[:, 2:4])
+    return out
+
+
 def _dq_q5_0(b: np.ndarray) -> np.ndarray:
-    # block: f16 scale, 32 high bits (u32), 16 bytes of nibbles. Value j's low nibble is qs[j] & 15 for
-    # j < 16 and qs[j - 16] >> 4 after; its fifth bit is bit j of the u32. Values are offset by 16.
+    # block: f16 scale, 32 high bits (u32), 16 bytes of nibbles. Value j's low four bits are its nibble
+    # (_nibbles), its fifth bit is bit j of the u32. Values are offset by 16.
     high = ((np.ascontiguousarray(b[:, 2:6]).view("<u4") >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
-    qs = b[:, 6:22]
-    out = (np.concatenate([qs & 15, qs >> 4], axis=1) | (high << 4)).astype(np.float32)
+    out = (_nibbles(b[:, 6:22]) | (high << 4)).astype(np.float32)
     out -= 16
     out *= _f16(b[:, :2])
     return out
@@ -83,8 +104,8 @@ def _dq_q6_k(b: np.ndarray) -> np.ndarray:
 
 
 DEQUANTISERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "F32": _dq_f32, "F16": _dq_f16, "BF16": _dq_bf16, "Q8_0": _dq_q8_0, "Q5_0": _dq_q5_0,
-    "Q4_K": _dq_q4_k, "Q6_K": _dq_q6_k,
+    "F32": _dq_f32, "F16": _dq_f16, "BF16": _dq_bf16, "Q8_0": _dq_q8_0, "Q4_0": _dq_q4_0, "Q4_1": _dq_q4_1,
+    "Q5_0": _dq_q5_0, "Q4_K": _dq_q4_k, "Q6_K": _dq_q6_k,
 }
 
 
