@@ -180,7 +180,7 @@ def main() -> None:
 
     from gemma3 import kernels
     from gemma3.weights.sources import embedded_gguf_path
-    from gemma3.weights.gguf import GGUFFile
+    from gemma3.weights.gguf.reader import GGUFFile
 
     print(f"torch {torch.__version__}, llama-cpp-python {llama_cpp.__version__}, {args.prompt_tokens}-token "
           f"prompt, {args.new_tokens} new tokens, best of {args.repeats}; load average {os.getloadavg()[0]:.1f}")

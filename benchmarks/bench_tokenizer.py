@@ -32,7 +32,7 @@ from tokenizer_corpus import corpus  # noqa: E402
 
 from gemma3.text.tokenizer import Tokenizer  # noqa: E402
 from gemma3.text.vocab import NORMAL, UNKNOWN  # noqa: E402
-from gemma3.weights.gguf import read_gguf_metadata  # noqa: E402
+from gemma3.weights.gguf.reader import read_gguf_metadata  # noqa: E402
 
 
 def best_of(repeat: int, fn):

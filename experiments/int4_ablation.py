@@ -28,7 +28,8 @@ from gemma3.accel import imatrix  # noqa: E402
 from gemma3.loading import build_model, load_weights  # noqa: E402
 from gemma3.weights.sources import embedded_gguf_path  # noqa: E402
 from gemma3.accel import accelerate  # noqa: E402
-from gemma3.accel.quantize import QUANTIZABLE, SCHEMES, QuantizedTensor, Scheme, layer_count  # noqa: E402
+from gemma3.accel.quantize import SCHEMES, QuantizedTensor, Scheme, layer_count  # noqa: E402
+from gemma3.weights.names import QUANTIZABLE  # noqa: E402
 
 
 def minmax_q4_1(weight: torch.Tensor) -> QuantizedTensor:

@@ -8,7 +8,8 @@ import json
 import jinja2
 import pytest
 
-from gemma3.text.chat import GEMMA3_CHAT_TEMPLATE, render_chat
+from gemma3.text.chat import render_chat
+from gemma3.weights.chat_template import GEMMA3_CHAT_TEMPLATE
 from gemma3.errors import Gemma3Error
 
 CONVERSATIONS = {

@@ -10,7 +10,7 @@ from gemma3.cli.weights import model_info
 from gemma3.convert import convert
 from gemma3.config import PRESETS
 from gemma3.loading import load
-from gemma3.weights.gguf import GGUFFile
+from gemma3.weights.gguf.reader import GGUFFile
 from reference import random_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -80,7 +80,7 @@ def test_info_numbers():
 
 
 def test_gguf_export_carries_the_chat_template_and_a_model_name(tiny_hf_dir, tmp_path):
-    from gemma3.text.chat import GEMMA3_CHAT_TEMPLATE
+    from gemma3.weights.chat_template import GEMMA3_CHAT_TEMPLATE
 
     path = convert(str(tiny_hf_dir), tmp_path / "tiny.gguf", to="gguf", gguf_type="F32", progress=False)
     metadata = GGUFFile.open(path).metadata
@@ -177,6 +177,6 @@ def test_q4_k_export_runs_in_its_own_blocks_here_and_in_llama_cpp(k_quant_hf_dir
 
 def test_the_cli_offers_every_type_the_writer_writes():
     from gemma3.cli.weights import GGUF_TYPES
-    from gemma3.weights.gguf import WRITABLE_TYPES
+    from gemma3.weights.gguf.writer import WRITABLE_TYPES
 
     assert GGUF_TYPES == WRITABLE_TYPES

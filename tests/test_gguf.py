@@ -18,7 +18,11 @@ from hypothesis import strategies as st
 
 from gemma3.config import Gemma3Config, hybrid_layer_types
 from gemma3.errors import CheckpointError
-from gemma3.weights import gguf as G
+from gemma3.weights.gguf.dequantize import DEQUANTISERS
+from gemma3.weights.gguf.reader import GGML_TYPE_IDS, GGML_TYPES, GGUFFile, _parse, read_gguf_metadata
+from gemma3.weights.gguf.translate import config_from_gguf, load_gguf
+from gemma3.text.gguf_metadata import tokenizer_metadata_from_json
+from gemma3.weights.gguf.writer import write_gguf
 from gemma3.weights.names import expected_shapes
 
 U32, F32, STR, ARR, U64 = 4, 6, 8, 9, 10
@@ -68,7 +72,7 @@ def write(tmp_path: Path, data: bytes, name: str = "x.gguf") -> Path:
 
 
 def test_valid_hand_crafted_file(tmp_path):
-    g = G.GGUFFile.open(write(tmp_path, valid_file()))
+    g = GGUFFile.open(write(tmp_path, valid_file()))
     assert g.version == 3
     assert g.metadata["general.architecture"] == "gemma3" and g.metadata["answer"] == 42
     np.testing.assert_array_equal(g.metadata["floats"], [1, 2, 3])
@@ -76,7 +80,7 @@ def test_valid_hand_crafted_file(tmp_path):
     assert g.tensors["a"].shape == (2, 4) and g.tensors["b"].type_name == "Q8_0"
     torch.testing.assert_close(g.dequantize("a"), torch.arange(8.0).reshape(2, 4))
     torch.testing.assert_close(g.dequantize("b"), torch.arange(32.0))  # scale 1.0 (f16 0x3c00)
-    assert G.read_gguf_metadata(tmp_path / "x.gguf")["words"] == ["a", "▁b"]
+    assert read_gguf_metadata(tmp_path / "x.gguf")["words"] == ["a", "▁b"]
 
 
 def _u64(v):
@@ -128,7 +132,7 @@ def test_bad_files_fail_with_one_line(tmp_path, case):
     tracemalloc.start()
     try:
         with pytest.raises(CheckpointError) as info:
-            G.GGUFFile.open(path)
+            GGUFFile.open(path)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -142,14 +146,14 @@ def test_truncated_files(tmp_path, cut):
     data = valid_file()
     path = write(tmp_path, data[:cut])
     with pytest.raises(CheckpointError, match="truncated|too short|extends past"):
-        G.GGUFFile.open(path)
+        GGUFFile.open(path)
 
 
 def test_missing_file_and_directory(tmp_path):
     with pytest.raises(CheckpointError, match="cannot open"):
-        G.GGUFFile.open(tmp_path / "nope.gguf")
+        GGUFFile.open(tmp_path / "nope.gguf")
     with pytest.raises(CheckpointError, match="not a regular file"):
-        G.GGUFFile.open(tmp_path)
+        GGUFFile.open(tmp_path)
 
 
 # ---------------------------------------------------------------------- fuzzing the header reader
@@ -181,23 +185,23 @@ def test_fuzz_mutated_header(draw):
 
 def _parse_only_checkpoint_errors(data: bytes) -> None:
     try:
-        G._parse(memoryview(data), "fuzz.gguf")
+        _parse(memoryview(data), "fuzz.gguf")
     except CheckpointError as e:
         assert str(e).startswith("fuzz.gguf: ") and "\n" not in str(e)
 
 
 # ---------------------------------------------------------------------- dequantisation
-@pytest.mark.parametrize("type_name", ["F32", "F16", "BF16", "Q8_0", "Q5_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("type_name", sorted(DEQUANTISERS))
 def test_dequantisers_match_gguf_py_on_random_blocks(type_name):
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    kind = G.GGML_TYPES[G.GGML_TYPE_IDS[type_name]]
+    kind = GGML_TYPES[GGML_TYPE_IDS[type_name]]
     rng = np.random.default_rng(0)
     raw = rng.integers(0, 256, size=(64, 4 * kind.block_bytes if kind.block_elements == 1 else kind.block_bytes),
                        dtype=np.uint8)
     with np.errstate(invalid="ignore", over="ignore"):  # random scale bytes include NaN / inf halves
-        ours = G._DEQUANTISERS[type_name](raw.reshape(-1, kind.block_bytes)).reshape(64, -1)
+        ours = DEQUANTISERS[type_name](raw.reshape(-1, kind.block_bytes)).reshape(64, -1)
         reference = dequantize(raw, GGMLQuantizationType[type_name])
     np.testing.assert_array_equal(ours, reference)
 
@@ -206,7 +210,7 @@ def test_header_and_dequantisers_match_gguf_py_on_the_real_file(gguf_path):
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    ours = G.GGUFFile.open(gguf_path)
+    ours = GGUFFile.open(gguf_path)
     reader = GGUFReader(gguf_path)
     assert [(t.name, tuple(int(n) for n in reversed(t.shape)), int(t.tensor_type), int(t.data_offset))
             for t in reader.tensors] == [(t.name, t.shape, t.ggml_type, t.offset) for t in ours.tensors.values()]
@@ -223,18 +227,18 @@ def test_header_and_dequantisers_match_gguf_py_on_the_real_file(gguf_path):
 
 # ---------------------------------------------------------------------- the real file's metadata
 def test_real_file_header_and_config(gguf_path):
-    g = G.GGUFFile.open(gguf_path)
+    g = GGUFFile.open(gguf_path)
     assert len(g.tensors) == 13 * 18 + 2
     meta = g.metadata
     assert meta["general.architecture"] == "gemma3"
     assert len(meta["tokenizer.ggml.tokens"]) == 262_144 and meta["tokenizer.ggml.tokens"][106] == "<end_of_turn>"
     assert meta["tokenizer.ggml.scores"].dtype == np.float32 and meta["tokenizer.ggml.token_type"].dtype == np.int32
-    config = G.config_from_gguf(g)
+    config = config_from_gguf(g)
     assert config == Gemma3Config(rms_norm_eps=meta["gemma3.attention.layer_norm_rms_epsilon"])  # the 270M preset
 
 
 def test_load_subtracts_one_from_norms(gguf_path):
-    config, state, g = G.load_gguf(gguf_path)
+    config, state, g = load_gguf(gguf_path)
     torch.testing.assert_close(state["norm.weight"], g.dequantize("output_norm.weight") - 1)
     assert state["norm.weight"][:5].tolist() == [6.125, 8.5625, 46.0, 144.0, 282.0]  # spec section 7
     assert {k: tuple(v.shape) for k, v in state.items()} == expected_shapes(config)
@@ -254,8 +258,8 @@ def tiny_state(config: Gemma3Config = TINY) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("tensor_type", ["F32", "F16", "BF16", "Q8_0"])
 def test_write_then_read_round_trip(tmp_path, tensor_type):
     state = tiny_state()
-    path = G.write_gguf(tmp_path / "tiny.gguf", TINY, state, {}, tensor_type)
-    config, loaded, _ = G.load_gguf(path)
+    path = write_gguf(tmp_path / "tiny.gguf", TINY, state, {}, tensor_type)
+    config, loaded, _ = load_gguf(path)
     assert config.rms_norm_eps == pytest.approx(1e-6) and config.replace(rms_norm_eps=1e-6) == TINY  # f32 in GGUF
     tolerance = {"F32": 1e-6, "F16": 1e-3, "BF16": 1e-3, "Q8_0": 2e-3}[tensor_type]  # F32: only the norms' ±1 rounds
     for name, value in state.items():
@@ -266,8 +270,8 @@ def test_write_then_read_round_trip(tmp_path, tensor_type):
 def test_scaling_and_27b_attention_scale_are_inferred(tmp_path):
     big = TINY.replace(num_hidden_layers=62, rope_scaling_factor=8.0, query_pre_attn_scalar=16)
     state = tiny_state(big)
-    path = G.write_gguf(tmp_path / "deep.gguf", big, state, {}, "F16")
-    config = G.config_from_gguf(G.GGUFFile.open(path))
+    path = write_gguf(tmp_path / "deep.gguf", big, state, {}, "F16")
+    config = config_from_gguf(GGUFFile.open(path))
     assert config.rope_scaling_factor == 8.0 and config.query_pre_attn_scalar == 16  # d/H = 32/2 on 62 layers
 
 
@@ -284,33 +288,33 @@ def test_wrong_tensors_are_named(tmp_path, change, message):
         state["layers.6.mlp.up_proj.weight"] = state["layers.0.mlp.up_proj.weight"]
     else:
         state["layers.0.mlp.up_proj.weight"] = torch.zeros(65, 32)
-    path = G.write_gguf(tmp_path / "bad.gguf", TINY, state, {}, "F32")
+    path = write_gguf(tmp_path / "bad.gguf", TINY, state, {}, "F32")
     with pytest.raises(CheckpointError) as info:
-        G.load_gguf(path)
+        load_gguf(path)
     assert str(info.value) == f"{path}: {message}" or str(info.value).startswith(f"{path}: {message}")
 
 
 def test_other_architecture_is_rejected(tmp_path):
     path = write(tmp_path, gguf_bytes([kv("general.architecture", STR, s("llama"))], []))
     with pytest.raises(CheckpointError, match=r"x\.gguf: general.architecture is 'llama', not 'gemma3'"):
-        G.load_gguf(path)
+        load_gguf(path)
 
 
 def test_missing_metadata_is_named(tmp_path):
     path = write(tmp_path, gguf_bytes([kv("general.architecture", STR, s("gemma3"))], []))
     with pytest.raises(CheckpointError, match="gemma3.embedding_length is missing"):
-        G.load_gguf(path)
+        load_gguf(path)
 
 
 def test_unsupported_tensor_type_is_named(tmp_path):
-    path = write(tmp_path, gguf_bytes([], [tensor("t", [32], 2, 0)], b"\0" * 32))  # Q4_0
-    with pytest.raises(CheckpointError, match="tensor t has type Q4_0, which gemma3 cannot dequantise"):
-        G.GGUFFile.open(path).dequantize("t")
+    path = write(tmp_path, gguf_bytes([], [tensor("t", [32], 9, 0)], b"\0" * 40))  # Q8_1: neither we nor gguf-py read it
+    with pytest.raises(CheckpointError, match="tensor t has type Q8_1, which gemma3 cannot dequantise"):
+        GGUFFile.open(path).dequantize("t")
 
 
 def test_tokenizer_arrays_rebuilt_from_tokenizer_json(gguf_path, official_tokenizer):
-    rebuilt = G.tokenizer_metadata_from_json(official_tokenizer / "tokenizer.json")
-    meta = G.read_gguf_metadata(gguf_path)
+    rebuilt = tokenizer_metadata_from_json(official_tokenizer / "tokenizer.json")
+    meta = read_gguf_metadata(gguf_path)
     assert rebuilt["tokenizer.ggml.tokens"] == meta["tokenizer.ggml.tokens"]
     np.testing.assert_array_equal(rebuilt["tokenizer.ggml.token_type"], meta["tokenizer.ggml.token_type"])
     scores, real = rebuilt["tokenizer.ggml.scores"], meta["tokenizer.ggml.scores"]
@@ -337,14 +341,14 @@ def _resident_bytes(address: int) -> int | None:
 def test_the_header_pages_do_not_stay_in_memory(gguf_path):
     """The parser reads the header through the map (6 MB for the 270M: the tokenizer's pieces, scores and types)
     and copies what it keeps; its pages are then dropped, so opening the file leaves none of it resident."""
-    f = G.GGUFFile.open(gguf_path)
+    f = GGUFFile.open(gguf_path)
     resident = _resident_bytes(f._data.ctypes.data)
     if resident is None:
         pytest.skip("no /proc/self/smaps here")
     header = min(t.offset for t in f.tensors.values())
     assert header > 6 << 20 and resident < 64 << 10, resident  # at most the last, shared page or so
     assert len(f.metadata["tokenizer.ggml.tokens"]) == 262144  # what was read stays (a copy)
-    assert f.raw("token_embd.weight")[:4].tolist() == list(G.GGUFFile.open(gguf_path).raw("token_embd.weight")[:4])
+    assert f.raw("token_embd.weight")[:4].tolist() == list(GGUFFile.open(gguf_path).raw("token_embd.weight")[:4])
 
 
 def test_a_name_with_a_newline_stays_on_one_line_in_the_error():
@@ -355,5 +359,5 @@ def test_a_name_with_a_newline_stays_on_one_line_in_the_error():
     data[at] = ord("\n")
     data[at + 6:at + 10] = struct.pack("<I", 260)  # the key's value type: no such type
     with pytest.raises(CheckpointError) as e:
-        G._parse(memoryview(bytes(data)), "bad.gguf")
+        _parse(memoryview(bytes(data)), "bad.gguf")
     assert str(e.value) == "bad.gguf: \\nnswer has unknown value type id 260"

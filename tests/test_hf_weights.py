@@ -137,7 +137,7 @@ def test_missing_weights_and_bad_config(tmp_path):
 
 
 def test_export_tokenizer_files_and_chat_template(tmp_path, official_tokenizer):
-    from gemma3.text.chat import GEMMA3_CHAT_TEMPLATE
+    from gemma3.weights.chat_template import GEMMA3_CHAT_TEMPLATE
 
     official = json.loads((official_tokenizer / "tokenizer_config.json").read_text())
     assert GEMMA3_CHAT_TEMPLATE == official["chat_template"]

@@ -1,4 +1,4 @@
-"""The Q4_K quantizer (gemma3.weights.q4_k) that `gemma3 convert --gguf-type Q4_K` writes with: blocks gguf-py
+"""The Q4_K quantizer (gemma3.weights.gguf.q4_k) that `gemma3 convert --gguf-type Q4_K` writes with: blocks gguf-py
 reads as we do, an error below gguf-py's Q4_0 at the same 4.5 bits a weight, Q4_K weights coming back as they
 were, and the edge cases of its fit (all-zero, one-signed and outlier sub-blocks)."""
 
@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from gemma3.weights.gguf import _dq_q4_k
-from gemma3.weights.q4_k import quantize_q4_k
+from gemma3.weights.gguf.dequantize import dequantize_blocks
+from gemma3.weights.gguf.q4_k import quantize_q4_k
 
 gguf = pytest.importorskip("gguf")
 Q4_K = gguf.GGMLQuantizationType.Q4_K
 
 
 def dequantize(blocks: np.ndarray, shape) -> torch.Tensor:
-    ours = torch.from_numpy(_dq_q4_k(blocks.reshape(-1, 144))).reshape(shape)
+    ours = torch.from_numpy(dequantize_blocks("Q4_K", blocks.reshape(-1, 144))).reshape(shape)
     theirs = torch.from_numpy(gguf.quants.dequantize(blocks, Q4_K)).reshape(shape)
     assert torch.equal(ours, theirs)  # the bytes mean the same to gguf-py's reader as to ours
     return ours

@@ -14,7 +14,7 @@ from gemma3 import kernels
 from gemma3.errors import CheckpointError, Gemma3Error
 from gemma3.accel.quantize import (FORMATS, QuantizedEmbedding, QuantizedLinear, QuantizedTensor, is_quantized,
                              quantize_model, quantize_state, round_activation)
-from gemma3.weights.gguf import GGUFFile
+from gemma3.weights.gguf.reader import GGUFFile
 from reference import random_model
 from test_kernels import _tiny_model, needs_kernel
 
@@ -34,9 +34,15 @@ def reference_weight(qt: QuantizedTensor) -> torch.Tensor:
     return torch.from_numpy(np.asarray(rows, dtype=np.float64))[:, :qt.shape[1]]
 
 
+def file_blocks(embedded, name: str) -> QuantizedTensor:
+    """A matrix of the file as gemma3.loading keeps it: its blocks over the mapping, as a QuantizedTensor."""
+    blocks = embedded.blocks(name)
+    return QuantizedTensor(blocks.type_name, blocks.data, blocks.shape)
+
+
 def samples(embedded) -> list[QuantizedTensor]:
     g = torch.Generator().manual_seed(0)
-    out = [embedded.quantized(name) for name in FILE_TENSORS.values()]
+    out = [file_blocks(embedded, name) for name in FILE_TENSORS.values()]
     out += [QuantizedTensor.quantize(torch.randn(37, 160, generator=g), fmt) for fmt in ("Q8_0", "Q4_0", "Q4_1", "Q5_0")]
     return out
 
@@ -54,6 +60,29 @@ def test_dequantize_is_gguf_py_exactly(embedded):
         assert torch.equal(qt.dequantize().double(), ref), qt
         ids = torch.tensor([0, qt.shape[0] - 1, 3, 3])
         assert torch.equal(qt.dequantize(ids).double(), ref[ids]), qt
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_kernel_and_numpy_dequantisers_agree_on_random_blocks(fmt, no_kernels):
+    """The native kernel (kernels/quants.c) and the numpy fallback (gemma3.weights.gguf.dequantize) read every
+    block format the same, to the bit, on random bytes (scales drawn finite: NaN and inf halves are left out)."""
+    spec = FORMATS[fmt]
+    rng = np.random.default_rng(spec.ggml_type)
+    rows, blocks_per_row = 7, 3
+    data = rng.integers(0, 256, size=(rows * blocks_per_row, spec.block_bytes), dtype=np.uint8)
+    halves = {"Q4_1": (0, 2), "Q4_K": (0, 2), "Q6_K": (208,)}.get(fmt, (0,))  # where its fp16 factors are
+    for at in halves:  # scales and mins in [-2, 2]
+        data[:, at:at + 2] = rng.uniform(-2, 2, size=(len(data), 1)).astype(np.float16).view(np.uint8)
+    qt = QuantizedTensor(fmt, torch.from_numpy(data).reshape(-1), (rows, blocks_per_row * spec.block_values))
+    ids = torch.tensor([6, 0, 3, 3])
+    numpy_whole, numpy_rows = qt.dequantize(), qt.dequantize(ids)
+    kernels._library.cache_clear()
+    import os
+
+    os.environ["GEMMA3_NATIVE_KERNELS"] = "1"
+    assert kernels.available()
+    assert torch.equal(qt.dequantize(), numpy_whole) and torch.equal(qt.dequantize(ids), numpy_rows)
 
 
 @needs_kernel

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from gemma3.errors import CheckpointError, Gemma3Error
 from gemma3.text.tokenizer import Tokenizer
 from gemma3.text.vocab import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED
-from gemma3.weights.gguf import read_gguf_metadata
+from gemma3.weights.gguf.reader import read_gguf_metadata
 from tokenizer_corpus import corpus
 
 OFFICIAL_SHA256 = "4667f2089529e8e7657cfb6d1c19910ae71ff5f28aa7ab2ff2763330affad795"

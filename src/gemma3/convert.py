@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from gemma3.text.chat import GEMMA3_CHAT_TEMPLATE
 from gemma3.config import PRESETS, Gemma3Config
 from gemma3.errors import CheckpointError
 from gemma3.files import check_output_dir, check_output_file
+from gemma3.weights.chat_template import GEMMA3_CHAT_TEMPLATE
 
 
 def model_name(config: Gemma3Config, metadata: dict | None = None) -> str:
@@ -44,7 +44,8 @@ def convert(source: str | Path | None, out: str | Path, to: str = "hf", dtype: s
     else a directory that receives ``model.gguf``."""
     from gemma3.loading import chat_template_of, load_tokenizer, load_weights, tensor_progress
     from gemma3.weights.sources import resolve_model
-    from gemma3.weights.gguf import tokenizer_metadata_from_json, write_gguf
+    from gemma3.text.gguf_metadata import tokenizer_metadata_from_json
+    from gemma3.weights.gguf.writer import write_gguf
     from gemma3.weights.hf import save_hf
 
     if to not in ("hf", "gguf"):

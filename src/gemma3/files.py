@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -127,6 +127,17 @@ def owned_and_private(path: Path) -> bool:
 def temp_path(path: Path) -> Path:
     """Where to write `path` before renaming it into place: a name that says which process wrote it."""
     return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def replace_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Write `path` through a temporary file (temp_path) and a rename; on any error the temporary file is
+    removed and `path` is left as it was."""
+    tmp = temp_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 _TEMP = re.compile(r"\.tmp-(\d+)$")

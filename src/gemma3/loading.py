@@ -70,7 +70,8 @@ def load_weights(source: str | Path | None = None, dtype: torch.dtype = torch.fl
 
 def _load_weights(source, dtype, progress, lora, quantize, device):
     """load_weights, plus the tokenizer when it was built on the way (int4 calibrates with it), else None."""
-    from gemma3.weights.gguf import load_gguf
+    from gemma3.weights.gguf.reader import BlockTensor
+    from gemma3.weights.gguf.translate import load_gguf
     from gemma3.weights.hf import load_hf
 
     check_quantize(quantize, device)
@@ -81,8 +82,14 @@ def _load_weights(source, dtype, progress, lora, quantize, device):
     keep_blocks = quantize is None and adapter is None and torch.device(device).type == "cpu"
     metadata = None
     if resolved.kind == "gguf":
+        from gemma3.accel.quantize import FORMATS, QuantizedTensor
+
         notice = (lambda line: print(line, file=sys.stderr)) if progress else None
-        config, state, gguf = load_gguf(resolved.path, read_dtype, bar, keep_quantized=keep_blocks, notice=notice)
+        # the matrices in a block format with a native kernel stay in their file's blocks (no copy)
+        config, state, gguf = load_gguf(resolved.path, read_dtype, bar, keep_blocks=FORMATS if keep_blocks else (),
+                                        notice=notice)
+        state = {name: QuantizedTensor(t.type_name, t.data, t.shape) if isinstance(t, BlockTensor) else t
+                 for name, t in state.items()}
         metadata = gguf.metadata
     else:
         config, state = load_hf(resolved.path, read_dtype, bar)

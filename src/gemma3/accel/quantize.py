@@ -46,6 +46,8 @@ from torch import nn
 from gemma3 import kernels
 from gemma3.errors import CheckpointError, Gemma3Error
 from gemma3.model import chunked_cross_entropy
+from gemma3.weights.gguf.dequantize import dequantize_blocks
+from gemma3.weights.names import QUANTIZABLE
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +112,6 @@ MAX_KERNEL_ROWS = 8  # rows of x per kernel call (quants.c MAX_ROWS)
 # keeps the bits it has alone. More rows (a prefill) go to the dequantized GEMM.
 MAX_DECODE_ROWS = 32
 GEMM_TILE_BYTES = 64 << 20  # fp32 weight dequantized at a time for a many-row product
-# the matrices a model quantizes: every projection and the tied embedding / output head
-QUANTIZABLE = re.compile(r"^(embed_tokens|layers\.\d+\.(self_attn|mlp)\.[a-z_]+_proj)\.weight$")
 
 
 # ---------------------------------------------------------------------------------------------- tensors
@@ -192,7 +192,9 @@ class QuantizedTensor:
             if rc:
                 raise Gemma3Error(f"dequantizing {self}: kernel error {rc}")
         else:
-            result = _dequantize_numpy(self.format.name, self.data if ids is None else self.data[ids])
+            rows = (self.data if ids is None else self.data[ids]).numpy()
+            blocks = dequantize_blocks(self.format.name, rows.reshape(-1, self.format.block_bytes))
+            result = torch.from_numpy(blocks.reshape(count, self.padded_in))
         return result[:, :inp] if inp != self.padded_in else result
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -318,13 +320,6 @@ def round_activation(x: torch.Tensor) -> torch.Tensor:
     out = torch.where(amax > 0, out, torch.zeros_like(out))
     out = torch.where(finite, out, torch.full_like(out, float("nan")))
     return out.reshape(x.shape)
-
-
-def _dequantize_numpy(fmt: str, data: torch.Tensor) -> torch.Tensor:
-    import gguf as gguf_py
-
-    rows = gguf_py.quants.dequantize(data.numpy(), gguf_py.GGMLQuantizationType[fmt])
-    return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
 
 
 # ---------------------------------------------------------------------------------------------- modules

@@ -9,7 +9,7 @@ from typing import Any
 
 from gemma3.config import GLOBAL, PRESETS, Gemma3Config
 
-# gemma3.weights.gguf.WRITABLE_TYPES, spelled out so that --help does not import the writer (a test holds them equal)
+# gemma3.weights.gguf.writer.WRITABLE_TYPES, spelled out so that --help does not import the writer (a test holds them equal)
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q4_1", "Q4_0", "Q4_K")
 
 EMBEDDED_NAMES = ("embedded", "default")
@@ -56,7 +56,8 @@ def model_info(config: Gemma3Config) -> dict[str, Any]:
 def _config_of(source: str | None) -> tuple[Gemma3Config, str]:
     """The config of a source without loading its weights; preset names (270m ... 27b) also work here."""
     from gemma3.weights.sources import resolve_model
-    from gemma3.weights.gguf import GGUFFile, config_from_gguf
+    from gemma3.weights.gguf.reader import GGUFFile
+    from gemma3.weights.gguf.translate import config_from_gguf
 
     if source is not None and source.lower() in PRESETS and not Path(source).exists():
         return PRESETS[source.lower()], f"preset {source.lower()}"

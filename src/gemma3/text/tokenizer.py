@@ -94,7 +94,7 @@ class Tokenizer:
     def from_gguf(cls, path: str | os.PathLike, engine: str = "auto") -> Tokenizer:
         """Rebuild the official tokenizer from the `tokenizer.ggml.*` metadata of a GGUF file."""
         # Imported here so that using the tokenizer does not pay for importing torch.
-        from gemma3.weights.gguf import read_gguf_metadata
+        from gemma3.weights.gguf.reader import read_gguf_metadata
 
         return cls.from_gguf_metadata(read_gguf_metadata(path), source=str(path), engine=engine)
 

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from gemma3.text.chat import GEMMA3_CHAT_TEMPLATE
 from gemma3.config import Gemma3Config
 from gemma3.errors import CheckpointError
-from gemma3.files import temp_path
+from gemma3.files import replace_file
+from gemma3.weights.chat_template import GEMMA3_CHAT_TEMPLATE
 from gemma3.weights.names import check_tensors
 
 CONFIG = "config.json"
@@ -151,19 +151,8 @@ def tokenizer_config(chat_template: str = GEMMA3_CHAT_TEMPLATE) -> dict[str, Any
     }
 
 
-def _replace_file(path: Path, write: Callable[[Path], None]) -> None:
-    """Write `path` through a temporary file (named after this process) and a rename; on any error the
-    temporary file is removed and `path` is left as it was."""
-    tmp = temp_path(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    _replace_file(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n",
+    replace_file(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n",
                                                    encoding="utf-8"))
 
 
@@ -205,9 +194,9 @@ def save_hf(directory: str | os.PathLike, config: Gemma3Config, state: Mapping[s
     _write_json(directory / CONFIG, config.to_hf_dict(str(dtype).removeprefix("torch.")))
     _write_json(directory / "generation_config.json", generation_config(config))
     tensors = {f"model.{name}": tensor.detach().to(dtype).contiguous() for name, tensor in state.items()}
-    _replace_file(directory / SAFETENSORS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    replace_file(directory / SAFETENSORS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     if tokenizer_json is not None:
-        _replace_file(directory / "tokenizer.json", lambda tmp: shutil.copyfile(tokenizer_json, tmp))
+        replace_file(directory / "tokenizer.json", lambda tmp: shutil.copyfile(tokenizer_json, tmp))
     elif tokenizer is not None:
         tokenizer.save(directory / "tokenizer.json")
     if tokenizer_json is not None or tokenizer is not None:

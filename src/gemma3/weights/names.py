@@ -34,6 +34,8 @@ GGUF_NAMES: dict[str, str] = {
     "blk.{}.post_ffw_norm.weight": "layers.{}.post_feedforward_layernorm.weight",
 }
 OUR_TO_GGUF: dict[str, str] = {ours: gguf for gguf, ours in GGUF_NAMES.items()}
+# The matrices a model may hold quantized (our names): every projection and the tied embedding / output head.
+QUANTIZABLE = re.compile(r"^(embed_tokens|layers\.\d+\.(self_attn|mlp)\.[a-z_]+_proj)\.weight$")
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
