@@ -1,4 +1,4 @@
-/* Float weights to ggml blocks, for `--quantize` (gemma3/quantize.py): Q8_0 as gguf-py and ggml's reference
+/* Float weights to ggml blocks, for `--quantize` (gemma3/accel/quantize.py): Q8_0 as gguf-py and ggml's reference
  * quantizer make it (the same bytes, faster than gguf-py: docs/performance.md), and Q4_1 (4-bit codes,
  * an fp16 scale d and min m per 32 values: value = code · d + m) with the grid chosen per block by a
  * least-squares search.
@@ -16,7 +16,7 @@
  *     error; the best is kept, then refined: codes again from the best (d, m), solved again, while it improves;
  *   - weights w = |x| + mean |x| of the block (llama.cpp's choice without an importance matrix: the large
  *     values, which carry the products, are fitted more closely), or, given an importance per column (the
- *     mean square of that input channel on calibration text, gemma3/imatrix.py), w_j = imp_j · sqrt(mean x² +
+ *     mean square of that input channel on calibration text, gemma3/accel/imatrix.py), w_j = imp_j · sqrt(mean x² +
  *     x_j²) as llama.cpp weighs its fits by an imatrix: an error costs what the inputs multiplying it make of
  *     it (what that buys: experiments/int4_ablation.py, docs/quantized-inference.md).
  * d and m are then rounded to fp16 and the codes taken once more from the rounded pair. All of it in double,

@@ -1,5 +1,5 @@
 /* y = x · Wᵀ for a few rows of x against a weight W kept in ggml's block formats: the decode step of a
- * quantized model (gemma3/quantize.py), plus the dequantization its prefill GEMM and embedding lookups use.
+ * quantized model (gemma3/accel/quantize.py), plus the dequantization its prefill GEMM and embedding lookups use.
  *
  * Formats (ggml's, byte for byte, so a GGUF file's tensors are used as they are in the file). Each row of W
  * is K/QK blocks; a value is (code - offset) · d, or code · d - min for the ones with a min:

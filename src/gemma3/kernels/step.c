@@ -1,7 +1,7 @@
 /* One whole decode step of a quantized Gemma 3 model for one sequence, in one call: the embedding lookup,
  * every layer (norms, q/k/v, QK-norm, RoPE, the KV-cache write, attention, o, the GeGLU MLP, residuals), the
- * final norm and the tied output head. gemma3/decode_step.py builds the descriptors below from the model's
- * swapped-in modules (gemma3/quantize.py) and calls this in place of `model(token, cache=...)`.
+ * final norm and the tied output head. gemma3/accel/fused_step.py builds the descriptors below from the model's
+ * swapped-in modules (gemma3/accel/quantize.py) and calls this in place of `model(token, cache=...)`.
  *
  * Why: the same step through the modules is ~700 dispatched ops (each a ctypes or torch call costing
  * microseconds in Python) around 127 matrix products and 18 attentions, and on the 270M that overhead is a
@@ -39,7 +39,7 @@ void gemma3_store_kv(const float *x, int64_t n, void *dst, int64_t half);
 void gemma3_attend_combine(int64_t G, int64_t hd, int64_t parts, const float *o, const float *mx, const float *l,
                            float *out);
 
-/* The layouts below are mirrored by ctypes Structures in gemma3/decode_step.py: change both together. */
+/* The layouts below are mirrored by ctypes Structures in gemma3/accel/fused_step.py: change both together. */
 typedef struct {
   const uint8_t *w; /* (n, row_bytes) blocks */
   int64_t fmt, row_bytes, n, k;
