@@ -86,8 +86,9 @@ def chunked_cross_entropy(attend, h: torch.Tensor, targets: torch.Tensor, softca
 
     def reset_parameters(self) -> None:
         # A model built on the meta device (to load weights into) has no values to draw, and drawing N(0, 1) on
-        # meta imports torch's Python reference kernels (~900 modules, 1-2 s of every load). On a real device
-        # this is nn.Embedding's own init; Gemma3Model.init_weights sets the trained-from-scratch one.
+        # meta imports torch's Python reference kernels, a large share of every load (docs/performance.md, "Figures
+        # the source comments used to quote"). On a real device this is nn.Embedding's own init;
+        # Gemma3Model.init_weights sets the trained-from-scratch one.
         if self.weight.device.type != "meta":
             super().reset_parameters()
 
@@ -191,7 +192,8 @@ class GroupedQueryAttention(nn.Module):
         k = k.view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, K, hd)
         v = v.view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, K, hd)
         # Norm and rotate while each token's heads are still contiguous: the same elementwise work on the
-        # (B, H, T, hd) transpose runs ~5× slower on CPU (a 512-token prefill: 37 ms of ~500, measured).
+        # (B, H, T, hd) transpose runs several times slower on CPU (docs/performance.md, "Figures the source
+        # comments used to quote").
         q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
@@ -351,7 +353,7 @@ class Gemma3Model(nn.Module):
             masks = step.masks
         # The usual prefill (the sequence's first chunk, no padding, no longer than the window) sees a plain
         # causal mask on every layer. None says so, and SDPA then takes its is_causal path, which skips the
-        # masked half of the scores (attention in a 512-token prefill: 2× faster, measured on the 270M).
+        # masked half of the scores (docs/performance.md, "Figures the source comments used to quote").
         if (T > 1 and T <= self.config.sliding_window and (step is None or step.start == 0)
                 and bool((positions == torch.arange(T, device=positions.device)).all())):
             masks = {SLIDING: None, GLOBAL: None}

@@ -120,8 +120,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _warm_grammar_engine(tokenizer, stop_ids) -> None:
-    """Build the grammar engine's view of the vocabulary (~3.5 s) in the background, so the first request with
-    a response_format does not wait for it."""
+    """Build the grammar engine's view of the vocabulary (seconds: docs/generation.md, "Structured output") in the
+    background, so the first request with a response_format does not wait for it."""
     import importlib.util
 
     if importlib.util.find_spec("llguidance") is None:

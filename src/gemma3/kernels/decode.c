@@ -1,10 +1,9 @@
 /* The small fp32 operations of a decode step, fused: RMSNorm and one token's attention over the KV cache.
  *
  * Why: a 270M decode step runs 109 norms and 18 attentions on tiny tensors (640 or 4 × 256 values, one
- * query per head). In eager torch each is several dispatched ops: measured on our 2-core AMD EPYC test
- * machine (torch 2.13), F.rms_norm on 640 values takes 30-40 µs and SDPA for 4 query heads over 512 cached
- * keys 110-380 µs, together ~13 ms of a ~50 ms quantized step — more than the layers' weight reads. Here each
- * is one call (~2 µs of ctypes and allocation plus the arithmetic). gemma3/packed.py swaps them in.
+ * query per head). In eager torch each is several dispatched ops whose fixed cost dwarfs the arithmetic:
+ * together more than the layers' weight reads of a quantized step (docs/performance.md, "Figures the
+ * kernels' comments used to quote"). Here each is one call. gemma3/accel/native.py swaps them in.
  *
  * Numerics: fp32 throughout, as torch's kernels, summing in a different order (results agree to a few ulp).
  * Attention: exact two-pass softmax (max, then exp and sum), masked keys skipped; a query that may see no key
@@ -67,7 +66,7 @@ void gemma3_store_kv(const float *x, int64_t n, void *dst, int64_t half) {
 
 /* dot(q_g, k) for gn <= 4 query heads (rows of q, n apart) against one key, the key read once: the same sums
  * in the same order as dot() for each head (so the same bits), but 2·gn independent chains, not 2 (one dot
- * alone waits on its FMAs' latency: 2 048 of them a layer took 48 µs). */
+ * alone waits on its FMAs' latency, 2 048 times a layer). */
 static inline __attribute__((always_inline)) void dots(const float *q, int64_t gn, const void *k, int half, int64_t n,
                                                        float *out) {
   __m256 a[4][2];
@@ -132,7 +131,7 @@ static inline __attribute__((always_inline)) void dots16(const float *q, int64_t
 /* exp(x) for x <= 0 (softmax arguments after subtracting the max), 8 at a time: x = n·ln2 + r with
  * |r| <= ln2/2 (ln2 split in two parts for an exact reduction), exp(r) by its degree-6 Taylor polynomial
  * (relative error < 2e-7, about glibc's expf), times 2^n built in the exponent bits; below -87.3, 0.
- * glibc's scalar expf costs ~20 ns a call here, 2 048 calls a layer for the 270M. */
+ * glibc's scalar expf is one call per value, 2 048 calls a layer for the 270M. */
 static inline __m256 exp_nonpositive(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.3f);
   __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);

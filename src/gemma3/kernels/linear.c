@@ -1,11 +1,10 @@
 /* y = x · Wᵀ for a few rows of x (bf16 or fp32): the matrix-vector products of a batch-1 decode step.
  *
  * Why this exists: a decode step reads every weight once, so its speed is the rate at which the products
- * stream weights from memory. On the machine we measured (AMD EPYC, AVX-512 BF16, torch 2.13), oneDNN's bf16
- * kernel on weights packed in its blocked layout reads at about half the rate of a plain sequential sum
- * (15 vs 27 GB/s on one core), and MKL's fp32 GEMV on a transposed copy at 14-22 GB/s. This loop walks each
- * weight row front to back in nn.Linear's own (out, in) layout, so the whole matrix is one sequential stream,
- * and reads at 24-33 GB/s on two cores, close to a plain sum.
+ * stream weights from memory. oneDNN's bf16 kernel on weights packed in its blocked layout, and MKL's fp32
+ * GEMV on a transposed copy, read well below the rate of a plain sequential sum (docs/performance.md,
+ * "Generation"). This loop walks each weight row front to back in nn.Linear's own (out, in) layout, so the
+ * whole matrix is one sequential stream, and reads close to a plain sum.
  *
  * Numerics: products and sums in fp32, then (bf16) one rounding per output, nearest-even, as oneDNN and the
  * reference do. Only the order of the fp32 additions differs from torch's kernels: bf16 outputs differ by one

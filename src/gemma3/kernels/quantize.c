@@ -1,5 +1,5 @@
-/* Float weights to ggml blocks, for `--quantize` (gemma3/quantize.py): Q8_0 as gguf-py and ggml's reference
- * quantizer make it (the same bytes, in about half gguf-py's time on the 270M's head), and Q4_1 (4-bit codes,
+/* Float weights to ggml blocks, for `--quantize` (gemma3/accel/quantize.py): Q8_0 as gguf-py and ggml's reference
+ * quantizer make it (the same bytes, faster than gguf-py: docs/performance.md), and Q4_1 (4-bit codes,
  * an fp16 scale d and min m per 32 values: value = code · d + m) with the grid chosen per block by a
  * least-squares search.
  *
@@ -7,17 +7,18 @@
  * does), d stored as fp16 (round to nearest even). Nothing else: it is what every Q8_0 file holds.
  *
  * Why a search: gguf-py's (and llama.cpp's reference) Q4_1 takes m = min(x) and d = (max - min) / 15, which
- * spends the 16 levels on the two extremes. On the 270M that costs +29 % perplexity; this fit, +13 % with the
- * same format and kernel. For each block, as llama.cpp's make_qkx2_quants does for its K-quants:
+ * spends the 16 levels on the two extremes: on the 270M it loses more than twice the perplexity this fit loses
+ * with the same format and kernel (docs/quantized-inference.md, "Accuracy"). For each block, as llama.cpp's
+ * make_qkx2_quants does for its K-quants:
  *   - candidate grids: d = range / (15 + r) for r = -1, -0.9, ..., +1 (and the plain min/max grid), codes
  *     q = round((x - min) / d) clamped to 0..15;
  *   - for each, the d and m that minimise Σ w (q·d + m - x)² for those codes (a 2 × 2 linear solve), and its
  *     error; the best is kept, then refined: codes again from the best (d, m), solved again, while it improves;
  *   - weights w = |x| + mean |x| of the block (llama.cpp's choice without an importance matrix: the large
  *     values, which carry the products, are fitted more closely), or, given an importance per column (the
- *     mean square of that input channel on calibration text, gemma3/imatrix.py), w_j = imp_j · sqrt(mean x² +
+ *     mean square of that input channel on calibration text, gemma3/accel/imatrix.py), w_j = imp_j · sqrt(mean x² +
  *     x_j²) as llama.cpp weighs its fits by an imatrix: an error costs what the inputs multiplying it make of
- *     it. On the 270M: +5.4 % perplexity → +2.9 % (experiments/int4_ablation.py).
+ *     it (what that buys: experiments/int4_ablation.py, docs/quantized-inference.md).
  * d and m are then rounded to fp16 and the codes taken once more from the rounded pair. All of it in double,
  * per block independently; `_fit_q4_1_torch` in quantize.py is the same arithmetic in torch (the fallback).
  */

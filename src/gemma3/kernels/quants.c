@@ -1,5 +1,5 @@
 /* y = x · Wᵀ for a few rows of x against a weight W kept in ggml's block formats: the decode step of a
- * quantized model (gemma3/quantize.py), plus the dequantization its prefill GEMM and embedding lookups use.
+ * quantized model (gemma3/accel/quantize.py), plus the dequantization its prefill GEMM and embedding lookups use.
  *
  * Formats (ggml's, byte for byte, so a GGUF file's tensors are used as they are in the file). Each row of W
  * is K/QK blocks; a value is (code - offset) · d, or code · d - min for the ones with a min:
@@ -15,14 +15,15 @@
  *                              values), f16 d; offset 32 (layout spelled out at unpack_q6_k)
  *
  * The activation. llama.cpp rounds x to int8 per block of 32 (its Q8_0 / Q8_K) and multiplies bytes with
- * VPMADDUBSW / VPDPBUSD; on the embedded Q4_K_M file that puts its perplexity 0.67 % above the exact value of
- * the same weights. Here x is rounded to int16 per block of 32 instead (scale = max|x| / 32639, a relative
- * error ~1.5e-5 of the block's largest value, 256× finer), and the products stay exact in integers:
+ * VPMADDUBSW / VPDPBUSD, which moves its perplexity on the embedded Q4_K_M file measurably off the exact value
+ * of the same weights (docs/quantized-inference.md, "Accuracy"). Here x is rounded to int16 per block of 32
+ * instead (scale = max|x| / 32639, a relative error ~1.5e-5 of the block's largest value, 256× finer), and the
+ * products stay exact in integers:
  *   - Q8_0 (and every format in the AVX2 build): the weights are widened to int16 in registers and VPMADDWD /
  *     VPDPWSSD multiply 16 or 32 pairs, adding neighbours into int32.
  *   - the 4-, 5- and 6-bit formats with AVX-512 VNNI: the code splits into two signed bytes, 256 · hi + lo,
  *     and VPDPBUSD multiplies them with the weights' unsigned codes, two groups a register (see bytes_fma).
- *     The widening was what bounded these products (5.4 GB/s against the head's 8.9 at one thread).
+ *     The widening was what bounded these products (docs/quantized-inference.md, "The kernel").
  * Each 32-value group's int32 sum is converted to fp32 once and scaled by (weight scale · activation scale),
  * so the only roundings are x's and the fp32 sums over groups.
  *
@@ -282,8 +283,8 @@ static inline __m256i q6_k_scales(const uint8_t *blk, int g) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 /* AVX-512 VNNI: a group's 32 signed bytes widen to 32 int16 in one register (VPMOVSXBW) in value order, and
  * VPDPWSSD multiplies them with the activation's 32 codes and adds pairs into 16 int32 lanes, exactly (two
- * products a lane). Half the instructions of the AVX2 route: on an AMX-era Xeon (2 cores) the 262 144 × 640
- * Q8_0 head streams at 16-17 GB/s instead of 10-13, about the machine's read bandwidth. */
+ * products a lane). Half the instructions of the AVX2 route, which is what lets the Q8_0 head stream at about
+ * the machine's read bandwidth (docs/performance.md, "Figures the source comments used to quote"). */
 #define QUANTS_ISA 512
 typedef __m512i wv_t;
 typedef __m512 acc_t;
@@ -364,13 +365,9 @@ static inline __attribute__((always_inline)) void group_fma_lanes(wv_t w, acc_t 
  * so  Σ u · code = 256 · Σ u · hi + Σ u · lo : two VPDPBUSD with a shift between, exactly (|lane| ≤ 4 · 63 ·
  * 32639 < 2^24, so its conversion to fp32 is exact too). Lanes 0-7 hold the first group, 8-15 the second; one
  * permute gives each lane its group's scale. A format's offset (Q4_0 8, Q5_0 16, Q6_K 32) or min is the group's
- * scale times the sum of x over the group, added once per row (`corr`). Measured on the embedded file's
- * matrices, one thread (bench_kernels.py): ns a group Q4_K 3.18 → 2.71, Q5_0 4.00 → 3.64, Q6_K 5.33 → 3.42 against
- * the int16 route, which is what bounded the layers' products (they streamed at 5.4 GB/s, the head at 8.9).
- * A stand-alone one-row Q5_0 loop of the same instructions ran 1.2-1.4× faster than this one hot in L2; part of
- * that was this loop's set-up per row, which the spans below (one row of x) now do once a call. Its row width
- * as a compile-time constant, one horizontal sum a row instead of two, two alternating accumulators, the pair
- * loop unrolled, and an int16 (VPDPWSSD) form with a byte permute for the nibbles changed nothing or lost. */
+ * scale times the sum of x over the group, added once per row (`corr`). Why not the int16 route here: its
+ * widening is what bounded the layers' products. The figures per format (benchmarks/bench_kernels.py), and the
+ * variants of this loop tried and not kept: docs/performance.md, "Figures the source comments used to quote". */
 
 /* acc[m] += (the lanes' exact sums of u · x_m's codes over values [32 g, 32 g + 64)) · lanes[m] for every
  * row m; `half` = only the first group (a row's last, odd group): x's second half is not read. */
@@ -612,10 +609,9 @@ static void row_dots(int fmt, const uint8_t *row, const act_t *x, int M, float *
 
 #if BYTE_PRODUCTS
 /* One row of x (a decode step): the row loop with the format's product inlined, its constants set up once a
- * call rather than once a row. The same function per row, so the same bits as row_dots. Measured in the fused
- * step (instrumented, interleaved, three runs, ms a step at 1 thread): gate+up 9.87/7.85/10.72 -> 8.34/6.65/8.92,
- * q/k/v 3.59/2.88/3.90 -> 3.07/2.46/3.28; at 2 threads gate+up 5-10 % faster. Q8_0 (the head) stays on
- * row_dots: an earlier per-call dispatch that included it measured the head slower (23.9 -> 30.4 ms). */
+ * call rather than once a row. The same function per row, so the same bits as row_dots. Q8_0 (the head) stays
+ * on row_dots: a per-call dispatch that included it made the head slower (the figures: docs/performance.md,
+ * "Figures the source comments used to quote"). */
 #ifndef SPAN
 #define SPAN 1
 #endif

@@ -1,13 +1,14 @@
 /* One whole decode step of a quantized Gemma 3 model for one sequence, in one call: the embedding lookup,
  * every layer (norms, q/k/v, QK-norm, RoPE, the KV-cache write, attention, o, the GeGLU MLP, residuals), the
- * final norm and the tied output head. gemma3/decode_step.py builds the descriptors below from the model's
- * swapped-in modules (gemma3/quantize.py) and calls this in place of `model(token, cache=...)`.
+ * final norm and the tied output head. gemma3/accel/fused_step.py builds the descriptors below from the model's
+ * swapped-in modules (gemma3/accel/quantize.py) and calls this in place of `model(token, cache=...)`.
  *
  * Why: the same step through the modules is ~700 dispatched ops (each a ctypes or torch call costing
- * microseconds in Python) around 127 matrix products and 18 attentions; measured on the 2-core test machine
- * that overhead was a third of the step. Here the products, norms and attention are the very functions the
- * modules call (quants.c, decode.c), so each output is the same bits as the module path; only GELU (decode.c's
- * vectorised form here, torch's there) differs, by an ulp or two.
+ * microseconds in Python) around 127 matrix products and 18 attentions, and on the 270M that overhead is a
+ * large share of the step (docs/performance.md, "Figures the source comments used to quote"). Here the
+ * products, norms and attention are the very functions the modules call (quants.c, decode.c), so each output
+ * is the same bits as the module path; only GELU (decode.c's vectorised form here, torch's there) differs, by
+ * an ulp or two.
  *
  * Threads: one OpenMP region for the whole step. Each matrix product splits its output rows across the
  * threads (q, k and v as one range of rows, gate and up as another), the attention splits its keys into
@@ -38,7 +39,7 @@ void gemma3_store_kv(const float *x, int64_t n, void *dst, int64_t half);
 void gemma3_attend_combine(int64_t G, int64_t hd, int64_t parts, const float *o, const float *mx, const float *l,
                            float *out);
 
-/* The layouts below are mirrored by ctypes Structures in gemma3/decode_step.py: change both together. */
+/* The layouts below are mirrored by ctypes Structures in gemma3/accel/fused_step.py: change both together. */
 typedef struct {
   const uint8_t *w; /* (n, row_bytes) blocks */
   int64_t fmt, row_bytes, n, k;
@@ -115,10 +116,9 @@ static void add_normed(float *x, const float *o, const float *gain, int64_t d, f
  * activation). Both threads compute these from the same inputs with the same code into buffers of the same
  * layout and alignment, so the copies are the same bits; what that buys is the barriers: a layer waits only
  * for its five products' outputs (q/k/v, attention, o, gate/up, down), where one thread doing this work
- * while the other waited cost eleven. A barrier is cheap while a waiting thread spins, but with
- * OMP_WAIT_POLICY=PASSIVE (the setting for a shared machine) each one sleeps and wakes: the embedded model's
- * decode at 2 threads (512-token prompt, 128 tokens, best of 3 interleaved, the 2-core Xeon, 2026-12-04)
- * went 45.6 → 54.1 tok/s under PASSIVE, 66.7 → 67.7 under the default policy. */
+ * while the other waited cost eleven. A barrier is cheap while a waiting thread spins, but under
+ * OMP_WAIT_POLICY=PASSIVE each one sleeps and wakes, so there the count of barriers shows in the decode rate
+ * (docs/quantized-inference.md, "The decode step in one call"). */
 typedef struct {
   float *x, *h, *q, *k, *att, *g, *tmp;
   void *act;

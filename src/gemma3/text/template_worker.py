@@ -2,11 +2,10 @@
 
 Why a process: jinja2's sandbox stops attribute escapes, not cost. A template is a program, and
 ``{% for i in range(100000) %}{% for j in range(100000) %}`` runs for hours, while a few lines that
-double a string render gigabytes (measured here before: 23.8 GB RSS before the kernel killed it). Neither
-can be stopped from inside the process that runs it: a thread cannot be killed, a single C-level string
-operation cannot be interrupted, and a memory limit (RLIMIT_AS) applies to the whole process, model
-included. So the template runs in a small child process (this file, run as a script: the standard library
-and jinja2 only, no torch), which
+double a string render gigabytes (docs/generation.md, "Chat"). Neither can be stopped from inside the
+process that runs it: a thread cannot be killed, a single C-level string operation cannot be interrupted,
+and a memory limit (RLIMIT_AS) applies to the whole process, model included. So the template runs in a
+small child process (this file, run as a script: the standard library and jinja2 only, no torch), which
 
 * limits its own address space (`MEMORY_BYTES`), so a runaway template gets MemoryError, not the machine;
 * stops rendering once the output passes the caller's cap;
