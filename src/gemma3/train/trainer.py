@@ -191,21 +191,40 @@ class Trainer:
         self.main = self.env.is_main
         self.out = Path(cfg.out_dir)
         torch.manual_seed(cfg.seed)
-        # Before anything is written: rank 0 checks the run directory, and every rank stops if it refused.
+        self._check_run_dir()
+        self.resume_from = ckpt.resolve_resume(cfg.resume, self.out) if cfg.resume else None
+        resume_state = ckpt.read_train_state(self.resume_from) if self.resume_from else None
+        self.lr_anchor: tuple[int, float] | None = None
+        origin = self._build_model()
+        self._build_data()
+        self.global_batch = cfg.batch_size * cfg.grad_accum * self.env.world_size
+        if resume_state is not None:
+            self._check_resume(resume_state)
+        self.module = dist_.wrap(self.model, self.env)  # what forward is called on (the model, DDP, or FSDP)
+        self._build_optimizer()
+        self.step = 0
+        self.tokens_seen = 0
+        if self.resume_from is not None:
+            self._restore(resume_state)
+        self._start_outputs(origin)
+
+    # ----------------------------------------------------------------------------------------- setup
+    def _check_run_dir(self) -> None:
+        """Before anything is written: rank 0 checks the run directory, and every rank stops if it refused."""
         error = None
         if self.main:
             try:
-                prepare_run_dir(cfg)
+                prepare_run_dir(self.cfg)
             except Gemma3Error as e:
                 error = str(e)
         error = dist_.broadcast_object(error, self.env)
         if error is not None:
             raise Gemma3Error(error)
 
-        self.resume_from = ckpt.resolve_resume(cfg.resume, self.out) if cfg.resume else None
-        resume_state = ckpt.read_train_state(self.resume_from) if self.resume_from else None
-        self.lr_anchor: tuple[int, float] | None = None
-
+    def _build_model(self) -> str:
+        """The model (LoRA-wrapped if asked, with the training loss head) on the device; returns where its
+        weights came from."""
+        cfg = self.cfg
         model, self.tokenizer, self.config, origin = model_for_run(cfg, self.main)
         self.lora_targets = None
         if cfg.lora is not None:
@@ -216,13 +235,10 @@ class Trainer:
         self.precision = cfg.precision
         if self.precision == "auto":
             self.precision = "bf16" if self.env.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        return origin
 
-        self._build_data()
-        self.global_batch = cfg.batch_size * cfg.grad_accum * self.env.world_size
-        if resume_state is not None:
-            self._check_resume(resume_state)
-
-        self.module = dist_.wrap(self.model, self.env)  # what forward is called on (the model, DDP, or FSDP)
+    def _build_optimizer(self) -> None:
+        cfg = self.cfg
         # FSDP2 swaps parameters for DTensors in place: build the optimizer over the wrapped ones
         params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
@@ -231,30 +247,29 @@ class Trainer:
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
 
-        self.step = 0
-        self.tokens_seen = 0
-        if self.resume_from is not None:
-            self._restore(resume_state)
-
+    def _start_outputs(self, origin: str) -> None:
+        """Rank 0: the run directory, the tokenizer file the checkpoints link, the metrics, and what the run is."""
+        cfg = self.cfg
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.tokenizer_file = self.out / ckpt.TOKENIZER
         if self.main and not self.tokenizer_file.exists():
             self.tokenizer.save(self.tokenizer_file)
         self.metrics = Metrics(self.out, cfg.tensorboard, self.step if self.resume_from else None) if self.main else None
-        if self.main:
-            what = f"LoRA r={cfg.lora.r} on {', '.join(cfg.lora.targets)}: " if cfg.lora else ""
-            self._say(f"model: {origin}, {self.config.num_hidden_layers} layers, d={self.config.hidden_size}; "
-                      f"{what}{describe(self.model)}")
-            self._say(f"data: {self.tokens.meta['num_tokens']:,} tokens in {self.tokens.num_docs:,} "
-                      f"{self.tokens.kind} documents; {len(self.train_set):,} train / {len(self.val_set):,} held-out "
-                      f"sequences of {cfg.seq_len}; global batch {self.global_batch} sequences"
-                      + (f"; unigram baseline {self.unigram:.3f}" if self.unigram is not None else ""))
-            if self.resume_from:
-                self._say(f"resuming from {self.resume_from} at step {self.step}")
-            self.metrics.log({"event": "resume" if self.resume_from else "start", "step": self.step,
-                              "unigram_loss": self.unigram, "world_size": self.env.world_size,
-                              "precision": self.precision})
+        if not self.main:
+            return
+        what = f"LoRA r={cfg.lora.r} on {', '.join(cfg.lora.targets)}: " if cfg.lora else ""
+        self._say(f"model: {origin}, {self.config.num_hidden_layers} layers, d={self.config.hidden_size}; "
+                  f"{what}{describe(self.model)}")
+        self._say(f"data: {self.tokens.meta['num_tokens']:,} tokens in {self.tokens.num_docs:,} "
+                  f"{self.tokens.kind} documents; {len(self.train_set):,} train / {len(self.val_set):,} held-out "
+                  f"sequences of {cfg.seq_len}; global batch {self.global_batch} sequences"
+                  + (f"; unigram baseline {self.unigram:.3f}" if self.unigram is not None else ""))
+        if self.resume_from:
+            self._say(f"resuming from {self.resume_from} at step {self.step}")
+        self.metrics.log({"event": "resume" if self.resume_from else "start", "step": self.step,
+                          "unigram_loss": self.unigram, "world_size": self.env.world_size,
+                          "precision": self.precision})
 
     # ---------------------------------------------------------------------------------------- data
     def _build_data(self) -> None:
