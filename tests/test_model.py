@@ -300,6 +300,19 @@ def test_preset_parameter_counts_on_meta(name, total, embedding):
     assert all(p.device.type == "meta" for p in model.parameters())
 
 
+def test_building_on_meta_draws_nothing():
+    """A model built on the meta device to load weights into draws no initial values: drawing on meta pulls in
+    torch's Python reference kernels (torch._dynamo and ~800 modules), a second of every load."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\nfrom gemma3.config import get_preset\nfrom gemma3.model import Gemma3Model\n"
+            "with torch.device('meta'):\n    Gemma3Model(get_preset('270m'))\n"
+            "assert 'torch._dynamo' not in sys.modules, 'the meta build drew values'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
 def test_meta_build_then_assign_weights():
     config = small()
     source = random_model(config)

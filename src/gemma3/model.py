@@ -72,6 +72,14 @@ class TiedEmbedding(nn.Embedding):
         (gemma3.train.loss)."""
         return chunked_cross_entropy(self.attend, h, targets, softcap, chunk_size)
 
+    def reset_parameters(self) -> None:
+        # A model built on the meta device (to load weights into) has no values to draw, and drawing N(0, 1) on
+        # meta imports torch's Python reference kernels, a large share of every load (docs/performance.md, "Figures
+        # the source comments used to quote"). On a real device this is nn.Embedding's own init;
+        # Gemma3Model.init_weights sets the trained-from-scratch one.
+        if self.weight.device.type != "meta":
+            super().reset_parameters()
+
 
 def chunked_cross_entropy(attend, h: torch.Tensor, targets: torch.Tensor, softcap: float | None, chunk_size: int
                           ) -> torch.Tensor:
@@ -83,14 +91,6 @@ def chunked_cross_entropy(attend, h: torch.Tensor, targets: torch.Tensor, softca
             logits = torch.tanh(logits / softcap) * softcap
         total = total + F.cross_entropy(logits, targets[start:start + chunk_size], reduction="sum")
     return total
-
-    def reset_parameters(self) -> None:
-        # A model built on the meta device (to load weights into) has no values to draw, and drawing N(0, 1) on
-        # meta imports torch's Python reference kernels, a large share of every load (docs/performance.md, "Figures
-        # the source comments used to quote"). On a real device this is nn.Embedding's own init;
-        # Gemma3Model.init_weights sets the trained-from-scratch one.
-        if self.weight.device.type != "meta":
-            super().reset_parameters()
 
 
 class RotaryEmbedding(nn.Module):
