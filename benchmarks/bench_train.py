@@ -40,6 +40,9 @@ def worker(impl: str, batch: int, seq_len: int, steps: int, precision: str, chec
         def loss_of(ids):
             return model(input_ids=ids, labels=ids).loss
     else:
+        from gemma3.train.loss import use_fused_loss
+
+        use_fused_loss(model)  # the loss head the trainer runs (never holds a chunk's logits for backward)
         model.gradient_checkpointing = checkpointing
 
         def loss_of(ids):

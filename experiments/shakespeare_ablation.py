@@ -60,6 +60,7 @@ def corpus(texts: str | None, cache: Path) -> list[str]:
 def build_model(vocab: int, pattern: str, qk_norm: bool, seq_len: int, window: int, seed: int):
     from gemma3.config import Gemma3Config
     from gemma3.model import Gemma3Model
+    from gemma3.train.loss import use_fused_loss
     from gemma3.train.trainer import layer_types_from_pattern
 
     config = Gemma3Config(vocab_size=vocab, hidden_size=128, intermediate_size=512, num_hidden_layers=6,
@@ -68,6 +69,7 @@ def build_model(vocab: int, pattern: str, qk_norm: bool, seq_len: int, window: i
                           max_position_embeddings=seq_len, pad_token_id=0, bos_token_id=0, eos_token_id=(0,))
     model = Gemma3Model(config)
     model.init_weights(torch.Generator().manual_seed(seed))
+    use_fused_loss(model)  # the trainer's loss head (gemma3.train.loss)
     if not qk_norm:  # the one change: queries and keys go to RoPE unnormalised
         for layer in model.layers:
             layer.self_attn.q_norm, layer.self_attn.k_norm = nn.Identity(), nn.Identity()

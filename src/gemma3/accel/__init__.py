@@ -2,9 +2,9 @@
 training never calls it.
 
     accelerate(model)   decides, once per model, what it runs on, and returns that decision (`Acceleration`),
-                        which the generator, the server's scheduler and the lm-eval harness all take:
+                        which the generator holds (and through it the server and the lm-eval harness):
         attention       CPUAttention (accel/attention.py) for every model: a decode step and a long prefill
-                        cut the way the CPU computes them fastest
+                        cut the way the CPU computes them fastest (the native decode kernel with the modules below)
         native modules  float weights on the CPU (accel/native.py): the native GEMV for a decode step, a copy
                         of each layer weight in the GEMM's layout for a prefill, the norm's gain kept in fp32;
                         a quantized model (accel/quantize.py) gets the native norm only. Default: only when
@@ -66,7 +66,8 @@ def accelerate(model: nn.Module, native: bool | None = None, kv_cache_dtype: tor
                ) -> Acceleration:
     """Swap the inference modules into `model` (in place; the parameters and the state dict are unchanged) and
     return what was decided. `native`: None = the native modules when their copies fit (see above); False =
-    the attention paths only, so every matrix product is the model's own (the lm-eval harness's choice)."""
+    the attention paths on torch only (SDPA cut per step), so every product is the model's own arithmetic (the
+    lm-eval harness's choice, and `gemma3 perplexity`'s)."""
     from gemma3.accel.attention import CPUAttention
     from gemma3.model import GroupedQueryAttention
 
@@ -76,7 +77,7 @@ def accelerate(model: nn.Module, native: bool | None = None, kv_cache_dtype: tor
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         ram = physical_memory()
         native = ram is not None and weight_bytes < ram / 4
-    swap_modules(model, lambda m: CPUAttention(m) if type(m) is GroupedQueryAttention else None)
+    swap_modules(model, lambda m: CPUAttention(m, native) if type(m) is GroupedQueryAttention else None)
     if native:
         from gemma3.accel.native import use_native_modules
 

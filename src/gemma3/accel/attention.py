@@ -2,8 +2,8 @@
 softmax(q·kᵀ·scale + mask)·v, cut the way a CPU computes it fastest. Only `sdpa` differs from the model's
 module; the projections, QK-norm and RoPE are the module's own code and its own parameters.
 
-    one token (a decode step)   the native kernel over the cache in place (fp32 on the CPU: kernels/decode.c);
-                                else SDPA with the G query heads of a KV head handed over as G queries of one
+    one token (a decode step)   the native kernel over the cache in place (fp32 on the CPU: kernels/decode.c;
+                                with native=False, never); else SDPA with the G query heads of a KV head handed over as G queries of one
                                 head, which SDPA's CPU path reads far faster than H heads with enable_gqa
     a plain causal prefill      one SDPA call per block of 128 queries, each over the keys up to its last
     of T >= 256, no autograd    query: the CPU flash kernel skips a key block only when it lies wholly above
@@ -31,13 +31,13 @@ class CPUAttention(GroupedQueryAttention):
     """GroupedQueryAttention with the inference paths above. Built around an existing module: it takes that
     module's settings and children (its parameters), so the state dict is unchanged."""
 
-    def __init__(self, attn: GroupedQueryAttention):
+    def __init__(self, attn: GroupedQueryAttention, native: bool = True):
         nn.Module.__init__(self)
         for name in _SHARED:
             setattr(self, name, getattr(attn, name))
         for name, child in attn.named_children():
             setattr(self, name, child)
-        self._lib = kernels.library()
+        self._lib = kernels.library() if native else None  # None: a decode step stays on SDPA
 
     def sdpa(self, q, k, v, mask):
         T = q.shape[2]

@@ -196,6 +196,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def run_perplexity(args: argparse.Namespace) -> int:
+    from gemma3.accel import accelerate
     from gemma3.eval.perplexity import perplexity
 
     if args.context < 2 or (args.stride is not None and not 1 <= args.stride < args.context):
@@ -205,6 +206,7 @@ def run_perplexity(args: argparse.Namespace) -> int:
     if not text.strip():
         raise Gemma3Error(f"{args.file}: the file is empty")
     loaded = load_from_args(args, device, dtype)
+    accelerate(loaded.model, native=False)  # the attention paths only: every product stays the model's own
     ids = loaded.tokenizer.encode(text, add_bos=True)
     result = perplexity(loaded.model, ids, context=args.context, stride=args.stride, progress=not args.quiet)
     if args.json:

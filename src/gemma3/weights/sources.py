@@ -32,7 +32,7 @@ from gemma3.weights.lora import adapter_base, is_adapter_dir
 CHECKPOINTS = "checkpoints"  # a run directory's checkpoints live in OUT/checkpoints/
 LATEST = "latest"  # OUT/checkpoints/latest: the name of the newest complete checkpoint
 TRAIN_STATE = "train_state.json"  # written last into a checkpoint: its presence marks it complete
-CHECKPOINT_NAME = re.compile(r"step-\d{8}")  # exactly what checkpoint_dir names; nothing else is the trainer's
+CHECKPOINT_NAME = re.compile(r"step-\d{8,}")  # exactly what checkpoint_dir names; nothing else is the trainer's
 
 
 def checkpoint_dir(out_dir: Path, step: int) -> Path:
