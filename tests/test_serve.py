@@ -3,6 +3,7 @@ real `openai` client (and httpx for the raw HTTP cases)."""
 
 from __future__ import annotations
 
+import collections
 import json
 import re
 import select
@@ -433,3 +434,328 @@ def test_a_port_in_use_is_said_before_loading(capsys):
         assert main(["serve", "--port", str(s.getsockname()[1])]) == 2
         assert time.monotonic() - start < 5
     assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ against the library
+# The tests above compare the server with itself. These compare it with the library and with the model: an
+# in-process `gemma3 serve` (gemma3.cli.main in a thread, so the test holds the very model the server loaded,
+# built and accelerated by cli/serve.py's own code, and can patch the grammar matcher), and references computed
+# here from that model.
+
+
+class InProcessServer:
+    """`gemma3 serve --port 0 ...` run by gemma3.cli.main in a daemon thread. The Generator, Scheduler, uvicorn
+    server and listening socket that cli/serve.py creates are recorded as they are made (patched classes that
+    only remember their instance), so nothing about how the model is loaded is repeated here."""
+
+    def __init__(self, *args: str):
+        import uvicorn
+
+        import gemma3.cli.serve as cli_serve
+        import gemma3.generation.generator as generator_module
+        import gemma3.serve.scheduler as scheduler_module
+        from gemma3.cli import main
+
+        made: dict = {}
+
+        def recording(cls, key):
+            return type(cls.__name__, (cls,), {"__init__": lambda self, *a, **k: (cls.__init__(self, *a, **k),
+                                                                               made.__setitem__(key, self))[0]})
+
+        listen = cli_serve._listen
+        saved = (generator_module.Generator, scheduler_module.Scheduler, uvicorn.Server, cli_serve._listen)
+        generator_module.Generator = recording(saved[0], "generator")
+        scheduler_module.Scheduler = recording(saved[1], "scheduler")
+        uvicorn.Server = recording(saved[2], "uvicorn")
+        cli_serve._listen = lambda host, port: made.setdefault("socket", listen(host, port))
+        try:
+            self.thread = threading.Thread(target=main, args=(["serve", "--port", "0", "--quiet", *args],),
+                                           daemon=True)
+            self.thread.start()
+            deadline = time.monotonic() + START_TIMEOUT
+            while not ("uvicorn" in made and made["uvicorn"].started):
+                if time.monotonic() > deadline or not self.thread.is_alive():
+                    raise RuntimeError("the in-process server did not start")
+                time.sleep(0.05)
+        finally:
+            generator_module.Generator, scheduler_module.Scheduler, uvicorn.Server, cli_serve._listen = saved
+        self.generator, self.scheduler, self._uvicorn = made["generator"], made["scheduler"], made["uvicorn"]
+        self.url = f"http://127.0.0.1:{made['socket'].getsockname()[1]}"
+
+    def stop(self):
+        self._uvicorn.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def inproc():
+    s = InProcessServer("--max-batch", "2", "--context", "512")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def inproc_client(inproc):
+    return openai.OpenAI(base_url=inproc.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def library(inproc):
+    """The Generator cli/serve.py built over the served model, set to the server's arithmetic: the scheduler
+    runs every step through the model's modules over a KV cache in the compute dtype (float32), while the
+    library's defaults for one sequence of the quantized embedded model are the fused native step over a
+    float16 cache, another rounding (the same greedy text here, but not the same bits). Only the generator's
+    own choices change; the model is the server's."""
+    import torch
+
+    gen = inproc.generator
+    gen.fuse_steps, gen.kv_cache_dtype = False, torch.float32
+    return gen
+
+
+def greedy_config(n: int):
+    from gemma3.generation.generator import GenerationConfig
+    from gemma3.generation.sampling import SamplingParams
+
+    return GenerationConfig(max_new_tokens=n, sampling=SamplingParams(temperature=0))
+
+
+def stepwise_logits(model, prompt_ids: list[int], continuation: list[int]):
+    """(len(continuation), V) float32: the model's logits for each continuation token, fed as the server feeds
+    them (the prompt in one forward, then one token a step over a float32 KVCache)."""
+    import torch
+
+    from gemma3.kv_cache import KVCache
+
+    cache = KVCache(model.config, 1, len(prompt_ids) + len(continuation), torch.float32, torch.device("cpu"))
+    with torch.inference_mode():
+        rows = [model(torch.tensor([prompt_ids]), cache=cache, logits_to_keep=1).logits[0, -1].float()]
+        for t in continuation[:-1]:
+            rows.append(model(torch.tensor([[t]]), cache=cache, logits_to_keep=1).logits[0, -1].float())
+    return torch.stack(rows)
+
+
+def plain_logits(model, prompt_ids: list[int], continuation: list[int]):
+    """The same logits from one plain forward over prompt + continuation, no cache."""
+    import torch
+
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt_ids + continuation])).logits[0].float()
+    return logits[len(prompt_ids) - 1:len(prompt_ids) - 1 + len(continuation)]
+
+
+def token_texts(tokenizer, ids: list[int]) -> list[str]:
+    """The text each token releases, as the server streams it (no stop strings)."""
+    from gemma3.text.streaming import TextStreamer
+
+    streamer = TextStreamer(tokenizer, ())
+    return [streamer.push(t) for t in ids]
+
+
+COMPLETION_PROMPTS = ["The capital of France is", "def fibonacci(n):\n"]
+
+
+@pytest.mark.parametrize("prompt", COMPLETION_PROMPTS, ids=["france", "code"])
+def test_greedy_completion_equals_the_generator(inproc_client, library, prompt):
+    """Greedy /v1/completions: the text, the prompt's and the completion's token counts, the finish reason and
+    every generated token equal Generator.generate on the served model. The API has no field for the generated
+    ids; the exact handle is logprobs=1: under greedy the one alternative is the chosen token, named by its
+    decoded piece, with its logprob, which is the chosen token's."""
+    n = 20
+    ref = library.generate(prompt, greedy_config(n))
+    r = inproc_client.completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0, logprobs=1)
+    choice = r.choices[0]
+    assert choice.text == ref.text
+    assert choice.finish_reason == ref.finish_reason
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (ref.prompt_tokens, len(ref.token_ids))
+    tok = library.tokenizer
+    lp = choice.logprobs
+    assert [list(top) for top in lp.top_logprobs] == [[tok.decode([t])] for t in ref.token_ids]
+    assert lp.tokens == token_texts(tok, ref.token_ids)
+    assert lp.token_logprobs == [next(iter(top.values())) for top in lp.top_logprobs]
+    # the same prompt given as token ids
+    ids = library.encode(prompt)
+    assert inproc_client.completions.create(model=MODEL, prompt=ids, max_tokens=n, temperature=0).choices[0].text \
+        == ref.text
+
+
+def test_chat_with_a_system_turn_equals_render_chat_and_the_generator(inproc_client, library):
+    """A system and a user message: the server's prompt is render_chat's text (the system folded into the first
+    user turn) and its reply Generator.generate's on that text, token for token (each generated token's bytes
+    are the greedy top-1 alternative's)."""
+    from gemma3.text.chat import render_chat
+
+    messages = [{"role": "system", "content": "You answer in French, in one short sentence."},
+                {"role": "user", "content": "What is the capital of Italy?"}]
+    n = 24
+    ref = library.generate(render_chat(messages, add_generation_prompt=True), greedy_config(n))
+    r = inproc_client.chat.completions.create(model=MODEL, messages=messages, max_tokens=n, temperature=0,
+                                              logprobs=True, top_logprobs=1)
+    choice = r.choices[0]
+    assert choice.message.content == ref.text
+    assert choice.finish_reason == ref.finish_reason
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (ref.prompt_tokens, len(ref.token_ids))
+    tok = library.tokenizer
+    text_ids = ref.token_ids[:-1] if ref.finish_reason == "stop" else ref.token_ids  # a stop token is not sent
+    assert [bytes(t.top_logprobs[0].bytes) for t in choice.logprobs.content] == [tok.token_bytes(t) for t in text_ids]
+
+
+# One plain forward over prompt + completion computes the logits the server computed step by step, in another
+# summation order (one GEMM over every position and blocked attention, against a GEMV and a one-row attention
+# per step). float32 rounds each operation by at most 2^-24 ≈ 6e-8 relative; through 18 layers of a residual
+# stream Gemma keeps large (norms in the hundreds) that reaches the logits, |logit| <= ~30 here, as a relative
+# deviation of order 1e-4 (measured on these prompts: at most 4e-3 absolute on a logit). log_softmax moves by at
+# most twice the largest logit change (log_softmax(x)_i - log_softmax(y)_i = (x_i - y_i) - (lse x - lse y), and
+# |lse x - lse y| <= max |x - y|), so 1e-2. A logprob of the wrong distribution is off by far more (a position
+# over, or after a penalty: > 0.1). Fed step by step as the server feeds them, the arithmetic is the server's,
+# bit for bit (the same kernels on the same shapes): 1e-6 there.
+PLAIN_ATOL = 1e-2
+STEPWISE_ATOL = 1e-6
+
+
+def check_logprobs(tokenizer, logits, chosen: list[int], served: list[tuple[float, list[tuple[str, float]]]],
+                   atol: float, exact_order: bool):
+    """served: per position, (the chosen token's logprob, [(alternative's piece, logprob), ...] best first)."""
+    import torch
+
+    logp = torch.log_softmax(logits, dim=-1)
+    k = len(served[0][1])
+    for i, (token, (lp, top)) in enumerate(zip(chosen, served)):
+        assert abs(lp - float(logp[i, token])) <= atol, (i, lp, float(logp[i, token]))
+        values, ids = torch.topk(logp[i], k)
+        if exact_order:
+            assert [p for p, _ in top] == [tokenizer.decode([t]) for t in ids.tolist()], i
+        # every alternative is within atol of its own logprob, and nothing left out beats the last one by more
+        by_piece = {tokenizer.decode([t]): float(logp[i, t]) for t in torch.topk(logp[i], 4 * k).indices.tolist()}
+        for piece, v in top:
+            assert abs(v - by_piece[piece]) <= atol, (i, piece, v, by_piece[piece])
+        assert float(values[-1]) <= top[-1][1] + atol
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_logprobs_are_the_models_log_softmax(inproc_client, library, chat):
+    """The returned logprobs (the chosen token's and the top-5 alternatives', ids and values) are log_softmax
+    of the model's own logits at those positions: against one plain forward over prompt + completion (within
+    PLAIN_ATOL), and against the same logits fed step by step (within STEPWISE_ATOL, and the same order)."""
+    from gemma3.text.chat import render_chat
+
+    n, k = 12, 5
+    tok, model = library.tokenizer, library.model
+    if chat:
+        messages = [{"role": "user", "content": "Count to five."}]
+        prompt = render_chat(messages, add_generation_prompt=True)
+        r = inproc_client.chat.completions.create(model=MODEL, messages=messages, max_tokens=n, temperature=0,
+                                                  logprobs=True, top_logprobs=k)
+        served = [(t.logprob, [(x.token, x.logprob) for x in t.top_logprobs]) for t in r.choices[0].logprobs.content]
+    else:
+        prompt = "Once upon a time"
+        r = inproc_client.completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0, logprobs=k)
+        lp = r.choices[0].logprobs
+        served = [(v, list(top.items())) for v, top in zip(lp.token_logprobs, lp.top_logprobs)]
+    ref = library.generate(prompt, greedy_config(n))
+    chosen = ref.token_ids[:len(served)]
+    assert len(served) == len(ref.token_ids) - (ref.finish_reason == "stop")
+    prompt_ids = library.encode(prompt)
+    check_logprobs(tok, plain_logits(model, prompt_ids, chosen), chosen, served, PLAIN_ATOL, exact_order=False)
+    check_logprobs(tok, stepwise_logits(model, prompt_ids, chosen), chosen, served, STEPWISE_ATOL, exact_order=True)
+
+
+def reference_penalized_sample(model, vocab: int, prompt_ids: list[int], n: int, temperature: float,
+                               presence: float, frequency: float, seed: int) -> list[int]:
+    """OpenAI's penalties, written out: before each draw, every token generated so far loses
+    presence + frequency * (times generated) from its logit (the prompt's tokens are not counted); then the
+    temperature, then a draw from the softmax over the whole vocabulary (top_k=0, top_p=1 ask for no filter)
+    with a torch.Generator seeded with the request's seed, as the server seeds each request's. The subtraction
+    rounds once here, twice in the server (two tensor operations): a logit may differ in its last bit, which
+    moves a draw only if the uniform falls within ~1e-7 of a boundary between two tokens."""
+    import torch
+
+    from gemma3.kv_cache import KVCache
+
+    generator = torch.Generator().manual_seed(seed)
+    cache = KVCache(model.config, 1, len(prompt_ids) + n, torch.float32, torch.device("cpu"))
+    generated: list[int] = []
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt_ids]), cache=cache, logits_to_keep=1).logits[0, -1].float()
+        for _ in range(n):
+            logits = logits.clone()
+            logits[vocab:] = -float("inf")  # embedding rows past the tokenizer's vocabulary are no tokens
+            for token, count in collections.Counter(generated).items():
+                logits[token] -= presence + frequency * count
+            if temperature == 0:
+                token = int(torch.argmax(logits))
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                token = int(torch.multinomial(probs[None], 1, generator=generator)[0, 0])
+            generated.append(token)
+            logits = model(torch.tensor([[token]]), cache=cache, logits_to_keep=1).logits[0, -1].float()
+    return generated
+
+
+@pytest.mark.parametrize("temperature,seed", [(0.9, 1234), (0, 0)], ids=["seeded", "greedy"])
+def test_penalties_equal_a_reference_sampler(inproc, inproc_client, library, temperature, seed):
+    """presence_penalty and frequency_penalty, sampled with a seed (and greedily): the server's tokens are the
+    reference's. The ids are pinned by the text each token releases and its logprob (the model's own, before
+    the penalties: a different token would have another). The prompt repeats itself, so the penalties matter:
+    without them the reference gives another completion (checked, so that the test cannot pass vacuously)."""
+    prompt = "apple apple apple apple apple apple apple apple"
+    n, presence, frequency = 20, 0.8, 0.6
+    tok, model = library.tokenizer, library.model
+    prompt_ids = library.encode(prompt)
+    vocab = min(model.config.vocab_size, len(tok))
+    ref = reference_penalized_sample(model, vocab, prompt_ids, n, temperature, presence, frequency, seed)
+    assert ref != reference_penalized_sample(model, vocab, prompt_ids, n, temperature, 0.0, 0.0, seed)
+    assert not set(ref) & set(inproc.scheduler.stop_ids)  # the whole budget is text
+    r = inproc_client.completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=temperature,
+                                         top_p=1.0, seed=seed, presence_penalty=presence,
+                                         frequency_penalty=frequency, logprobs=0, extra_body={"top_k": 0})
+    choice = r.choices[0]
+    assert choice.text == tok.decode(ref)
+    assert choice.logprobs.tokens == token_texts(tok, ref)
+    import torch
+
+    logp = torch.log_softmax(stepwise_logits(model, prompt_ids, ref), dim=-1)
+    assert choice.logprobs.token_logprobs == pytest.approx([float(logp[i, t]) for i, t in enumerate(ref)],
+                                                           abs=STEPWISE_ATOL)
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_a_stream_whose_grammar_fails_midway_ends_with_an_error_and_done(inproc, monkeypatch, chat):
+    """docs/serving.md (and serve/app.py's docstring): "A stream that fails midway ends with an error event and
+    `data: [DONE]`". The grammar matcher is made to refuse the 4th token it is given (deterministically: a
+    count per matcher), after three tokens have streamed; the stream then ends with the error object, then
+    [DONE], and no finish_reason. The server goes on serving."""
+    from gemma3.errors import Gemma3Error
+    from gemma3.generation.structured import JsonMatcher
+
+    advance = JsonMatcher.advance
+
+    def failing(self, token):
+        self._taken = getattr(self, "_taken", 0) + 1
+        if self._taken == 4:
+            raise Gemma3Error("structured output: the grammar failed (injected by the test)")
+        advance(self, token)
+
+    monkeypatch.setattr(JsonMatcher, "advance", failing)
+    body = {"model": MODEL, "max_tokens": 40, "temperature": 0, "stream": True,
+            "response_format": {"type": "json_object"}}
+    if chat:
+        path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": "A cat as JSON."}]
+    else:
+        path, body["prompt"] = "/v1/completions", 'A cat as JSON: {"name": "Tom", "age": 3}\nA dog as JSON:'
+    with httpx.Client(base_url=inproc.url, timeout=120) as c:
+        with c.stream("POST", path, json=body) as r:
+            assert r.status_code == 200
+            events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+        error = json.loads(events[-2])
+        assert set(error) == {"error"} and "injected by the test" in error["error"]["message"]
+        chunks = [json.loads(e) for e in events[:-2]]
+        text = "".join(ch.get("text") or (ch.get("delta") or {}).get("content") or ""
+                       for chunk in chunks for ch in chunk["choices"])
+        assert text  # it failed midway: the first tokens had streamed
+        assert all(ch["finish_reason"] is None for chunk in chunks for ch in chunk["choices"])
+        monkeypatch.undo()
+        assert wait_idle(c)["active"] == 0
+        r = c.post(path, json={**body, "stream": False, "max_tokens": 8})
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
