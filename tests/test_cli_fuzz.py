@@ -1,16 +1,19 @@
 """Every flag of every subcommand, given hostile values: the exit status is 0 or 2, never a traceback, a hang or
-an unbounded allocation, and an error is said on one line.
+an unbounded allocation, and a failure is said in one line, the whole of stderr.
 
-The commands run in this process on tiny models (a character tokenizer, so each call takes well under a second)
-from a fresh working directory per example, so relative paths land in a temporary directory. Values that name
-legitimately long work (a billion training steps) are left out: they are not bad input. Under CI the examples
-are derandomized, so a run is reproducible; locally hypothesis explores and remembers what failed."""
+The commands run in this process on tiny models (a character tokenizer, so each call takes well under a second),
+each example in a fresh tree of its own with cwd and HOME three levels down (a/b/c), so relative paths, `..`
+included, land inside the test's temporary tree; every file in that tree (the models and data the commands read
+included) is compared before and after. Values that name legitimately long work (a billion training steps) are
+left out: they are not bad input. The examples are derandomized (tests/conftest.py's profile), so a run is
+reproducible; HYPOTHESIS_PROFILE=explore draws fresh ones."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import os
+import re
 import signal
 import tempfile
 from pathlib import Path
@@ -54,7 +57,7 @@ def world(tmp_path_factory, tiny_hf_dir):
     write_adapter(root / "adapter", adapter, LoraSettings(r=2, alpha=4, targets=("q_proj",)), str(root / "model"))
     write_corpus(root / "corpus", docs=3, repeat=2)
     (root / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 8)
-    return {"model": str(root / "model"), "adapter": str(root / "adapter"), "corpus": str(root / "corpus"),
+    return {"root": str(root), "model": str(root / "model"), "adapter": str(root / "adapter"), "corpus": str(root / "corpus"),
             "tokenizer": str(tiny_tokenizer_file(root)), "text": str(root / "text.txt"), "bpe_model": str(tiny_hf_dir)}
 
 
@@ -142,13 +145,39 @@ def time_limit(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
-def run_hostile(argv: list[str], capsys, monkeypatch) -> tuple[int, str]:
-    with tempfile.TemporaryDirectory() as cwd:
-        Path(cwd, "existing.txt").write_text("someone's file\n")
+SANDBOX = Path("a", "b", "c")  # cwd and HOME of a command, three levels into its example's tree: "..",
+# "sub/../.." and the like land inside the tree, where the snapshot sees them
+WHOLE = 1 << 20  # files up to this size are compared byte for byte, larger ones (tiny_hf_dir's 16 MB) by stat
+
+
+def snapshot(roots: list[Path]) -> dict[Path, bytes | tuple[int, int, int]]:
+    files = {}
+    for root in roots:
+        for p in root.rglob("*"):
+            if p.is_file() and not p.is_symlink():
+                st = p.stat()
+                files[p] = p.read_bytes() if st.st_size <= WHOLE else (st.st_size, st.st_mtime_ns, st.st_ino)
+    return files
+
+
+def run_hostile(argv: list[str], capsys, monkeypatch, world: dict) -> tuple[int, str]:
+    """Run argv in a fresh tree under the world's root (a/b/c the cwd and HOME, someone's files at every level),
+    and check that no file the test's tree held before (the world's models, data and text included) was changed
+    or removed, and that new files appear only inside the sandbox."""
+    examples = Path(world["root"], "examples")
+    examples.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=examples) as top:
+        cwd = Path(top, SANDBOX)
+        cwd.mkdir(parents=True)
+        for level in (Path(top), Path(top, "a"), Path(top, "a", "b"), cwd):
+            (level / "existing.txt").write_text(f"someone's file in {level.name}\n")
         Path(cwd, "existing_dir").mkdir()
         Path(cwd, "existing_dir", "keep.txt").write_text("keep\n")
-        before = {p: p.read_bytes() for p in Path(cwd).rglob("*") if p.is_file()}
+        roots = [Path(world["root"]), Path(world["bpe_model"])]
+        before = snapshot(roots)
         monkeypatch.chdir(cwd)
+        monkeypatch.setenv("HOME", str(cwd))
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
         monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"hello there\n/exit\n")))
         threads = torch.get_num_threads()
         try:
@@ -160,39 +189,48 @@ def run_hostile(argv: list[str], capsys, monkeypatch) -> tuple[int, str]:
         finally:
             torch.set_num_threads(threads)
             monkeypatch.undo()
-        # nothing that was there before was changed
-        assert {p: p.read_bytes() for p in before} == before, argv
+        after = snapshot(roots)
+        assert {p: after.get(p) for p in before} == before, argv  # nothing that was there changed or went away
+        new = [p for p in after if p not in before and cwd not in p.parents]
+        assert not new, (argv, new)  # and nothing was written outside the sandbox
     return code, capsys.readouterr().err
 
 
-def check(argv: list[str], capsys, monkeypatch) -> None:
-    code, err = run_hostile(argv, capsys, monkeypatch)
+ERROR_LINE = re.compile(r"gemma3( [a-z-]+)?: error: [^\n]+\n")
+CHAT_TURN_ERROR = re.compile(r"(gemma3 chat: )?error: [^\n]+\n")
+WARNING_LINE = re.compile(r"warning: --threads \d+ is more than the \d+ cores available; using \d+\n")
+
+
+def check(argv: list[str], capsys, monkeypatch, world: dict) -> None:
+    code, err = run_hostile(argv, capsys, monkeypatch, world)
     assert code in (0, 2), (argv, code, err[-2000:])
     assert "Traceback" not in err, (argv, err[-2000:])
-    if code == 2:
-        errors = [line for line in err.splitlines() if "error:" in line]
-        assert errors, (argv, err[-2000:])
-        for line in errors:
-            assert line.startswith(("gemma3", "error:")), (argv, line)
+    if code != 0:  # stderr is the one line that says what is wrong, after at most the one-line warnings of flags
+        # that were taken before it (`-t 4096`: "warning: --threads 4096 is more than the 2 cores ...; using 2")
+        lines = err.splitlines(keepends=True)
+        # chat says a failed turn as "error: ..." and goes on; piped, its exit status then says a turn failed
+        error_line = CHAT_TURN_ERROR if argv[0] == "chat" else ERROR_LINE
+        assert lines and error_line.fullmatch(lines[-1]), (argv, err[-2000:])
+        assert all(WARNING_LINE.fullmatch(line) for line in lines[:-1]), (argv, err[-2000:])
 
 
 @pytest.mark.parametrize("command", ["generate", "chat", "perplexity", "info", "convert", "merge-lora", "train"])
 def test_hostile_flag_values(command, world, capsys, monkeypatch):
     base, flags = commands(world)[command]
-    code, err = run_hostile(base, capsys, monkeypatch)
+    code, err = run_hostile(base, capsys, monkeypatch, world)
     assert code == 0, err  # the base command is valid: each example changes it by a few hostile values
 
     def pair(flag: str):
         return st.tuples(st.just(flag), st.just(None) if flags[flag] is None else st.sampled_from(flags[flag]))
 
+    # derandomized, as the conftest profile says (HYPOTHESIS_PROFILE=explore for fresh examples)
     @settings(max_examples=EXAMPLES if command != "train" else max(5, EXAMPLES * 3 // 5), deadline=None,
-              derandomize=bool(os.environ.get("CI")), suppress_health_check=list(HealthCheck), database=None
-              if os.environ.get("CI") else hypothesis.settings.default.database)
+              suppress_health_check=list(HealthCheck))
     @given(st.lists(st.sampled_from(sorted(flags)), min_size=1, max_size=3, unique=True).flatmap(
         lambda chosen: st.tuples(*[pair(f) for f in chosen])))
     def examples(changes):
         ran.append(changes)
-        check(build_argv(base, changes), capsys, monkeypatch)
+        check(build_argv(base, changes), capsys, monkeypatch, world)
 
     ran = []
     examples()

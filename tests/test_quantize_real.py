@@ -148,7 +148,12 @@ def test_int8_greedy_tokens_equal_bf16_or_part_at_a_near_tie(gguf_path, real_270
             q = fused(token)[0]
     print(f"along bf16's tokens, int8's argmax differs at {len(parts)} of 64 steps (step, bf16's top-2 margin): "
           f"{parts}")
-    assert all(margin < 0.5 for _, margin in parts) and len(parts) <= 8
+    # Measured (twice, same machine: the kernels and thread count fixed, so the same result each run): int8 differs
+    # at 1 step of 64, step 0, where bf16's top two logits are an exact tie. bf16 has one more exact tie along these
+    # 64 steps (step 22; the next closest margins are 0.125, int8's logits being up to ~0.45 from bf16's), and
+    # which of two tied tokens int8 prefers is decided by its rounding, which another CPU's kernel path (AVX2 or
+    # AVX-512) may do differently: so 2, one per exact tie. A real error in the int8 path moves far more steps.
+    assert all(margin < 0.5 for _, margin in parts) and len(parts) <= 2, parts
 
 
 @torch.inference_mode()

@@ -61,6 +61,38 @@ def sentencepiece_model(pieces: list[str], scores, types, model_type: int = 2) -
     return bytes(body)
 
 
+def sentencepiece_pieces(data: bytes) -> list[str]:
+    """The piece texts of a ModelProto in file order, parsed here on their own (not by the reader under test):
+    each field 1 of the message is a piece, whose field 1 is its text. Only for bytes the reader accepted."""
+    def fields(buf: bytes):
+        pos = 0
+        while pos < len(buf):
+            key, pos = _read_varint(buf, pos)
+            wire = key & 7
+            if wire == 0:
+                value, pos = _read_varint(buf, pos)
+            elif wire in (1, 5):
+                size = 8 if wire == 1 else 4
+                value, pos = buf[pos:pos + size], pos + size
+            else:  # 2: the reader rejected every other wire type
+                size, pos = _read_varint(buf, pos)
+                value, pos = buf[pos:pos + size], pos + size
+            yield key >> 3, wire, value
+
+    return [[bytes(v).decode("utf-8") for f, w, v in fields(piece) if f == 1 and w == 2][-1]  # the last one counts
+            for number, wire, piece in fields(data) if number == 1 and wire == 2]
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if byte < 0x80:
+            return value, pos
+
+
 def tiny_vocab() -> tuple[list[str], list[float], list[int]]:
     """A 16-piece vocabulary with the tokens a Gemma 3 tokenizer must have."""
     pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "▁▁", "<0x41>",
@@ -198,12 +230,14 @@ def test_engine_choice(gguf_metadata, monkeypatch):
     assert Tokenizer.from_gguf_metadata(gguf_metadata).engine == "hf"  # auto falls back
 
 
-@pytest.mark.parametrize("source", ["gguf", "json"])
+@pytest.mark.parametrize("source", ["gguf", "json", "gguf_hf"])
 def test_text_that_is_not_unicode(built, source):
     """A lone surrogate (what `open(..., errors="surrogateescape")` makes of bad bytes) cannot be UTF-8."""
-    with pytest.raises((Gemma3Error, TypeError)):
-        built[source].encode("ab\ud800c")
-    with pytest.raises(TypeError):
+    for encode in (lambda text: built[source].encode(text), lambda text: built[source].encode_batch(["ok", text])[1]):
+        with pytest.raises(Gemma3Error) as e:
+            encode("ab\ud800c")
+        assert str(e.value) == "text to tokenize is not valid Unicode (a lone surrogate at index 2)"
+    with pytest.raises(TypeError):  # not text at all: a caller's mistake, said as Python says it
         built[source].encode(b"bytes")
 
 
@@ -345,13 +379,25 @@ def test_bad_files(tmp_path):
                       st.lists(st.tuples(st.integers(0, len(TINY_MODEL) - 1), st.integers(0, 255)), min_size=1,
                                max_size=4).map(lambda edits: _edited(TINY_MODEL, edits))))
 def test_corrupt_tokenizer_model_fails_cleanly(tmp_path_factory, data):
-    """Whatever the bytes, the reader either builds a tokenizer or raises CheckpointError."""
+    """Whatever the bytes, the reader either builds a working tokenizer of the pieces in the file, or raises a
+    CheckpointError of one line that names the file."""
     path = tmp_path_factory.mktemp("fuzz") / "tokenizer.model"
     path.write_bytes(data)
     try:
-        Tokenizer.from_sentencepiece(path)
-    except CheckpointError:
-        pass
+        tok = Tokenizer.from_sentencepiece(path)
+    except CheckpointError as e:
+        message = str(e)
+        assert "\n" not in message and "\r" not in message and message.startswith(f"{path}: "), message
+        return
+    pieces = sentencepiece_pieces(data)
+    # every piece at its index, then <image_soft_token> at the next id unless the file has one (as the official file)
+    added = [] if "<image_soft_token>" in pieces else ["<image_soft_token>"]
+    assert tok.vocab_size == len(tok) == len(pieces) + len(added)
+    assert [tok.id_to_piece(i) for i in range(tok.vocab_size)] == pieces + added
+    assert tok.encode("", add_bos=True) == [tok.bos_id] and tok.id_to_piece(tok.bos_id) == "<bos>"
+    for piece in set(pieces[:64]):  # a piece that is a plain word (no special or byte piece) decodes to itself
+        if piece.isascii() and piece.isalpha():
+            assert tok.decode([pieces.index(piece)]) == piece
 
 
 

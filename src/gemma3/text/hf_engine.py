@@ -23,7 +23,15 @@ import numpy as np
 from gemma3.errors import CheckpointError
 from gemma3.files import owned_and_private, temp_path, user_cache_dir
 from gemma3.text.vocab import (SPECIAL_TOKENS, added_ids, checked_arrays, extra_tokens, rank_merges, ranking_scores,
-                               require_pieces)
+                               require_pieces, utf8_of)
+
+
+def _check_texts(texts: Sequence[str]) -> None:
+    """The one-line error the native engine gives for a str that UTF-8 cannot hold (a TypeError for a non-str
+    stays one: a caller's mistake, not input)."""
+    for text in texts:
+        if isinstance(text, str):
+            utf8_of(text)
 
 
 def is_hf_tokenizer(backend: Any) -> bool:
@@ -44,10 +52,19 @@ class HFEngine:
         self.special_ids = frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
 
     def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+        try:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        except TypeError:  # `tokenizers` says only "TextInputSequence must be str", for a lone surrogate too
+            _check_texts([text])
+            raise
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:  # the Rust engine spreads them over threads
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        texts = list(texts)
+        try:
+            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        except TypeError:
+            _check_texts(texts)
+            raise
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from gemma3.errors import CheckpointError, Gemma3Error
-from gemma3.text.vocab import (SPECIAL_TOKENS, added_ids, byte_value, checked_arrays, extra_tokens, rank_merges,
+from gemma3.text.vocab import (SPECIAL_TOKENS, utf8_of, added_ids, byte_value, checked_arrays, extra_tokens, rank_merges,
                                ranking_scores, require_pieces)
 
 i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -171,10 +171,7 @@ class NativeBPE:
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"encode takes str, not {type(text).__name__}")
-        try:
-            data = text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise Gemma3Error(f"text to tokenize is not valid Unicode (a lone surrogate at index {e.start})") from None
+        data = utf8_of(text)
         for room in (len(data) + 1, 3 * len(data) + 1):  # the second always suffices (bpe.c)
             out = np.empty(room, dtype=np.int32)
             count = self._lib.gemma3_bpe_encode(self._handle, data, len(data), out.ctypes.data, room)

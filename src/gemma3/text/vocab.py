@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from gemma3.errors import CheckpointError
+from gemma3.errors import CheckpointError, Gemma3Error
 
 # SentencePiece piece types (sentencepiece_model.proto); GGUF's `tokenizer.ggml.token_type` uses the same codes.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -93,3 +93,12 @@ def rank_merges(owner: np.ndarray, left_chars: np.ndarray, char_lengths: np.ndar
     left_len = left_chars.astype(np.int64)
     right_len = char_lengths[owner] - left_len
     return np.lexsort((owner, -right_len, -left_len, -scores[owner]))  # the last key sorts first
+
+
+def utf8_of(text: str) -> bytes:
+    """`text` as UTF-8, or the one-line Gemma3Error both engines give for what UTF-8 cannot hold: a lone surrogate
+    (what `open(..., errors="surrogateescape")` or argv makes of bytes that are not UTF-8)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise Gemma3Error(f"text to tokenize is not valid Unicode (a lone surrogate at index {e.start})") from None
