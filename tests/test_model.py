@@ -218,6 +218,19 @@ def test_pack_model_swaps_modules_and_unpack_restores_them():
     assert torch.equal(model(ids).logits, plain)
 
 
+def test_accelerate_native_after_a_plain_acceleration_takes_the_native_attention():
+    """accelerate(native=False) (the lm-eval harness) and then accelerate() (a Generator) on the same model: the
+    second decision holds, whatever came first."""
+    from gemma3 import kernels
+    from gemma3.accel import accelerate
+
+    model = random_model(FAMILY["1b-like-mqa-trailing-sliding"])
+    accelerate(model, native=False)
+    assert all(layer.self_attn._lib is None for layer in model.layers)
+    accelerate(model, native=True)
+    assert all(layer.self_attn._lib is kernels.library() for layer in model.layers)
+
+
 @torch.no_grad()
 def test_packed_weights_stop_matching_when_weights_change():
     """A packed copy is used only while the weights are the ones it was made from."""

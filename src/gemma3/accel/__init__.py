@@ -78,6 +78,10 @@ def accelerate(model: nn.Module, native: bool | None = None, kv_cache_dtype: tor
         ram = physical_memory()
         native = ram is not None and weight_bytes < ram / 4
     swap_modules(model, lambda m: CPUAttention(m, native) if type(m) is GroupedQueryAttention else None)
+    if native:  # a model accelerated before with native=False: its attention takes the native kernel now too
+        for m in model.modules():
+            if isinstance(m, CPUAttention):
+                m.use_native_kernel()
     if native:
         from gemma3.accel.native import use_native_modules
 

@@ -3,8 +3,9 @@ softmax(q·kᵀ·scale + mask)·v, cut the way a CPU computes it fastest. Only `
 module; the projections, QK-norm and RoPE are the module's own code and its own parameters.
 
     one token (a decode step)   the native kernel over the cache in place (fp32 on the CPU: kernels/decode.c;
-                                with native=False, never); else SDPA with the G query heads of a KV head handed over as G queries of one
-                                head, which SDPA's CPU path reads far faster than H heads with enable_gqa
+                                with native=False, never); else SDPA with the G query heads of a KV head
+                                handed over as G queries of one head, which SDPA's CPU path reads far faster
+                                than H heads with enable_gqa
     a plain causal prefill      one SDPA call per block of 128 queries, each over the keys up to its last
     of T >= 256, no autograd    query: the CPU flash kernel skips a key block only when it lies wholly above
                                 the diagonal, so one call over T <= 512 computes every masked score too
@@ -37,7 +38,13 @@ class CPUAttention(GroupedQueryAttention):
             setattr(self, name, getattr(attn, name))
         for name, child in attn.named_children():
             setattr(self, name, child)
-        self._lib = kernels.library() if native else None  # None: a decode step stays on SDPA
+        self._lib = None  # None: a decode step stays on SDPA
+        if native:
+            self.use_native_kernel()
+
+    def use_native_kernel(self) -> None:
+        """Decode steps on kernels/decode.c where it is built (and where the step is fp32 on the CPU)."""
+        self._lib = kernels.library()
 
     def sdpa(self, q, k, v, mask):
         T = q.shape[2]
