@@ -40,8 +40,7 @@ import torch
 
 from gemma3.errors import Gemma3Error
 from gemma3.files import remove_stale_temp, temp_path
-
-IGNORE_INDEX = -100
+from gemma3.model import IGNORE_INDEX
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 TOKEN_FILE_VERSION = 1
