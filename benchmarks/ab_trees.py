@@ -31,28 +31,16 @@ PICKS = (("ttft_s", min), ("decode_tok_s", max), ("peak_rss_mb", min), ("load_to
 SERVE_LINE = re.compile(r"^\s*(\d+) clients\s+gemma3\s+([\d.]+) tok/s")
 
 
-def tree_env(tree: Path) -> dict:
-    return dict(os.environ, PYTHONPATH=str(tree / "src"))
-
-
 def quant_run(tree: Path, gguf: str, prompt_file: str, threads: int, new_tokens: int) -> dict:
     cmd = [sys.executable, str(tree / "benchmarks" / "bench_quant.py"), "--worker", "gemma3", "--file", gguf,
            "--threads", str(threads), "--prompt-file", prompt_file, "--new-tokens", str(new_tokens)]
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = str(tree / "src")  # run_worker passes os.environ on
-    try:
-        return run_worker(cmd, threads, f"{tree} bench_quant")
-    finally:
-        if saved is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = saved
+    return run_worker(cmd, threads, f"{tree} bench_quant", env={"PYTHONPATH": str(tree / "src")})
 
 
 def serve_run(tree: Path, threads: int) -> dict[int, float]:
     cmd = [sys.executable, str(tree / "benchmarks" / "bench_serve.py"), "--skip-llama", "--rounds", "1",
            "--threads", str(threads)]
-    proc = subprocess.run(cmd, env=tree_env(tree), capture_output=True, text=True, cwd=tree)
+    proc = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(tree / "src")), capture_output=True, text=True, cwd=tree)
     if proc.returncode:
         sys.exit(f"{tree}: bench_serve failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return {int(m[1]): float(m[2]) for m in map(SERVE_LINE.match, proc.stdout.splitlines()) if m}
@@ -92,10 +80,11 @@ def main() -> None:
                           f"{r['ttft_s']:.3f} s  RSS {r['peak_rss_mb']:.0f} MB", flush=True)
             b, a = (best(runs[n], PICKS) for n in ("before", "after"))
             same = "same" if a["tokens"] == b["tokens"] else "DIFFERENT"
-            print(f"Q4_K_M decode, {threads} thread(s), best of {args.repeats}: before {b['decode_tok_s']:.1f}, after "
-                  f"{a['decode_tok_s']:.1f} tok/s ({a['decode_tok_s'] / b['decode_tok_s']:.3f}×); TTFT {b['ttft_s']:.3f} "
-                  f"→ {a['ttft_s']:.3f} s; load→1st {b['load_to_first_s']:.2f} → {a['load_to_first_s']:.2f} s; peak RSS "
-                  f"{b['peak_rss_mb']:.0f} → {a['peak_rss_mb']:.0f} MB; greedy tokens {same}", flush=True)
+            print(f"Q4_K_M decode, {threads} thread(s), best of {args.repeats}: before {b['decode_tok_s']:.1f}, "
+                  f"after {a['decode_tok_s']:.1f} tok/s ({a['decode_tok_s'] / b['decode_tok_s']:.3f}×); TTFT "
+                  f"{b['ttft_s']:.3f} → {a['ttft_s']:.3f} s; load→1st {b['load_to_first_s']:.2f} → "
+                  f"{a['load_to_first_s']:.2f} s; peak RSS {b['peak_rss_mb']:.0f} → {a['peak_rss_mb']:.0f} MB; "
+                  f"greedy tokens {same}", flush=True)
     if args.serve_rounds:
         serve = {name: {} for name in trees}
         for i in range(args.serve_rounds):

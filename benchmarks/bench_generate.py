@@ -189,9 +189,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_worker(cmd: list[str], threads: int, what: str) -> dict:
-    """Run one worker subprocess with `threads` threads and return the JSON it printed after RESULT_TAG."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+def run_worker(cmd: list[str], threads: int, what: str, env: dict[str, str] | None = None) -> dict:
+    """Run one worker subprocess with `threads` threads (and `env` added to the environment) and return the JSON
+    it printed after RESULT_TAG."""
+    env = dict(os.environ, **(env or {}), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
     if proc.returncode or not lines:
