@@ -123,7 +123,7 @@ def test_alternation_error_message():
         ([{"role": "system", "content": "s"}], "followed by a user message"),
         ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}], "only the first message"),
         # The official template would render these two as "<start_of_turn>tool" and drop the image:
-        ([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}], "unknown role 'tool'"),
+        ([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}], "a tool message needs a tool_call_id"),
         ([{"role": "user", "content": [{"type": "image", "url": "x.png"}]}], "got 'image'"),
         ([{"role": "user", "content": None}], "content must be a string"),
     ],

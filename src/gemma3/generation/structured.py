@@ -56,12 +56,19 @@ def engine_tokenizer(tokenizer, stop_ids: tuple[int, ...] = ()):
     return cached[1]
 
 
-class JsonGrammar:
-    """A compiled constraint: `JsonGrammar.from_schema(schema)` or `JsonGrammar.any_object()`. Compiling
-    checks the schema (a Gemma3Error names what is wrong); `matcher()` gives a fresh per-generation state."""
+class Grammar:
+    """A compiled llguidance grammar; `matcher()` gives a fresh per-generation state."""
 
     def __init__(self, grammar: str, description: str):
         self.grammar, self.description = grammar, description
+
+    def matcher(self, tokenizer, stop_ids: tuple[int, ...] = ()) -> "JsonMatcher":
+        return JsonMatcher(self, engine_tokenizer(tokenizer, stop_ids))
+
+
+class JsonGrammar(Grammar):
+    """A compiled constraint: `JsonGrammar.from_schema(schema)` or `JsonGrammar.any_object()`. Compiling
+    checks the schema (a Gemma3Error names what is wrong)."""
 
     @classmethod
     def from_schema(cls, schema: Any) -> "JsonGrammar":
@@ -95,15 +102,11 @@ class JsonGrammar:
         grammar.description = "json_object"
         return grammar
 
-    def matcher(self, tokenizer, stop_ids: tuple[int, ...] = ()) -> "JsonMatcher":
-        return JsonMatcher(self, engine_tokenizer(tokenizer, stop_ids))
-
-
 class JsonMatcher:
     """Where one generation is in the grammar: `constrain(logits)` masks what may not come next, `advance`
     takes the sampled token."""
 
-    def __init__(self, grammar: JsonGrammar, llg_tokenizer):
+    def __init__(self, grammar: Grammar, llg_tokenizer):
         llg = _llguidance()
         self._m = llg.LLMatcher(llg_tokenizer, grammar.grammar, log_level=0)
         if self._m.is_error():

@@ -8,6 +8,12 @@ response bodies or server-sent events. It never touches a tensor.
     GET  /v1/models             the one model served
     GET  /health                {"status": "ok", active/waiting requests, slots}
     POST /tokenize, /detokenize llama.cpp's: text ↔ token ids
+    POST /apply-template        llama.cpp's: the prompt text a chat body renders to (messages and tools)
+
+Tool calling (`tools`, `tool_choice`, `parallel_tool_calls`): the tools are declared in the prompt
+(gemma3.text.tools), generation is kept to what `tool_choice` allows by a grammar
+(gemma3.generation.tool_grammar), and the output is read back into OpenAI's `tool_calls`, streamed as
+OpenAI streams them (a call's first delta carries its index, id, type and name; its arguments follow).
 
 Errors are OpenAI's error object with a 4xx status: 400 for anything wrong in a request (the field named in
 `param`; `context_length_exceeded` for a prompt beyond the context), 401 for a missing or wrong key, 404 for
@@ -35,6 +41,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from gemma3.text.chat import render_chat
+from gemma3.text.tools import START_RESPONSE, ToolCallParser, ToolChoice, parse_tool_choice, parse_tools
 from gemma3.errors import Gemma3Error
 from gemma3.generation.sampling import SamplingParams
 from gemma3.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
@@ -82,6 +89,7 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         Route("/health", server.health, methods=["GET"]),
         Route("/tokenize", server.tokenize, methods=["POST"]),
         Route("/detokenize", server.detokenize, methods=["POST"]),
+        Route("/apply-template", server.apply_template, methods=["POST"]),
     ]
     app = Starlette(routes=routes, exception_handlers={APIError: lambda r, e: e.response(),
                                                        404: _not_found, 405: _not_allowed})
@@ -180,24 +188,58 @@ class _Server:
     # ------------------------------------------------------------------ completions
     async def chat(self, request: HTTPRequest):
         body: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
-        if body.chat_template is not None:
-            raise APIError(400, "chat_template: a chat template is never taken from a request", param="chat_template")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
+        tools, choice = self._tools(body)
+        render = self._renderer(body, tools)
 
-        def render() -> list[int]:
-            text = render_chat(messages, add_generation_prompt=True, template=self.config.chat_template)
+        def tokens() -> list[int]:
+            text = render()
             return self.tokenizer.encode(text, add_bos=not text.startswith("<bos>"))
 
-        prompt = await self._prepare(body, render, "messages")
+        prompt = await self._prepare(body, tokens, "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await self._run(request, body, prompt, max_tokens, logprobs, chat=True)
+        return await self._run(request, body, prompt, max_tokens, logprobs, chat=True, tools=(tools, choice))
+
+    async def apply_template(self, request: HTTPRequest):
+        """llama.cpp's /apply-template: the prompt a chat body renders to, without generating."""
+        body: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
+        tools, _ = self._tools(body)
+        render = self._renderer(body, tools)
+        try:
+            text = await run_in_threadpool(render)
+        except Gemma3Error as e:
+            raise APIError(400, f"messages: {e}", param="messages") from None
+        return JSONResponse({"prompt": text})
+
+    def _tools(self, body: ChatCompletionRequest):
+        """The request's tools and tool choice, checked (400s name the field)."""
+        if body.chat_template is not None:
+            raise APIError(400, "chat_template: a chat template is never taken from a request", param="chat_template")
+        try:
+            tools = parse_tools([t.model_dump(exclude_none=True) for t in body.tools or ()])
+        except Gemma3Error as e:
+            raise APIError(400, str(e), param="tools") from None
+        try:
+            choice = parse_tool_choice(body.tool_choice if isinstance(body.tool_choice, (str, type(None)))
+                                       else body.tool_choice.model_dump(), tools)
+        except Gemma3Error as e:
+            raise APIError(400, str(e), param="tool_choice") from None
+        if tools and body.response_format is not None and body.response_format.type != "text":
+            raise APIError(400, "response_format and tools cannot be combined: a reply is either kept to one "
+                                "JSON schema or may call tools", param="response_format")
+        return tools, choice
+
+    def _renderer(self, body: ChatCompletionRequest, tools):
+        messages = [m.as_dict() for m in body.messages]
+        return lambda: render_chat(messages, add_generation_prompt=True, template=self.config.chat_template,
+                                   tools=tools)
 
     async def completions(self, request: HTTPRequest):
         body: CompletionRequest = await self._body(request, CompletionRequest)
+        if body.tools:
+            raise APIError(400, "tools: only /v1/chat/completions takes tools", param="tools")
         prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
 
         def tokens() -> list[int]:
@@ -214,6 +256,9 @@ class _Server:
     async def _prepare(self, body: _Sampling, tokens, param: str) -> list[int]:
         self._check_model(body.model)
         unsupported = body.unsupported()
+        if unsupported in ("functions", "function_call"):
+            raise APIError(400, f"{unsupported}: the legacy functions API is not supported; send tools and "
+                                "tool_choice instead", param=unsupported)
         if unsupported:
             raise APIError(400, f"{unsupported}: not supported by this server", param=unsupported)
         try:
@@ -236,14 +281,24 @@ class _Server:
             top_k=top_k, top_p=DEFAULTS.top_p if body.top_p is None else body.top_p,
             min_p=body.min_p or 0.0, repetition_penalty=body.repetition_penalty or 1.0)
 
-    async def _grammar(self, body: _Sampling):
+    async def _grammar(self, body: _Sampling, tools=None):
         fmt = body.response_format
-        if fmt is None or fmt.type == "text":
+        tools, choice = tools or ([], None)
+        if (fmt is None or fmt.type == "text") and not tools:
             return None
         from gemma3.generation.structured import JsonGrammar, engine_tokenizer
+        from gemma3.generation.tool_grammar import ToolCallGrammar
 
         def compile_():
-            if fmt.type == "json_object":
+            if tools:
+                for i, tool in enumerate(tools):  # each schema must be one llguidance compiles as JSON schema too
+                    if tool.parameters is not None:
+                        try:
+                            JsonGrammar.from_schema(tool.parameters)
+                        except Gemma3Error as e:
+                            raise Gemma3Error(f"tools[{i}] ({tool.name}): {e}") from None
+                grammar = ToolCallGrammar.build(tools, choice, getattr(body, "parallel_tool_calls", True))
+            elif fmt.type == "json_object":
                 grammar = JsonGrammar.any_object()
             else:
                 if fmt.json_schema is None:
@@ -252,13 +307,14 @@ class _Server:
             engine_tokenizer(self.tokenizer, self.scheduler.stop_ids)  # built here, not on the scheduler thread
             return grammar
 
+        param = "tools" if tools else "response_format"
         try:
             return await run_in_threadpool(compile_)
         except Gemma3Error as e:
-            raise APIError(400, f"response_format: {e}", param="response_format") from None
+            raise APIError(400, f"{param}: {e}", param=param) from None
 
     async def _run(self, http: HTTPRequest, body: _Sampling, prompt: list[int], max_tokens: int | None,
-                   logprobs: int | None, chat: bool):
+                   logprobs: int | None, chat: bool, tools=None):
         context = self.scheduler.context
         room = context - len(prompt)
         if max_tokens is not None and max_tokens > room:
@@ -266,7 +322,9 @@ class _Server:
                                 f"{len(prompt)}-token prompt in the {context}-token context", param="max_tokens",
                            code="context_length_exceeded")
         sampling = self._sampling(body)
-        grammar = await self._grammar(body)
+        grammar = await self._grammar(body, tools)
+        with_tools = bool(tools and tools[0])
+        stops = tuple(body.stop or ()) + ((START_RESPONSE,) if with_tools else ())
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         kind = "chatcmpl" if chat else "cmpl"
@@ -281,7 +339,7 @@ class _Server:
 
             seed = None if body.seed is None else (body.seed + index) % (1 << 64)
             requests.append(Request(prompt_ids=prompt, max_tokens=max_tokens or room, sink=sink, sampling=sampling,
-                                    seed=seed, stop_strings=tuple(body.stop or ()), presence_penalty=body.presence_penalty,
+                                    seed=seed, stop_strings=stops, presence_penalty=body.presence_penalty,
                                     frequency_penalty=body.frequency_penalty, logprobs=logprobs, grammar=grammar,
                                     id=f"{rid}-{index}"))
         try:
@@ -295,7 +353,7 @@ class _Server:
             for r in requests:
                 r.cancel()
             raise APIError(400, str(e)) from None
-        reply = _Reply(self, rid, chat, body, prompt, logprobs)
+        reply = _Reply(self, rid, chat, body, prompt, logprobs, with_tools)
         if body.stream:
             return StreamingResponse(reply.stream(queue, requests), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -306,8 +364,10 @@ class _Reply:
     """Turns one request's scheduler events into OpenAI's response body or its stream of chunks."""
 
     def __init__(self, server: _Server, rid: str, chat: bool, body: _Sampling, prompt: list[int],
-                 logprobs: int | None):
+                 logprobs: int | None, with_tools: bool = False):
         self.server, self.rid, self.chat, self.body, self.prompt, self.logprobs = server, rid, chat, body, prompt, logprobs
+        # with tools, each choice's text goes through a parser that splits it into content and tool calls
+        self.parsers = [ToolCallParser() for _ in range(body.n)] if with_tools else None
         self.created = int(time.time())
         self.model = server.config.model_name
         n = body.n
@@ -344,18 +404,43 @@ class _Reply:
         return {"prompt_tokens": len(self.prompt), "completion_tokens": completion,
                 "total_tokens": len(self.prompt) + completion}
 
-    def _apply(self, index: int, event) -> tuple[str, dict | None]:
-        """Record an event; returns the text it adds and its logprob entry (None without logprobs)."""
+    def _apply(self, index: int, event) -> tuple[str, list, dict | None]:
+        """Record an event; returns the content it adds, its tool-call pieces (index, id, name, arguments) and
+        its logprob entry (None without logprobs). A Finished event releases what a parser held back."""
+        parser = self.parsers[index] if self.parsers is not None else None
         if isinstance(event, TokenEvent):
             self.texts[index].append(event.text)
             entry = self._token_entry(event) if self.logprobs is not None else None
             if entry is not None:
                 self.entries[index].append(entry)
-            return event.text, entry
+            if parser is None:
+                return event.text, [], entry
+            delta = parser.push(event.text)
+            return delta.content, delta.calls, entry
         if isinstance(event, Finished):
             self.finish[index] = event.reason
             self.completion_tokens[index] = event.completion_tokens
-        return "", None
+            if parser is not None:
+                delta = parser.finish()
+                return delta.content, delta.calls, None
+        return "", [], None
+
+    def _finish_reason(self, index: int) -> str | None:
+        """OpenAI's "tool_calls" where a choice stopped after complete calls."""
+        reason = self.finish[index]
+        calls = self.parsers[index].calls if self.parsers is not None else []
+        if reason == "stop" and calls and all(c.complete for c in calls):
+            return "tool_calls"
+        return reason
+
+    def _message(self, index: int) -> dict:
+        if self.parsers is None:
+            return {"role": "assistant", "content": "".join(self.texts[index])}
+        parser = self.parsers[index]
+        if not parser.calls:
+            return {"role": "assistant", "content": parser.text}
+        return {"role": "assistant", "content": parser.text or None,
+                "tool_calls": [call.as_openai() for call in parser.calls]}
 
     # ------------------------------------------------------------------ whole response
     async def whole(self, http: HTTPRequest, queue: asyncio.Queue, requests: list[Request]) -> JSONResponse:
@@ -381,8 +466,8 @@ class _Reply:
             text = "".join(self.texts[i])
             if self.chat:
                 lp = {"content": self.entries[i]} if self.logprobs is not None else None
-                choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
-                                "finish_reason": self.finish[i]})
+                choices.append({"index": i, "message": self._message(i), "logprobs": lp,
+                                "finish_reason": self._finish_reason(i)})
             else:
                 lp = self._completion_logprobs(self.entries[i]) if self.logprobs is not None else None
                 choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": self.finish[i]})
@@ -398,6 +483,21 @@ class _Reply:
             body["usage"] = usage
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
+    def _chat_deltas(self, index: int, text: str, calls: list, entry: dict | None):
+        """The chunks one token adds: its content, then its tool-call pieces, the logprobs on the first chunk
+        (a token that shows nothing yet still sends its logprobs, with an empty delta)."""
+        deltas = [{"content": text}] if text or (entry is not None and not calls) else []
+        for call, call_id, name, arguments in calls:
+            piece: dict[str, Any] = {"index": call}
+            if call_id is not None:
+                piece.update(id=call_id, type="function", function={"name": name, "arguments": arguments})
+            else:
+                piece["function"] = {"arguments": arguments}
+            deltas.append({"tool_calls": [piece]})
+        for i, delta in enumerate(deltas):
+            lp = {"content": [entry]} if entry is not None and i == 0 else None
+            yield self._chunk([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": None}])
+
     async def stream(self, queue: asyncio.Queue, requests: list[Request]):
         pending = len(requests)
         try:
@@ -411,22 +511,24 @@ class _Reply:
                                        "code": None}}
                     yield f"data: {json.dumps(error)}\n\n"
                     break
-                text, entry = self._apply(index, event)
+                text, calls, entry = self._apply(index, event)
                 if isinstance(event, TokenEvent):
-                    if not text and entry is None:
+                    if not text and not calls and entry is None:
                         continue
                     if self.chat:
-                        choice = {"index": index, "delta": {"content": text},
-                                  "logprobs": {"content": [entry]} if entry is not None else None,
-                                  "finish_reason": None}
+                        for chunk in self._chat_deltas(index, text, calls, entry):
+                            yield chunk
                     else:
                         lp = self._completion_logprobs([entry], self.offsets[index]) if entry is not None else None
-                        choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": None}
+                        yield self._chunk([{"index": index, "text": text, "logprobs": lp, "finish_reason": None}])
                     self.offsets[index] += len(text)
-                    yield self._chunk([choice])
                 elif isinstance(event, Finished):
                     pending -= 1
-                    choice = ({"index": index, "delta": {}, "logprobs": None, "finish_reason": event.reason}
+                    if self.chat:
+                        for chunk in self._chat_deltas(index, text, calls, None):
+                            yield chunk
+                    choice = ({"index": index, "delta": {}, "logprobs": None,
+                               "finish_reason": self._finish_reason(index)}
                               if self.chat else
                               {"index": index, "text": "", "logprobs": None, "finish_reason": event.reason})
                     yield self._chunk([choice])

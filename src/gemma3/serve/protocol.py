@@ -3,8 +3,9 @@ the edge, so that nothing out of range reaches the scheduler (servers were crash
 `max_tokens`, `top_logprobs`, negative or extreme sampling values: ../docs/security notes).
 
 Unknown fields are ignored, as OpenAI's own server and vLLM do (clients send fields of newer API versions);
-fields we know but do not implement (`tools`, `echo`, ...) are refused with a 400 rather than ignored,
-because a client relying on them would otherwise get a silently different answer.
+fields we know but do not implement (`echo`, `logit_bias`, the legacy `functions`, ...) are refused with a 400
+rather than ignored, because a client relying on them would otherwise get a silently different answer.
+Tool declarations are checked further, with the rules of the call format, by gemma3.text.tools.parse_tools.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ MAX_TOP_LOGPROBS = 20
 MAX_STOP = 16
 MAX_STOP_CHARS = 256
 MAX_MESSAGES = 4096
+MAX_TOOLS = 128
 SEED_MAX = 2**64 - 1
 
 Unit = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
@@ -32,13 +34,62 @@ class TextPart(_Base):
     text: str
 
 
-class Message(_Base):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+class FunctionCall(_Base):
+    name: str
+    arguments: str | dict[str, Any] = "{}"  # OpenAI: a JSON string
 
-    def text(self) -> str:
+
+class ToolCall(_Base):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(_Base):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None  # None: an assistant message that only calls tools
+    name: str | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOLS)] | None = None  # role assistant
+    tool_call_id: str | None = None  # role tool: the call this result answers
+
+    def text(self) -> str | None:
+        if self.content is None:
+            return None
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message as gemma3.text.chat takes it (OpenAI's shape; None fields left out)."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role}
+        if self.content is not None or not self.tool_calls:
+            out["content"] = self.text() if self.content is not None else ""
+        if self.name is not None and self.role == "tool":
+            out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump(exclude_none=True) for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+class FunctionDefinition(_Base):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of type object
+    strict: bool | None = None  # every call is kept to the schema here anyway
+
+
+class ToolDefinition(_Base):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(_Base):
+    name: str
+
+
+class NamedToolChoice(_Base):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class JsonSchemaFormat(_Base):
@@ -76,8 +127,8 @@ class _Sampling(_Base):
     response_format: ResponseFormat | None = None
     user: str | None = None
     # known, not implemented: refused (see the module docstring)
-    tools: list[Any] | None = None
     functions: list[Any] | None = None
+    function_call: Any = None
     logit_bias: dict[str, float] | None = None
     suffix: str | None = None
     echo: bool = False
@@ -96,7 +147,7 @@ class _Sampling(_Base):
 
     def unsupported(self) -> str | None:
         """The first field set that this server does not implement."""
-        for name in ("tools", "functions", "logit_bias", "suffix"):
+        for name in ("functions", "function_call", "logit_bias", "suffix"):
             if getattr(self, name):
                 return name
         if self.echo:
@@ -112,10 +163,13 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     chat_template: Any = None  # never taken from a request (refused below)
-    tool_choice: Any = None
+    tools: Annotated[list[ToolDefinition], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
 
 class CompletionRequest(_Sampling):
+    tools: Any = None  # refused: tools are a chat feature
     prompt: str | Annotated[list[int], Field(min_length=1)] | Annotated[list[str], Field(min_length=1, max_length=1)]
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 

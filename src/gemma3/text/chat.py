@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from gemma3.text import template_worker as worker
+from gemma3.text.tools import (START_RESPONSE, Tool, parse_tools, prepare_messages, render_call, render_declaration,
+                               render_response)
 from gemma3.errors import Gemma3Error
 from gemma3.weights.chat_template import GEMMA3_CHAT_TEMPLATE
 
@@ -61,19 +63,32 @@ _TURN_ROLE = {"user": "user", "assistant": "model", "model": "model"}
 
 def render_chat(
     messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-    template: str | ChatTemplate | None = None,
+    template: str | ChatTemplate | None = None, tools: Sequence[Tool | Mapping] | None = None,
 ) -> str:
     """Render `messages` ([{"role": ..., "content": ...}, ...]) as a Gemma 3 prompt string, starting with
     `<bos>`. `content` is a string or a list of {"type": "text", "text": ...} parts. With `template`, the
-    checkpoint's Jinja chat template is rendered (sandboxed) instead of the built-in format."""
+    checkpoint's Jinja chat template is rendered (sandboxed) instead of the built-in format.
+
+    `tools` (`Tool`s or OpenAI's {"type": "function", "function": {...}} dicts) are passed to a template as
+    transformers passes them; where there is no template, or it knows nothing of tools (the official Gemma 3
+    one), a conversation with tools, tool calls or tool results is written in FunctionGemma's format
+    (gemma3.text.tools). Messages may be OpenAI's: calls' arguments as JSON strings, results by tool_call_id."""
     if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence) or not messages:
         raise Gemma3Error("a conversation must be a non-empty list of messages")
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise Gemma3Error(f"message {i} must be a dict, got {type(message).__name__}")
-    if template is not None:
-        return _render_template(template, messages, add_generation_prompt)
+    tools = [t if isinstance(t, Tool) else parse_tools([t])[0] for t in tools or ()]
+    prepared = prepare_messages(messages)
+    uses_tools = bool(tools) or any(m.get("tool_calls") or m.get("role") == "tool" for m in prepared)
+    if template is not None and not (uses_tools and not _knows_tools(template)):
+        return _render_template(template, prepared, add_generation_prompt, tools)
+    if uses_tools:
+        return _render_function_gemma(prepared, tools, add_generation_prompt)
     return _render_gemma3(messages, add_generation_prompt)
+
+
+def _knows_tools(template: str | ChatTemplate) -> bool:
+    """Whether a template renders tools itself (it reads `tools` or `tool_calls`); the official Gemma 3 one does not."""
+    text = template.text if isinstance(template, ChatTemplate) else template
+    return text != GEMMA3_CHAT_TEMPLATE and ("tools" in text or "tool_calls" in text)
 
 
 # --- built-in format --------------------------------------------------------------------------------------------
@@ -104,6 +119,70 @@ def _render_gemma3(messages: Sequence[Mapping[str, Any]], add_generation_prompt:
     if add_generation_prompt:
         out.append(GENERATION_PROMPT)
     return "".join(out)
+
+
+# --- FunctionGemma's format, for conversations with tools -----------------------------------------------------
+
+def _render_function_gemma(messages: Sequence[Mapping[str, Any]], tools: Sequence[Tool],
+                           add_generation_prompt: bool) -> str:
+    """The official FunctionGemma template's text (gemma3.text.tools): a developer turn with the system text
+    and the declarations; calls and their results inside the model's turn, which the answer then closes."""
+    out = ["<bos>"]
+    loop = list(enumerate(messages))
+    if tools or messages[0].get("role") in ("system", "developer"):
+        out.append("<start_of_turn>developer\n")
+        if messages[0].get("role") in ("system", "developer"):
+            out.append("".join(part.strip() for part in _text_parts(messages[0].get("content", ""), 0)))
+            loop = loop[1:]
+        out.extend(render_declaration(tool) for tool in tools)
+        out.append("<end_of_turn>\n")
+    previous = None  # what the last message ended with: "content", "tool_call" or "tool_response"
+    for i, message in loop:
+        role = message.get("role")
+        if role == "tool":
+            out.extend(_tool_results(message, i))
+            previous = "tool_response"
+        elif role in ("user", "assistant", "system", "developer"):
+            if previous != "tool_response":
+                out.append(f"<start_of_turn>{'model' if role == 'assistant' else role}\n")
+            previous = None
+            if message.get("content") is not None:
+                out.append("".join(part.strip() for part in _text_parts(message["content"], i)))
+                previous = "content"
+            if message.get("tool_calls"):
+                if role != "assistant":
+                    raise Gemma3Error(f"message {i}: only assistant messages may carry tool_calls")
+                out.extend(render_call(c["function"]["name"], c["function"]["arguments"])
+                           for c in message["tool_calls"])
+                if i == len(messages) - 1:
+                    out.append(START_RESPONSE)
+                previous = "tool_call"
+        else:
+            raise Gemma3Error(f"message {i}: unknown role {role!r} (expected system, developer, user, assistant "
+                              "or tool)")
+        if previous not in ("tool_call", "tool_response"):
+            out.append("<end_of_turn>\n")
+    if add_generation_prompt and previous != "tool_response":
+        out.append(GENERATION_PROMPT)
+    return "".join(out)
+
+
+def _tool_results(message: Mapping[str, Any], index: int) -> list[str]:
+    content, name = message.get("content"), message.get("name")
+    if not content:
+        return []
+    items = content if isinstance(content, list) else [content]
+    out = []
+    for item in items:
+        if isinstance(item, Mapping) and "name" in item and "response" in item:
+            out.append(render_response(str(item["name"]), item["response"]))
+        elif not isinstance(name, str):
+            raise Gemma3Error(f"message {index}: a tool result needs the name of the tool it answers")
+        elif isinstance(item, (Mapping, str)):
+            out.append(render_response(name, item))
+        else:
+            raise Gemma3Error(f"message {index}: a tool result must be a string or an object")
+    return out
 
 
 def _text_parts(content: Any, index: int) -> list[str]:
@@ -143,7 +222,7 @@ TEMPLATE_MAX_CHARS = 4 << 20
 
 
 def _render_template(template: str | ChatTemplate, messages: Sequence[Mapping[str, Any]],
-                     add_generation_prompt: bool) -> str:
+                     add_generation_prompt: bool, tools: Sequence[Tool] = ()) -> str:
     if not isinstance(template, ChatTemplate):
         template = ChatTemplate(template)
     if template.text == GEMMA3_CHAT_TEMPLATE:  # the official template: the built-in renderer is the same text
@@ -151,7 +230,7 @@ def _render_template(template: str | ChatTemplate, messages: Sequence[Mapping[st
     # Like transformers: the template sees only plain JSON-like data, and message keys set to None are dropped
     # (OpenAI clients send content=None; many templates would print "None").
     chat = [{key: _plain(value) for key, value in message.items() if value is not None} for message in messages]
-    variables = {"tools": None, "documents": None, **TEMPLATE_TOKENS}
+    variables = {"tools": [tool.as_openai() for tool in tools] or None, "documents": None, **TEMPLATE_TOKENS}
     return _TEMPLATES.render(template, chat, add_generation_prompt, variables)
 
 
