@@ -49,7 +49,8 @@ _HANDLED = {"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "propert
             "exclusiveMaximum", "multipleOf", "nullable"}
 _NUMBER_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
 MAX_REPEAT = 256  # the largest minItems / maxItems / length bound written out in the grammar
-MAX_CALLS = 4  # calls in one turn: a small model left free repeats its call until max_tokens cuts one
+MAX_NUMBER_TOKENS = 24  # the digits of one number (one token each): enough for any float's 17 significant ones
+MAX_CALLS = 3  # calls in one turn: a small model left free repeats its call until max_tokens cuts one
 
 
 def _lit(text: str) -> str:
@@ -73,6 +74,7 @@ class _Builder:
         self.root = root or {}
         self._refs: dict[str, str] = {}
         self._strings: dict[str, str] = {}  # a string body's regex → its terminal, shared
+        self._numbers: dict[str, str] = {}
         self._any = False
 
     def _new(self, prefix: str, body: str, terminal: bool = False) -> str:
@@ -134,8 +136,7 @@ class _Builder:
         if kind == "string":
             return self.string(schema, at)
         if kind in ("integer", "number"):
-            bounds = {k: schema[k] for k in _NUMBER_KEYS if k in schema}
-            return "%json " + json.dumps({"type": kind, **bounds})
+            return self.number({"type": kind, **{k: schema[k] for k in _NUMBER_KEYS if k in schema}})
         if kind == "boolean":
             return '("true" | "false")'
         if kind == "null":
@@ -145,6 +146,16 @@ class _Builder:
         if kind == "array":
             return self.array(schema, at)
         raise Gemma3Error(f"{at}.type: unknown type {kind!r}")
+
+    def number(self, schema: dict) -> str:
+        """llguidance's JSON number rules (ranges included), held to `MAX_NUMBER_TOKENS` tokens: Gemma writes
+        a digit a token, and a small model can write digits until max_tokens cuts the call in half."""
+        text = json.dumps(schema)
+        if text not in self._numbers:
+            name = f"num{len(self._numbers)}"
+            self.rules[f"{name}[max_tokens={MAX_NUMBER_TOKENS}]"] = "%json " + text
+            self._numbers[text] = name
+        return self._numbers[text]
 
     def ref(self, ref: Any, at: str) -> str:
         if not isinstance(ref, str) or not re.fullmatch(r"#/(\$defs|definitions)/[^/]+", ref):
@@ -232,8 +243,8 @@ class _Builder:
             self.terminals["ANYSTR"] = f"{_lit(ESCAPE)} ANYBODY {_lit(ESCAPE)}"
             self.terminals["ANYBODY"] = "/[^<]*/"
             self.terminals["ANYKEY"] = r"/[A-Za-z_][A-Za-z0-9_\-]*/"
-            self.rules["anyvalue"] = ('ANYSTR | %json {"type": "number"} | "true" | "false" | "null" | anyobject '
-                                      '| anyarray')
+            number = self.number({"type": "number"})
+            self.rules["anyvalue"] = f'ANYSTR | {number} | "true" | "false" | "null" | anyobject | anyarray'
             self.rules["anyobject"] = '"{" (ANYKEY ":" anyvalue ("," ANYKEY ":" anyvalue)*)? "}"'
             self.rules["anyarray"] = '"[" (anyvalue ("," anyvalue)*)? "]"'
         return "anyvalue"
