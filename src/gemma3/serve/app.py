@@ -8,6 +8,7 @@ response bodies or server-sent events. It never touches a tensor.
     GET  /v1/models             the one model served
     GET  /health                {"status": "ok", active/waiting requests, slots}
     POST /tokenize, /detokenize llama.cpp's: text ↔ token ids
+    GET  /openapi.json          the OpenAPI 3.1 description of these routes (gemma3.serve.openapi)
 
 Errors are OpenAI's error object with a 4xx status: 400 for anything wrong in a request (the field named in
 `param`; `context_length_exceeded` for a prompt beyond the context), 401 for a missing or wrong key, 404 for
@@ -37,6 +38,7 @@ from starlette.routing import Route
 from gemma3.text.chat import render_chat
 from gemma3.errors import Gemma3Error
 from gemma3.generation.sampling import SamplingParams
+from gemma3.serve.openapi import openapi_document
 from gemma3.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                    _Sampling)
 from gemma3.serve.scheduler import Failed, Finished, QueueFull, Request, Scheduler, TokenEvent
@@ -82,6 +84,7 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         Route("/health", server.health, methods=["GET"]),
         Route("/tokenize", server.tokenize, methods=["POST"]),
         Route("/detokenize", server.detokenize, methods=["POST"]),
+        Route("/openapi.json", server.openapi, methods=["GET"]),
     ]
     app = Starlette(routes=routes, exception_handlers={APIError: lambda r, e: e.response(),
                                                        404: _not_found, 405: _not_allowed})
@@ -155,6 +158,10 @@ class _Server:
         return JSONResponse({"object": "list", "data": [
             {"id": self.config.model_name, "object": "model", "created": self.created, "owned_by": "gemma3",
              "max_model_len": self.scheduler.context}]})
+
+    async def openapi(self, request: HTTPRequest):  # no key needed: it says what the code says; built once
+        self._openapi = getattr(self, "_openapi", None) or JSONResponse(openapi_document(self.config.model_name)).body
+        return Response(self._openapi, media_type="application/json")
 
     async def health(self, request: HTTPRequest):
         return JSONResponse({"status": "ok", **self.scheduler.stats()})
