@@ -229,6 +229,7 @@ class _Server:
             raise
         except Gemma3Error as e:
             raise APIError(400, f"{param}: {e}", param=param) from None
+        self._check_ids(ids, param)  # text can encode to a token past the model's rows (<image_soft_token>)
         context = self.scheduler.context
         if len(ids) >= context:
             raise APIError(400, f"the prompt has {len(ids)} tokens, but this server's context is {context} tokens "
