@@ -49,7 +49,7 @@ _HANDLED = {"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "propert
             "exclusiveMaximum", "multipleOf", "nullable"}
 _NUMBER_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
 MAX_REPEAT = 256  # the largest minItems / maxItems / length bound written out in the grammar
-MAX_NUMBER_TOKENS = 24  # the digits of one number (one token each): enough for any float's 17 significant ones
+MAX_NUMBER_TOKENS = 12  # the digits of one number (one token each): -1234.5678901 fits
 MAX_CALLS = 3  # calls in one turn: a small model left free repeats its call until max_tokens cuts one
 
 

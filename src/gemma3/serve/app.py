@@ -9,6 +9,7 @@ response bodies or server-sent events. It never touches a tensor.
     GET  /health                {"status": "ok", active/waiting requests, slots}
     POST /tokenize, /detokenize llama.cpp's: text ↔ token ids
     POST /apply-template        llama.cpp's: the prompt text a chat body renders to (messages and tools)
+    GET  /openapi.json          the OpenAPI 3.1 description of these routes (gemma3.serve.openapi)
 
 Tool calling (`tools`, `tool_choice`, `parallel_tool_calls`): the tools are declared in the prompt
 (gemma3.text.tools), generation is kept to what `tool_choice` allows by a grammar
@@ -44,6 +45,7 @@ from gemma3.text.chat import render_chat
 from gemma3.text.tools import START_RESPONSE, ToolCallParser, ToolChoice, parse_tool_choice, parse_tools
 from gemma3.errors import Gemma3Error
 from gemma3.generation.sampling import SamplingParams
+from gemma3.serve.openapi import openapi_document
 from gemma3.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                    _Sampling)
 from gemma3.serve.scheduler import Failed, Finished, QueueFull, Request, Scheduler, TokenEvent
@@ -90,6 +92,7 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         Route("/tokenize", server.tokenize, methods=["POST"]),
         Route("/detokenize", server.detokenize, methods=["POST"]),
         Route("/apply-template", server.apply_template, methods=["POST"]),
+        Route("/openapi.json", server.openapi, methods=["GET"]),
     ]
     app = Starlette(routes=routes, exception_handlers={APIError: lambda r, e: e.response(),
                                                        404: _not_found, 405: _not_allowed})
@@ -163,6 +166,10 @@ class _Server:
         return JSONResponse({"object": "list", "data": [
             {"id": self.config.model_name, "object": "model", "created": self.created, "owned_by": "gemma3",
              "max_model_len": self.scheduler.context}]})
+
+    async def openapi(self, request: HTTPRequest):  # no key needed: it says what the code says; built once
+        self._openapi = getattr(self, "_openapi", None) or JSONResponse(openapi_document(self.config.model_name)).body
+        return Response(self._openapi, media_type="application/json")
 
     async def health(self, request: HTTPRequest):
         return JSONResponse({"status": "ok", **self.scheduler.stats()})
@@ -267,6 +274,7 @@ class _Server:
             raise
         except Gemma3Error as e:
             raise APIError(400, f"{param}: {e}", param=param) from None
+        self._check_ids(ids, param)  # text can encode to a token past the model's rows (<image_soft_token>)
         context = self.scheduler.context
         if len(ids) >= context:
             raise APIError(400, f"the prompt has {len(ids)} tokens, but this server's context is {context} tokens "

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gemma3.generation.sampling import MIN_PENALTY, MIN_TEMPERATURE
+
 MAX_N = 8
 MAX_TOP_LOGPROBS = 20
 MAX_STOP = 16
@@ -115,7 +117,7 @@ class _Sampling(_Base):
     top_p: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
     top_k: Annotated[int, Field(ge=-1, le=1 << 18)] | None = None  # -1 or 0: off (vLLM, llama.cpp)
     min_p: Unit | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0, allow_inf_nan=False)] | None = None
+    repetition_penalty: Annotated[float, Field(ge=MIN_PENALTY, le=10.0, allow_inf_nan=False)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)] = 0.0
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
@@ -133,6 +135,13 @@ class _Sampling(_Base):
     suffix: str | None = None
     echo: bool = False
     best_of: int | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value):
+        if value is not None and 0 < value < MIN_TEMPERATURE:  # logits / T would overflow float32
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
+        return value
 
     @field_validator("stop")
     @classmethod
