@@ -45,6 +45,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--system", help="a system prompt (Gemma 3 folds it into the first user turn)")
     c.add_argument("--context", type=int, default=8192, metavar="N",
                    help="context length in tokens for the conversation (default: 8192)")
+    t = c.add_argument_group("tool calling (FunctionGemma's format; calls are kept to their schemas)")
+    t.add_argument("--tools", metavar="FILE", default=None,
+                   help="a JSON file with OpenAI's `tools` list ([{\"type\": \"function\", \"function\": {name, "
+                        "description, parameters}}, ...]); each call the model makes is shown, and its result is "
+                        "read from the next input line (JSON or text) or from --tool-results")
+    t.add_argument("--tool-choice", default=None, metavar="auto|none|required|NAME",
+                   help="auto (default): text or calls; none: text only; required: at least one call; NAME: a "
+                        "call to that tool")
+    t.add_argument("--tool-results", metavar="FILE", default=None,
+                   help="a JSON object {tool name: result} answering every call to that tool (a mock)")
+    t.add_argument("--no-parallel-tool-calls", action="store_true", help="at most one call a turn")
     add_sampling_args(c)
     add_model_args(c)
     add_cache_args(c)
@@ -136,6 +147,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_chat(args: argparse.Namespace) -> int:
     from gemma3.generation.generator import ChatSession, Generator
+    from gemma3.text.tools import TRIGGER
 
     config = generation_config(args)
     device, dtype = prepare_run(args)
@@ -143,10 +155,13 @@ def run_chat(args: argparse.Namespace) -> int:
         raise Gemma3Error(f"--context must be at least 16 tokens, got {args.context}")
     if args.system is not None:
         check_text(args.system, "--system")
+    tools, tool_choice, mock = chat_tools(args)
+    system = args.system if args.system is not None or not tools else TRIGGER
     loaded = load_from_args(args, device, dtype)
     gen = Generator(loaded.model, loaded.tokenizer, kv_cache_dtype=KV_CACHE_DTYPES[args.kv_cache_dtype])
-    session = ChatSession(gen, system=args.system,
-                          template=loaded.chat_template, context_length=args.context, config=config)
+    session = ChatSession(gen, system=system, template=loaded.chat_template, context_length=args.context,
+                          config=config, tools=tools, tool_choice=tool_choice,
+                          parallel_tool_calls=not args.no_parallel_tool_calls)
     interactive = sys.stdin.isatty()
     if interactive:
         status(args, f"loaded {loaded.description} in {loaded.load_s:.1f} s — /reset to start over, /exit to quit")
@@ -181,9 +196,15 @@ def run_chat(args: argparse.Namespace) -> int:
             continue
         dropped = session.dropped_turns
         try:
-            for delta in session.send(text):
-                sys.stdout.write(delta)
-                sys.stdout.flush()
+            turn = session.send(text)
+            for _ in range(MAX_TOOL_ROUNDS):
+                for delta in turn:
+                    sys.stdout.write(delta)
+                    sys.stdout.flush()
+                calls = session.pending_calls
+                if not calls:
+                    break
+                turn = session.send_tool_results(tool_results(calls, mock, interactive, lines))
         except Gemma3Error as e:  # e.g. one message longer than the context: say so, keep the session
             sys.stdout.flush()
             print(f"error: {e}", file=sys.stderr)
@@ -193,6 +214,67 @@ def run_chat(args: argparse.Namespace) -> int:
         if session.dropped_turns > dropped:
             status(args, f"(context full: dropped the oldest {session.dropped_turns - dropped} turn(s))")
     return 2 if failed and not interactive else 0
+
+
+MAX_TOOL_ROUNDS = 8  # call → result → call ... within one user turn
+
+
+def chat_tools(args: argparse.Namespace):
+    """--tools, --tool-choice and --tool-results, read and checked (a one-line error naming the file)."""
+    from gemma3.text.tools import parse_tool_choice, parse_tools
+
+    if args.tools is None:
+        if args.tool_choice is not None or args.tool_results is not None:
+            raise Gemma3Error("--tool-choice and --tool-results need --tools FILE")
+        return [], None, None
+    tools = parse_tools(read_json_file(args.tools, "--tools"), where=args.tools)
+    choice = args.tool_choice
+    if choice is not None and choice not in ("auto", "none", "required"):
+        choice = {"type": "function", "function": {"name": choice}}
+    choice = parse_tool_choice(choice, tools, where="--tool-choice")
+    mock = None
+    if args.tool_results is not None:
+        mock = read_json_file(args.tool_results, "--tool-results")
+        if not isinstance(mock, dict):
+            raise Gemma3Error(f"--tool-results {args.tool_results}: expected a JSON object {{tool name: result}}")
+    return tools, choice, mock
+
+
+def read_json_file(path: str, flag: str, limit: int = 1 << 20):
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise Gemma3Error(f"{flag} {path}: cannot read it ({e.strerror or e})") from None
+    if len(data) > limit:
+        raise Gemma3Error(f"{flag} {path}: over {limit >> 20} MiB")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise Gemma3Error(f"{flag} {path}: not valid JSON ({e})") from None
+
+
+def tool_results(calls, mock, interactive: bool, lines) -> dict:
+    """Each pending call shown on stderr as `call NAME(ARGUMENTS)`, answered from the mock file or the next
+    input line (JSON if it parses, else text)."""
+    results = {}
+    for call in calls:
+        print(f"\n[call {call.name}({call.arguments})]", file=sys.stderr, flush=True)
+        if mock is not None:
+            if call.name not in mock:
+                raise Gemma3Error(f"--tool-results has no result for the tool {call.name!r}")
+            results[call.id] = mock[call.name]
+            print(f"[result {json.dumps(mock[call.name], ensure_ascii=False)}]", file=sys.stderr, flush=True)
+            continue
+        line = (input(f"result of {call.name}> ") if interactive or lines is None else lines.readline())
+        if line is None:
+            raise Gemma3Error(f"the input ended before the result of {call.name} was given")
+        line = line.strip()
+        try:
+            results[call.id] = json.loads(line)
+        except ValueError:
+            results[call.id] = line
+    return results
 
 
 def run_perplexity(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ stores, so it stays masked on every later step and each row generates exactly wh
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from gemma3.model import Gemma3Model
 from gemma3.generation.finish import RowState, default_stop_ids
 from gemma3.generation.sampling import SamplingParams, check_finite, mask_padding, next_token, tokenizer_vocab
 from gemma3.text.streaming import TextStreamer
+from gemma3.text.tools import Tool, ToolCall, ToolCallParser, ToolChoice, parse_tool_choice, parse_tools
 
 
 @dataclass
@@ -71,6 +73,41 @@ class GenerationResult:
     prompt_tokens: int
     finish_reason: str  # "stop" (eos id or stop string), "length" (max_new_tokens) or "context"
     timings: Timings
+
+
+@dataclass
+class ChatReply:
+    """A chat turn's answer: its text and the tool calls it made (OpenAI's shape: `call.as_openai()`)."""
+
+    content: str
+    tool_calls: list[ToolCall]
+    finish_reason: str  # "tool_calls" where the turn ended after complete calls; else as GenerationResult's
+    result: GenerationResult
+
+    def as_message(self) -> dict[str, Any]:
+        """The reply as an OpenAI assistant message, to append to the conversation."""
+        if not self.tool_calls:
+            return {"role": "assistant", "content": self.content}
+        return {"role": "assistant", "content": self.content or None,
+                "tool_calls": [call.as_openai() for call in self.tool_calls]}
+
+
+def _tools_and_choice(tools, tool_choice) -> tuple[list[Tool], ToolChoice]:
+    parsed = [t if isinstance(t, Tool) else parse_tools([t])[0] for t in tools or ()]
+    if len({t.name for t in parsed}) != len(parsed):
+        parse_tools([t.as_openai() for t in parsed])  # names the duplicate
+    choice = tool_choice if isinstance(tool_choice, ToolChoice) else parse_tool_choice(tool_choice, parsed)
+    return parsed, choice
+
+
+def _reply(text: str, result: GenerationResult) -> ChatReply:
+    parser = ToolCallParser()
+    parser.push(text)
+    parser.finish()
+    finish = result.finish_reason
+    if finish == "stop" and parser.calls and all(c.complete for c in parser.calls):
+        finish = "tool_calls"
+    return ChatReply(parser.text, parser.calls, finish, result)
 
 
 class Generator:
@@ -124,6 +161,22 @@ class Generator:
         for row, token, delta in run.steps(streamers):
             texts[row].append(delta)
         return [run.result(r, "".join(texts[r]) + run.rows[r].flush()) for r in range(len(prompt_ids))]
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping | Tool] | None = None,
+             tool_choice: Any = None, parallel_tool_calls: bool = True, config: GenerationConfig | None = None,
+             template: Any = None) -> ChatReply:
+        """One chat turn: `messages` (OpenAI's shapes, tool calls and results included) rendered with `template`
+        (a checkpoint's; None: the built-in formats), and the reply read back into text and tool calls. With
+        `tools` (OpenAI's {"type": "function", "function": {...}} or `Tool`s), `tool_choice` ("auto" by
+        default, "none", "required" or {"type": "function", "function": {"name": ...}}) is kept by a grammar
+        and every call validates against its tool's schema (gemma3.generation.tool_grammar)."""
+        from gemma3.generation.tool_grammar import with_tools
+
+        tools, choice = _tools_and_choice(tools, tool_choice)
+        config = with_tools(config or GenerationConfig(), tools, choice, parallel_tool_calls)
+        text = render_chat(messages, add_generation_prompt=True, template=template, tools=tools)
+        result = self.generate(self.tokenizer.encode(text, add_bos=not text.startswith("<bos>")), config)
+        return _reply(result.text, result)
 
     def stream(self, prompt: str | Sequence[int], config: GenerationConfig | None = None) -> Iterator[str]:
         """Yield text deltas as they become final (never half a UTF-8 character, never a stop string).
@@ -273,34 +326,69 @@ class ChatSession:
     """
 
     def __init__(self, gen: Generator, system: str | None = None, template: str | None = None,
-                 context_length: int | None = None, config: GenerationConfig | None = None):
+                 context_length: int | None = None, config: GenerationConfig | None = None,
+                 tools: Sequence[Mapping | Tool] | None = None, tool_choice: Any = None,
+                 parallel_tool_calls: bool = True):
+        """`tools` / `tool_choice` / `parallel_tool_calls` as in `Generator.chat`: a reply may then call tools
+        (`last_reply.tool_calls`); answer them with `send_tool_results`, which streams the model's next words."""
         self.gen, self.system, self.template = gen, system, template
+        self.tools, self.tool_choice = _tools_and_choice(tools, tool_choice)
         self.config = config or GenerationConfig()
+        if self.tools:
+            from gemma3.generation.tool_grammar import with_tools
+
+            self.config = with_tools(self.config, self.tools, self.tool_choice, parallel_tool_calls)
         self.context_length = min(context_length or gen.context_length, gen.context_length)
         self.messages: list[dict[str, Any]] = []
         self.cache: KVCache | None = None
         self.cache_ids: list[int] = []
         self.dropped_turns = 0
+        self.last_reply: ChatReply | None = None
 
     def reset(self) -> None:
-        self.messages, self.cache_ids, self.dropped_turns = [], [], 0
+        self.messages, self.cache_ids, self.dropped_turns, self.last_reply = [], [], 0, None
         if self.cache is not None:
             self.cache.reset()
 
     def _render(self, messages: list[Mapping[str, Any]]) -> list[int]:
         full = ([{"role": "system", "content": self.system}] if self.system else []) + messages
-        text = render_chat(full, add_generation_prompt=True, template=self.template)
+        text = render_chat(full, add_generation_prompt=True, template=self.template, tools=self.tools)
         return self.gen.tokenizer.encode(text, add_bos=not text.startswith("<bos>"))
 
     def send(self, user_text: str) -> Iterator[str]:
-        """Add a user turn and stream the model's reply. `self.last_result` holds the result afterwards."""
+        """Add a user turn and stream the model's reply (its text; calls are in `last_reply.tool_calls`).
+        `self.last_result` holds the GenerationResult afterwards."""
         if not user_text.strip():
             raise Gemma3Error("the message is empty")
-        messages = self.messages + [{"role": "user", "content": user_text}]
+        yield from self._turn(self.messages + [{"role": "user", "content": user_text}])
+
+    @property
+    def pending_calls(self) -> list[ToolCall]:
+        """The calls of the last reply that have no result yet."""
+        answered = {m.get("tool_call_id") for m in self.messages if m.get("role") == "tool"}
+        return [c for c in (self.last_reply.tool_calls if self.last_reply else []) if c.id not in answered]
+
+    def send_tool_results(self, results: Mapping[str, Any]) -> Iterator[str]:
+        """Answer the last reply's calls — {call id: result}, a result being text or JSON-able data — and
+        stream what the model says next."""
+        pending = {c.id for c in self.pending_calls}
+        if not results:
+            raise Gemma3Error("no tool results given")
+        unknown = [i for i in results if i not in pending]
+        if unknown:
+            raise Gemma3Error(f"no pending tool call has the id {unknown[0]!r} (pending: {sorted(pending) or 'none'})")
+        tool_messages = [{"role": "tool", "tool_call_id": call_id,
+                          "content": value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)}
+                         for call_id, value in results.items()]
+        yield from self._turn(self.messages + tool_messages)
+
+    def _turn(self, messages: list[dict[str, Any]]) -> Iterator[str]:
         ids = self._render(messages)
         room = self.context_length - self.config.max_new_tokens
         while len(ids) > room and len(messages) > 1:
-            messages = messages[2:]  # drop the oldest user/model pair
+            messages = messages[1:]  # drop the oldest turn: up to the next user message
+            while len(messages) > 1 and messages[0].get("role") != "user":
+                messages = messages[1:]
             self.dropped_turns += 1
             ids = self._render(messages)
         if len(ids) > room:
@@ -317,10 +405,19 @@ class ChatSession:
         run = _Run(self.gen, [ids], self.config, cache=self.cache, cached_tokens=reuse,
                    context_length=self.context_length)
         pieces: list[str] = []
-        yield from run.stream_text(pieces)
-        reply = "".join(pieces)
+        parser = ToolCallParser() if self.tools else None
+        for delta in run.stream_text(pieces):
+            if parser is None:
+                yield delta
+            elif (content := parser.push(delta).content):
+                yield content
+        if parser is not None and (content := parser.finish().content):
+            yield content
+        text = "".join(pieces)
         # the cache holds the prompt and every generated token but the last (sampled, never fed back)
         self.cache_ids = ids + run.rows[0].generated[:-1]
-        self.messages = messages + [{"role": "model", "content": reply}]
-        self.last_result = run.result(0, reply)
+        self.last_result = run.result(0, text)
+        self.last_reply = _reply(text, self.last_result)
+        reply = self.last_reply.as_message() if self.tools else {"role": "model", "content": text}
+        self.messages = messages + [reply]
         self.last_reused_tokens = reuse

@@ -230,7 +230,10 @@ def next_token(
     kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (B, 1)
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     for row in range(logits.shape[0]):
-        ids = (logits[row] >= kth[row]).nonzero().squeeze(1)  # the top k and their ties, in id order (as HF)
+        keep = logits[row] >= kth[row]  # the top k and their ties, in id order (as HF)
+        if kth[row, 0] == -math.inf:  # fewer than k allowed (a grammar): not the -inf "ties", all the vocabulary
+            keep &= logits[row] > -math.inf
+        ids = keep.nonzero().squeeze(1)
         candidates = logits[row, ids][None]
         candidates = apply_min_p(apply_top_p(candidates, params.top_p), params.min_p)
         tokens[row] = ids[sample(candidates, generator)[0]]

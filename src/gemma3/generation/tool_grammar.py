@@ -30,6 +30,7 @@ and cached; a matcher per generated row costs ~60 µs a token to mask (benchmark
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -318,3 +319,13 @@ def _grammar_text(tools: Sequence[Tool], choice: ToolChoice, parallel: bool) -> 
     lines += [f"{name}: {body}" for name, body in builder.rules.items()]
     lines += [f"{name}: {body}" for name, body in builder.terminals.items()]
     return "\n".join(lines) + "\n"
+
+
+def with_tools(config, tools: Sequence[Tool], choice: ToolChoice, parallel: bool = True):
+    """A copy of a GenerationConfig that generates under the tool grammar and stops where the model hands its
+    calls over (`<start_function_response>`); `config` itself where there are no tools."""
+    if not tools:
+        return config
+    grammar = ToolCallGrammar.build(tools, choice, parallel)
+    stops = tuple(config.stop_strings) + ((START_RESPONSE,) if START_RESPONSE not in config.stop_strings else ())
+    return dataclasses.replace(config, grammar=grammar, stop_strings=stops)

@@ -299,13 +299,13 @@ class _Server:
 
         def compile_():
             if tools:
+                grammar = ToolCallGrammar.build(tools, choice, getattr(body, "parallel_tool_calls", True))
                 for i, tool in enumerate(tools):  # each schema must be one llguidance compiles as JSON schema too
                     if tool.parameters is not None:
                         try:
                             JsonGrammar.from_schema(tool.parameters)
                         except Gemma3Error as e:
                             raise Gemma3Error(f"tools[{i}] ({tool.name}): {e}") from None
-                grammar = ToolCallGrammar.build(tools, choice, getattr(body, "parallel_tool_calls", True))
             elif fmt.type == "json_object":
                 grammar = JsonGrammar.any_object()
             else:

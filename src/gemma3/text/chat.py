@@ -142,7 +142,7 @@ def _render_function_gemma(messages: Sequence[Mapping[str, Any]], tools: Sequenc
         if role == "tool":
             out.extend(_tool_results(message, i))
             previous = "tool_response"
-        elif role in ("user", "assistant", "system", "developer"):
+        elif role in ("user", "assistant", "model", "system", "developer"):
             if previous != "tool_response":
                 out.append(f"<start_of_turn>{'model' if role == 'assistant' else role}\n")
             previous = None
@@ -150,7 +150,7 @@ def _render_function_gemma(messages: Sequence[Mapping[str, Any]], tools: Sequenc
                 out.append("".join(part.strip() for part in _text_parts(message["content"], i)))
                 previous = "content"
             if message.get("tool_calls"):
-                if role != "assistant":
+                if role not in ("assistant", "model"):
                     raise Gemma3Error(f"message {i}: only assistant messages may carry tool_calls")
                 out.extend(render_call(c["function"]["name"], c["function"]["arguments"])
                            for c in message["tool_calls"])

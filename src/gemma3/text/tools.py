@@ -331,7 +331,7 @@ def prepare_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, An
             raise Gemma3Error(f"message {i} must be a dict, got {type(message).__name__}")
         message = {k: v for k, v in message.items() if v is not None}
         role = message.get("role")
-        if role == "assistant" and message.get("tool_calls"):
+        if role in ("assistant", "model") and message.get("tool_calls"):
             message["tool_calls"] = [_prepare_call(call, f"messages[{i}].tool_calls[{j}]", calls)
                                      for j, call in enumerate(_as_list(message["tool_calls"],
                                                                        f"messages[{i}].tool_calls"))]
