@@ -65,8 +65,10 @@ def main() -> None:
 
     best: dict[str, float] = {}
     decoded: dict[str, int] = {}
-    for _ in range(args.rounds):
-        for name, config in modes.items():
+    names = list(modes)
+    for round_ in range(args.rounds):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:  # a different order each round
+            config = modes[name]
             steps, seconds = 0, 0.0
             for seed in range(3):
                 r = gen.generate(prompt, dataclasses.replace(config, seed=seed))

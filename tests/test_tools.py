@@ -464,3 +464,89 @@ def test_recursive_refs_and_anyof(tokenizer):
     assert not accepts(grammar, tokenizer, render_call("f", {"tree": {"kids": [1]}}))
     assert not accepts(grammar, tokenizer, render_call("f", {"tree": {}, "v": True}))
     assert math.isfinite(1.0)
+
+
+# ------------------------------------------------------------------------------------ Python API and CLI
+
+def test_generator_chat_and_session_call_tools(real_270m):
+    jsonschema = pytest.importorskip("jsonschema")
+    from gemma3.generation import ChatSession, GenerationConfig, Generator, SamplingParams
+
+    model, tokenizer = real_270m
+    gen = Generator(model, tokenizer)
+    messages = [{"role": "system", "content": TRIGGER}, {"role": "user", "content": "Weather in Paris for 3 days?"}]
+    schemas = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in GRAMMAR_TOOLS}
+    for seed, choice in [(0, "required"), (1, "required"), (2, {"type": "function", "function": {"name": "now"}})]:
+        config = GenerationConfig(max_new_tokens=160, sampling=SamplingParams(temperature=1.0), seed=seed)
+        reply = gen.chat(messages, tools=GRAMMAR_TOOLS, tool_choice=choice, config=config)
+        assert reply.tool_calls and reply.finish_reason == "tool_calls" and reply.content == ""
+        for call in reply.tool_calls:
+            jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+        if isinstance(choice, dict):
+            assert {c.name for c in reply.tool_calls} == {"now"}
+    none = gen.chat(messages, tools=GRAMMAR_TOOLS, tool_choice="none", config=GenerationConfig(max_new_tokens=12))
+    assert none.tool_calls == [] and none.content
+
+    session = ChatSession(gen, system=TRIGGER, tools=GRAMMAR_TOOLS, tool_choice="required",
+                          parallel_tool_calls=False, config=GenerationConfig(max_new_tokens=120,
+                                                                             sampling=SamplingParams(temperature=0)))
+    assert "".join(session.send("Weather in Paris for 3 days?")) == ""
+    [call] = session.pending_calls
+    with pytest.raises(Gemma3Error, match="no pending tool call"):
+        list(session.send_tool_results({"call_nope": 1}))
+    answer = "".join(session.send_tool_results({call.id: {"temp_c": 18}}, tool_choice="none"))
+    assert answer and session.pending_calls == []
+    rendered = render_chat(session.messages, tools=GRAMMAR_TOOLS)
+    assert render_call(call.name, json.loads(call.arguments)) + render_response(call.name, {"temp_c": 18}) in rendered
+
+
+def test_cli_chat_with_tools(capsys, monkeypatch, tmp_path, tiny_hf_dir):
+    import io
+
+    from gemma3.cli import main
+
+    tools_file, mock_file = tmp_path / "tools.json", tmp_path / "results.json"
+    tools_file.write_text(json.dumps(GRAMMAR_TOOLS))
+    mock_file.write_text(json.dumps({"get_weather": {"temp_c": 18}, "now": "12:00"}))
+    monkeypatch.setattr("sys.stdin", io.StringIO("Weather in Paris?\n"))
+    code = main(["chat", "--tools", str(tools_file), "--tool-choice", "required", "--no-parallel-tool-calls",
+                 "--tool-results", str(mock_file), "-n", "60", "--temperature", "0", "--context", "1024", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "[call " in err and "[result " in err
+    # bad tool files: one line, exit 2
+    for content, flag, message in [("{not json", "--tools", "not valid JSON"),
+                                   (json.dumps([GRAMMAR_TOOLS[0]] * 2), "--tools", "declared twice")]:
+        bad = tmp_path / "bad.json"
+        bad.write_text(content)
+        code = main(["chat", "-m", str(tiny_hf_dir), flag, str(bad), "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    code = main(["chat", "-m", str(tiny_hf_dir), "--tools", str(tools_file), "--tool-choice", "launch", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "not among the declared tools" in err
+
+
+schema_keywords = st.recursive(
+    st.one_of(st.booleans(), st.integers(-3, 300), st.text(max_size=4), st.none(),
+              st.sampled_from(["string", "integer", "number", "boolean", "null", "object", "array", "#/$defs/a"])),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["type", "properties", "required", "items", "enum", "const", "anyOf", "oneOf", "allOf",
+                         "$ref", "$defs", "minItems", "maxItems", "minLength", "maxLength", "pattern", "minimum",
+                         "maximum", "nullable", "additionalProperties", "a", "b", "description"]),
+        inner, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(schema=schema_keywords)
+def test_any_schema_builds_or_is_refused_with_a_reason(schema):
+    """Whatever a client sends as `parameters`: a grammar, or a Gemma3Error (a 400), never another exception."""
+    from gemma3.generation.tool_grammar import ToolCallGrammar
+
+    for parameters in (schema, {"type": "object", "properties": {"p": schema, "q": {"type": "string"}},
+                                "required": ["p"], "$defs": {"a": schema}}):
+        try:
+            tools = parse_tools([{"type": "function", "function": {"name": "f", "parameters": parameters}}])
+            ToolCallGrammar.build(tools, ToolChoice("required"))
+        except Gemma3Error:
+            pass

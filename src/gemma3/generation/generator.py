@@ -85,11 +85,12 @@ class ChatReply:
     result: GenerationResult
 
     def as_message(self) -> dict[str, Any]:
-        """The reply as an OpenAI assistant message, to append to the conversation."""
-        if not self.tool_calls:
+        """The reply as an OpenAI assistant message, to append to the conversation: its complete calls (one that
+        max_new_tokens cut off has no arguments to send back)."""
+        calls = [call for call in self.tool_calls if call.complete]
+        if not calls:
             return {"role": "assistant", "content": self.content}
-        return {"role": "assistant", "content": self.content or None,
-                "tool_calls": [call.as_openai() for call in self.tool_calls]}
+        return {"role": "assistant", "content": self.content or None, "tool_calls": [c.as_openai() for c in calls]}
 
 
 def _tools_and_choice(tools, tool_choice) -> tuple[list[Tool], ToolChoice]:
@@ -333,11 +334,8 @@ class ChatSession:
         (`last_reply.tool_calls`); answer them with `send_tool_results`, which streams the model's next words."""
         self.gen, self.system, self.template = gen, system, template
         self.tools, self.tool_choice = _tools_and_choice(tools, tool_choice)
+        self.parallel_tool_calls = parallel_tool_calls
         self.config = config or GenerationConfig()
-        if self.tools:
-            from gemma3.generation.tool_grammar import with_tools
-
-            self.config = with_tools(self.config, self.tools, self.tool_choice, parallel_tool_calls)
         self.context_length = min(context_length or gen.context_length, gen.context_length)
         self.messages: list[dict[str, Any]] = []
         self.cache: KVCache | None = None
@@ -360,17 +358,19 @@ class ChatSession:
         `self.last_result` holds the GenerationResult afterwards."""
         if not user_text.strip():
             raise Gemma3Error("the message is empty")
-        yield from self._turn(self.messages + [{"role": "user", "content": user_text}])
+        yield from self._turn(self.messages + [{"role": "user", "content": user_text}], self.tool_choice)
 
     @property
     def pending_calls(self) -> list[ToolCall]:
-        """The calls of the last reply that have no result yet."""
+        """The complete calls of the last reply that have no result yet."""
         answered = {m.get("tool_call_id") for m in self.messages if m.get("role") == "tool"}
-        return [c for c in (self.last_reply.tool_calls if self.last_reply else []) if c.id not in answered]
+        return [c for c in (self.last_reply.tool_calls if self.last_reply else []) if c.complete and c.id not in answered]
 
-    def send_tool_results(self, results: Mapping[str, Any]) -> Iterator[str]:
+    def send_tool_results(self, results: Mapping[str, Any], tool_choice: Any = "auto") -> Iterator[str]:
         """Answer the last reply's calls — {call id: result}, a result being text or JSON-able data — and
-        stream what the model says next."""
+        stream what the model says next, under `tool_choice` ("auto": an answer or more calls; the session's
+        own choice applies to each user message's first reply)."""
+        choice = _tools_and_choice(self.tools, tool_choice)[1]
         pending = {c.id for c in self.pending_calls}
         if not results:
             raise Gemma3Error("no tool results given")
@@ -380,11 +380,16 @@ class ChatSession:
         tool_messages = [{"role": "tool", "tool_call_id": call_id,
                           "content": value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)}
                          for call_id, value in results.items()]
-        yield from self._turn(self.messages + tool_messages)
+        yield from self._turn(self.messages + tool_messages, choice)
 
-    def _turn(self, messages: list[dict[str, Any]]) -> Iterator[str]:
+    def _turn(self, messages: list[dict[str, Any]], choice: ToolChoice) -> Iterator[str]:
+        config = self.config
+        if self.tools:
+            from gemma3.generation.tool_grammar import with_tools
+
+            config = with_tools(config, self.tools, choice, self.parallel_tool_calls)
         ids = self._render(messages)
-        room = self.context_length - self.config.max_new_tokens
+        room = self.context_length - config.max_new_tokens
         while len(ids) > room and len(messages) > 1:
             messages = messages[1:]  # drop the oldest turn: up to the next user message
             while len(messages) > 1 and messages[0].get("role") != "user":
@@ -393,7 +398,7 @@ class ChatSession:
             ids = self._render(messages)
         if len(ids) > room:
             raise Gemma3Error(f"this message needs {len(ids)} tokens, but only {room} fit in the "
-                              f"{self.context_length}-token context with {self.config.max_new_tokens} "
+                              f"{self.context_length}-token context with {config.max_new_tokens} "
                               f"new tokens; shorten it, lower --max-new-tokens or raise --context")
 
         if self.cache is None:
@@ -402,7 +407,7 @@ class ChatSession:
         reuse = len(self.cache_ids) if ids[:len(self.cache_ids)] == self.cache_ids and len(ids) > len(self.cache_ids) else 0
         if reuse == 0:
             self.cache.reset()
-        run = _Run(self.gen, [ids], self.config, cache=self.cache, cached_tokens=reuse,
+        run = _Run(self.gen, [ids], config, cache=self.cache, cached_tokens=reuse,
                    context_length=self.context_length)
         pieces: list[str] = []
         parser = ToolCallParser() if self.tools else None
