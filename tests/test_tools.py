@@ -91,7 +91,8 @@ def test_documented_finetuning_notebook_render():
     messages = [{"role": "developer", "content": TRIGGER},
                 {"role": "user", "content": "What is the reimbursement limit for travel meals?"},
                 {"role": "assistant", "tool_calls": [{"type": "function", "function": {
-                    "name": "search_knowledge_base", "arguments": {"query": "travel meal reimbursement limit policy"}}}]}]
+                    "name": "search_knowledge_base",
+                    "arguments": {"query": "travel meal reimbursement limit policy"}}}]}]
     expected = ("<bos><start_of_turn>developer\nYou are a model that can do function calling with the following "
                 "functions<start_function_declaration>declaration:search_knowledge_base{description:<escape>Search "
                 "internal company documents, policies and project data.<escape>,parameters:{properties:{query:"
@@ -156,7 +157,8 @@ CONVERSATIONS = {
             "config": {"theme": "dark", "font_size": 12.5}, "tags": ["a", "b"], "points": [{"x": 1}, {"x": 2}],
             "alpha": False, "Zeta": "z", "level": 3}}}]}], [SCHEMA_TOOL]),
     "unicode and markup": ([
-        {"role": "developer", "content": [{"type": "text", "text": " 日本語 "}, {"type": "text", "text": "<b>x</b>"}]},
+        {"role": "developer", "content": [{"type": "text", "text": " 日本語 "},
+                                          {"type": "text", "text": "<b>x</b>"}]},
         {"role": "user", "content": "naïve {{ not jinja }} 👨‍👩‍👧"}], [WEATHER]),
     "result mapping with a message name": ([
         {"role": "user", "content": "go"},
@@ -457,8 +459,8 @@ def test_recursive_refs_and_anyof(tokenizer):
               "required": ["tree"],
               "$defs": {"node": {"type": "object", "properties": {"kids": {"type": "array",
                                                                            "items": {"$ref": "#/$defs/node"}}}}}}
-    grammar = ToolCallGrammar.build(parse_tools([{"type": "function", "function": {"name": "f", "parameters": schema}}]),
-                                    ToolChoice("required"))
+    tools = parse_tools([{"type": "function", "function": {"name": "f", "parameters": schema}}])
+    grammar = ToolCallGrammar.build(tools, ToolChoice("required"))
     assert accepts(grammar, tokenizer, render_call("f", {"tree": {"kids": [{"kids": []}, {}]}, "v": 3}))
     assert accepts(grammar, tokenizer, render_call("f", {"tree": {}, "v": "x"}))
     assert not accepts(grammar, tokenizer, render_call("f", {"tree": {"kids": [1]}}))
@@ -550,3 +552,31 @@ def test_any_schema_builds_or_is_refused_with_a_reason(schema):
             ToolCallGrammar.build(tools, ToolChoice("required"))
         except Gemma3Error:
             pass
+
+
+def test_a_functiongemma_vocabulary_has_the_control_strings_as_single_tokens(tmp_path, official_tokenizer):
+    """FunctionGemma names Gemma 3's <unused40>..<unused46> (ids 46-52, added tokens that are not special) after
+    its control strings: a prompt then encodes each one as its single id and decodes back to the same text.
+    (Not yet: the grammar takes the text spelling only — llguidance counts every added token as special, so a
+    FunctionGemma checkpoint under a tool grammar is kept to the multi-token spelling; see #28's note.)"""
+    from gemma3.text.tokenizer import Tokenizer
+    from gemma3.text.tools import CONTROL_STRINGS
+
+    data = json.loads((official_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    names = dict(zip(range(46, 53), CONTROL_STRINGS))
+    for token in data["added_tokens"]:
+        if token["id"] in names:
+            del data["model"]["vocab"][token["content"]]
+            token["content"] = names[token["id"]]
+            data["model"]["vocab"][token["content"]] = token["id"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    tokenizer = Tokenizer.from_file(tmp_path / "tokenizer.json")
+    text = render_chat(DOC_MESSAGES, add_generation_prompt=False, tools=[WEATHER])
+    ids = tokenizer.encode(text, add_bos=False)
+    for token_id, name in names.items():
+        assert ids.count(token_id) == text.count(name) > 0 or name not in text, name
+    assert tokenizer.decode(ids) == text
+    call = GOOD + START_RESPONSE
+    assert tokenizer.encode(call, add_bos=False)[0] == 48
+    _, [parsed] = parse_tool_calls(tokenizer.decode(tokenizer.encode(call, add_bos=False)))
+    assert json.loads(parsed.arguments) == {"location": "Paris", "days": 3}

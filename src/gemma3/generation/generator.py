@@ -364,7 +364,8 @@ class ChatSession:
     def pending_calls(self) -> list[ToolCall]:
         """The complete calls of the last reply that have no result yet."""
         answered = {m.get("tool_call_id") for m in self.messages if m.get("role") == "tool"}
-        return [c for c in (self.last_reply.tool_calls if self.last_reply else []) if c.complete and c.id not in answered]
+        calls = self.last_reply.tool_calls if self.last_reply else []
+        return [c for c in calls if c.complete and c.id not in answered]
 
     def send_tool_results(self, results: Mapping[str, Any], tool_choice: Any = "auto") -> Iterator[str]:
         """Answer the last reply's calls — {call id: result}, a result being text or JSON-able data — and

@@ -48,6 +48,9 @@ _ANNOTATIONS = {"title", "description", "default", "examples", "format", "$schem
 _HANDLED = {"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "properties", "required", "items",
             "minItems", "maxItems", "minLength", "maxLength", "pattern", "minimum", "maximum", "exclusiveMinimum",
             "exclusiveMaximum", "multipleOf", "nullable"}
+# keywords that constrain nothing with these values (pydantic writes some of them)
+_NO_OP = {"uniqueItems": lambda v: v is False, "minProperties": lambda v: v == 0,
+          "additionalItems": lambda v: v is True, "unevaluatedProperties": lambda v: v is True}
 _NUMBER_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
 MAX_REPEAT = 256  # the largest minItems / maxItems / length bound written out in the grammar
 MAX_NUMBER_TOKENS = 12  # the digits of one number (one token each): -1234.5678901 fits
@@ -92,7 +95,8 @@ class _Builder:
             raise Gemma3Error(f"{at}: the schema `false` allows no value")
         if not isinstance(schema, Mapping):
             raise Gemma3Error(f"{at}: a schema must be an object or a boolean")
-        unknown = sorted(set(schema) - _HANDLED - _ANNOTATIONS)
+        unknown = sorted(k for k in set(schema) - _HANDLED - _ANNOTATIONS
+                         if not (k in _NO_OP and _NO_OP[k](schema[k])))
         if unknown:
             raise Gemma3Error(f"{at}: the keyword {unknown[0]!r} cannot be enforced in tool calls")
         if schema.get("nullable") is True:
