@@ -28,7 +28,8 @@ from gemma3.model import Gemma3Model
 from gemma3.generation.finish import RowState, default_stop_ids
 from gemma3.generation.sampling import SamplingParams, check_finite, mask_padding, next_token, tokenizer_vocab
 from gemma3.text.streaming import TextStreamer
-from gemma3.text.tools import Tool, ToolCall, ToolCallParser, ToolChoice, parse_tool_choice, parse_tools
+from gemma3.text.tools import (Tool, ToolCall, ToolCallParser, ToolChoice, finish_reason, parse_tool_choice,
+                               parse_tools)
 
 
 @dataclass
@@ -105,10 +106,7 @@ def _reply(text: str, result: GenerationResult) -> ChatReply:
     parser = ToolCallParser()
     parser.push(text)
     parser.finish()
-    finish = result.finish_reason
-    if finish == "stop" and parser.calls and all(c.complete for c in parser.calls):
-        finish = "tool_calls"
-    return ChatReply(parser.text, parser.calls, finish, result)
+    return ChatReply(parser.text, parser.calls, finish_reason(result.finish_reason, parser.calls), result)
 
 
 class Generator:

@@ -42,7 +42,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from gemma3.text.chat import render_chat
-from gemma3.text.tools import START_RESPONSE, ToolCallParser, ToolChoice, parse_tool_choice, parse_tools
+from gemma3.text.tools import START_RESPONSE, ToolCallParser, finish_reason, parse_tool_choice, parse_tools
 from gemma3.errors import Gemma3Error
 from gemma3.generation.sampling import SamplingParams
 from gemma3.serve.openapi import openapi_document
@@ -435,11 +435,8 @@ class _Reply:
 
     def _finish_reason(self, index: int) -> str | None:
         """OpenAI's "tool_calls" where a choice stopped after complete calls."""
-        reason = self.finish[index]
         calls = self.parsers[index].calls if self.parsers is not None else []
-        if reason == "stop" and calls and all(c.complete for c in calls):
-            return "tool_calls"
-        return reason
+        return finish_reason(self.finish[index], calls)
 
     def _message(self, index: int) -> dict:
         if self.parsers is None:

@@ -502,11 +502,9 @@ class ToolCallParser:
                 return True
             if any(c.startswith(rest) for c in CONTROL_STRINGS):
                 self._add_content(delta, buf[:at])  # may become a control string: wait for more
-                # at the end, after calls, it is half a control string cut off by max_tokens: dropped
-                self._buffer = "" if final and self.calls else rest
-                if final and not self.calls:
+                self._buffer = "" if final else rest
+                if final and not self.calls:  # at the end it is text; after calls, half a control string cut off
                     self._add_content(delta, rest)
-                    self._buffer = ""
                 return False
             at = buf.find("<", at + 1)
         self._add_content(delta, buf)
@@ -681,6 +679,11 @@ def _bare_to_json(word: str) -> str:
     except ValueError:
         return json.dumps(w, ensure_ascii=False)
     return repr(number) if math.isfinite(number) else json.dumps(w)
+
+
+def finish_reason(reason: str | None, calls: Sequence[ToolCall]) -> str | None:
+    """OpenAI's "tool_calls" where a reply stopped after complete calls; `reason` otherwise."""
+    return "tool_calls" if reason == "stop" and calls and all(c.complete for c in calls) else reason
 
 
 def parse_tool_calls(text: str, make_id=new_call_id) -> tuple[str, list[ToolCall]]:
