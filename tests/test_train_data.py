@@ -29,7 +29,7 @@ def test_stream_packing_bos_at_document_starts_every_token_a_target_once(tmp_pat
     ds = PackedDataset(tf, np.arange(3), seq_len=16)
     seen = []
     for i in range(len(ds)):
-        x, y = ds[i]
+        x, y, _ = ds[i]
         assert x.shape == (16,) and y.shape == (16,)
         if i:  # consecutive windows share one token: the last input of one is the first of the next
             assert x[0] == prev[-1]
@@ -63,7 +63,7 @@ def test_chat_packing_keeps_conversations_whole(tmp_path, tok):
     assert tf.kind == "chat"
     ds = PackedDataset(tf, np.arange(tf.num_docs), seq_len=96)
     assert ds.mode == "whole"
-    x, y = ds[0]
+    x, y, _ = ds[0]
     assert x[0] == tok.bos_id
     text = tok.decode(x[y != IGNORE_INDEX].tolist())
     assert "<end_of_turn>" in text and "What is" not in text  # answers only

@@ -129,7 +129,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
-def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
+                   documents: torch.Tensor | None = None) -> torch.Tensor:
     """Which keys each query may see, from absolute positions alone. True = attend.
 
     q_pos (B, T) and k_pos (B, S) hold token positions, -1 for padding (and for empty cache slots).
@@ -143,6 +144,9 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None)
         1 1 1 1 .      . 1 1 1 .
         1 1 1 1 1      . . 1 1 1
 
+    `documents` (B, T), for a forward over packed sequences (queries and keys are the same tokens): each
+    token's document number; a query sees only keys of its own document.
+
     Returns (B, 1, T, S). A padding query would see nothing, and a fully masked softmax row is NaN that can
     leak into real rows through 0·NaN; such rows are allowed to see key slot 0 instead (their output is
     never used).
@@ -151,12 +155,22 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None)
     mask = (k >= 0) & (k <= q)
     if window is not None:
         mask &= k > q - window
+    if documents is not None:
+        mask &= documents[:, :, None] == documents[:, None, :]
     dead = ~mask.any(dim=-1, keepdim=True)
     if dead.any():
         first = torch.zeros_like(mask)
         first[..., 0] = True
         mask |= dead & first
     return mask[:, None]
+
+
+def packed_documents(positions: torch.Tensor) -> torch.Tensor | None:
+    """(B, T) document numbers where a row holds several sequences (its positions start again at 0 after the
+    first token), else None: a new document begins at every position 0."""
+    if positions.shape[1] < 2 or not bool((positions[:, 1:] == 0).any()):
+        return None
+    return (positions == 0).long().cumsum(dim=1)
 
 
 class GroupedQueryAttention(nn.Module):
@@ -326,7 +340,10 @@ class Gemma3Model(nn.Module):
         """
         input_ids     (B, T) token ids.
         positions     (B, T) absolute positions, -1 for padding. Default: counted from 0 over the real tokens
-                      (continuing after what `cache` holds), so left padding does not shift positions.
+                      (continuing after what `cache` holds), so left padding does not shift positions. Without
+                      a cache, positions that start again at 0 inside a row start a new document (packed
+                      training sequences): each attends only within itself, as transformers reads packed
+                      position_ids.
         padding_mask  (B, T) bool/int, True/1 for real tokens (HF's attention_mask for these tokens).
         cache         a gemma3.kv_cache.KVCache to read and extend; None for a plain full forward.
         labels        (B, T) targets aligned with input_ids (shifted inside, as HF does), -100 = ignore.
@@ -345,8 +362,9 @@ class Gemma3Model(nn.Module):
 
         rope = {t: self.rope[t](positions, x.dtype) for t in (SLIDING, GLOBAL)}
         if cache is None:
-            masks = {SLIDING: attention_mask(positions, positions, self.config.sliding_window),
-                     GLOBAL: attention_mask(positions, positions, None)}
+            documents = packed_documents(positions)
+            masks = {SLIDING: attention_mask(positions, positions, self.config.sliding_window, documents),
+                     GLOBAL: attention_mask(positions, positions, None, documents)}
             step = None
         else:
             step = cache.begin(positions)  # stores the new positions, returns masks over what it will hand back

@@ -2,14 +2,20 @@
 
 Sources (`read_documents`):
 * plain text files (``.txt``, ``.md`` ...): one document per file;
-* JSONL (``.jsonl`` / ``.json`` lines): ``{"text": ...}`` per line, or ``{"messages": [...]}`` for chat SFT;
+* JSONL (``.jsonl`` / ``.json`` lines): ``{"text": ...}`` per line; ``{"messages": [...]}`` for chat SFT, with
+  ``"tools": [...]`` beside it for tool calling (OpenAI's and TRL's format: assistant ``tool_calls``, ``role:
+  "tool"`` results); or ``{"prompt": ..., "completion": ...}`` pairs (strings, or lists of messages);
 * directories: every ``*.txt``, ``*.md`` and ``*.jsonl`` below them, in sorted order;
 * Hugging Face datasets: ``hf:NAME`` or ``hf:NAME@SPLIT`` (a hub name when online, or a local file or
   directory that `datasets.load_dataset` understands: parquet, csv, json, arrow ...).
 
-A *chat* document is rendered with the Gemma 3 chat format and carries a target mask that is 1 only on
-the model turns' tokens, `<end_of_turn>` included: SFT teaches the answers and when to stop, never the
-prompts. A *text* document is ``<bos> text`` and every token but the `<bos>` is a target.
+A *chat* document is rendered by the renderer the server uses (gemma3.text.chat: the Gemma 3 format, or
+FunctionGemma's when the record has tools or calls), so training and serving see the same tokens. Its target
+mask is 1 only on what the model writes: its answers with their `<end_of_turn>`, its calls with the
+`<start_function_response>` that ends them (the server's stop string); never the system text, the tool
+declarations, the user's turns or the tool results. A prompt/completion pair of strings is ``<bos> prompt
+completion <eos>`` with the completion and `<eos>` as targets (TRL's completion-only loss). A *text* document
+is ``<bos> text`` and every token but the `<bos>` is a target.
 
 The token file (`TokenFile`) is three flat arrays written once: token ids (uint32), the target mask
 (uint8) and document offsets (int64), plus a JSON header naming what produced them. It is keyed by a
@@ -20,8 +26,10 @@ Packing (`PackedDataset`) builds fixed-length sequences of `seq_len` tokens:
 * ``stream`` (text): documents are concatenated, each starting with its `<bos>`, and cut into windows that
   overlap by one token, so every token is a target exactly once;
 * ``whole`` (chat): conversations are never split (an answer without its question teaches nothing); they
-  are packed first-fit into sequences and the rest is padding (label -100). A conversation longer than
-  `seq_len` is an error that names it.
+  are packed first-fit into sequences and the rest is padding (label -100). Each conversation's positions
+  start again at 0, and the model reads a restart as a document boundary (gemma3.model.attention_mask): a
+  packed conversation sees only itself, so it has the loss it would have alone, with none of the padding's
+  compute. A conversation longer than `seq_len` is an error that names it.
 The held-out split is a seeded choice of whole documents (or the tail of the only document there is).
 """
 
@@ -34,6 +42,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -43,7 +52,7 @@ from gemma3.files import remove_stale_temp, temp_path
 from gemma3.model import IGNORE_INDEX
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
-TOKEN_FILE_VERSION = 1
+TOKEN_FILE_VERSION = 2  # 2: chat records render their tools; prompt/completion pairs
 
 
 class DataError(Gemma3Error, ValueError):
@@ -56,6 +65,8 @@ class Document:
 
     text: str | None = None
     messages: list | None = None
+    tools: list | None = None  # OpenAI tool declarations for a chat document
+    completion: str | None = None  # a prompt/completion pair of strings: `text` is the prompt
     where: str = ""  # "file:line" for error messages
 
 
@@ -172,34 +183,58 @@ def _read_hf(spec: str, text_field: str) -> Iterator[Document]:
 def _document(record, where: str, text_field: str) -> Document:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    tools = record.get("tools")
+    if tools is not None and (not isinstance(tools, list) or "messages" not in record and "prompt" not in record):
+        raise DataError(f"{where}: 'tools' must be a list of tool declarations beside 'messages' or 'prompt'")
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
             raise DataError(f"{where}: 'messages' must be a non-empty list")
-        return Document(messages=messages, where=where)
+        return Document(messages=messages, tools=tools or None, where=where)
+    if "prompt" in record or "completion" in record:
+        prompt, completion = record.get("prompt"), record.get("completion")
+        if isinstance(prompt, str) and isinstance(completion, str) and tools is None:
+            if not completion:
+                raise DataError(f"{where}: 'completion' is empty: nothing to learn")
+            return Document(text=prompt, completion=completion, where=where)
+        if isinstance(prompt, list) and isinstance(completion, list) and prompt and completion:
+            if any(not isinstance(m, dict) or m.get("role") not in ("assistant", "model", "tool") for m in completion):
+                raise DataError(f"{where}: a 'completion' list holds the model's messages (role assistant or tool)")
+            return Document(messages=prompt + completion, tools=tools or None, where=where)
+        raise DataError(f"{where}: 'prompt' and 'completion' must both be strings or both non-empty lists of "
+                        "messages")
     text = record.get(text_field)
     if not isinstance(text, str):
-        raise DataError(f"{where}: expected a '{text_field}' string or a 'messages' list")
+        raise DataError(f"{where}: expected a '{text_field}' string, a 'messages' list or 'prompt' and 'completion'")
     return Document(text=text, where=where)
 
 
 # ------------------------------------------------------------------------------------------ tokenizing
 def tokenize_document(doc: Document, tokenizer) -> tuple[list[int], list[int]]:
-    """(token ids, target mask). Text: ``<bos> text`` with every token but `<bos>` a target. Chat: the Gemma 3
-    chat format, with targets exactly on each model turn's text and its `<end_of_turn>`."""
+    """(token ids, target mask). Text: ``<bos> text`` with every token but `<bos>` a target. A prompt/completion
+    pair: ``<bos> prompt completion <eos>``, targets on the completion and `<eos>`. Chat: see `tokenize_chat`."""
+    if doc.completion is not None:
+        prompt = tokenizer.encode(doc.text, add_bos=True)
+        completion = tokenizer.encode(doc.completion, add_bos=False) + [tokenizer.eos_id]
+        return prompt + completion, [0] * len(prompt) + [1] * len(completion)
     if doc.text is not None:
         ids = tokenizer.encode(doc.text, add_bos=True)
         return ids, [0] + [1] * (len(ids) - 1)
-    return tokenize_chat(doc.messages, tokenizer, doc.where)
+    return tokenize_chat(doc.messages, tokenizer, doc.where, doc.tools)
 
 
-def tokenize_chat(messages: list, tokenizer, where: str = "conversation") -> tuple[list[int], list[int]]:
-    """Tokenize a conversation segment by segment so every token knows whether it belongs to a model turn.
+END_OF_TURN = "<end_of_turn>"
 
-    The segments come from the chat renderer itself: the text a model turn adds is
-    ``render(messages[:i+1]) - render(messages[:i], generation prompt)``, i.e. ``{answer}<end_of_turn>\\n``;
-    the target is that minus the final newline. Segments meet at control tokens or the atomic ``\\n``
-    token, so tokenizing them separately gives the same ids as tokenizing the whole rendered text.
+
+def tokenize_chat(messages: list, tokenizer, where: str = "conversation", tools: list | None = None
+                  ) -> tuple[list[int], list[int]]:
+    """Tokenize a conversation segment by segment so every token knows whether the model wrote it.
+
+    The segments come from the chat renderer itself: what a model turn adds is ``render(messages[:i+1]) -
+    render(messages[:i], generation prompt)``: its answer and ``<end_of_turn>\n`` (the target is that minus the
+    newline, which the model never writes), or its calls and ``<start_function_response>`` (where the server
+    stops it). Each segment is tokenized alone: the model's part starts at a token boundary, as a generated
+    reply does after the server's prompt.
     """
     from gemma3.text.chat import render_chat
 
@@ -209,17 +244,24 @@ def tokenize_chat(messages: list, tokenizer, where: str = "conversation") -> tup
         for i, message in enumerate(messages):
             role = message.get("role") if isinstance(message, dict) else None
             if role in ("assistant", "model"):
-                prompt = render_chat(messages[:i], add_generation_prompt=True)
-                full = render_chat(messages[: i + 1], add_generation_prompt=False)
-                if not (prompt.startswith(done) and full.startswith(prompt) and full.endswith("<end_of_turn>\n")):
+                prompt = render_chat(messages[:i], add_generation_prompt=True, tools=tools)
+                full = render_chat(messages[: i + 1], add_generation_prompt=False, tools=tools)
+                if not (prompt.startswith(done) and full.startswith(prompt)):
                     raise DataError(f"{where}: the chat format did not render turn by turn")
-                segments += [(prompt[len(done):], 0), (full[len(prompt):-1], 1)]
-                done = full[:-1]
-        full = render_chat(messages, add_generation_prompt=False)
+                written = full[len(prompt):]
+                if written.endswith(END_OF_TURN + "\n"):
+                    written = written[:-1]
+                segments += [(prompt[len(done):], 0), (written, 1)]
+                done = prompt + written
+        full = render_chat(messages, add_generation_prompt=False, tools=tools)
+        if not full.startswith(done):
+            raise DataError(f"{where}: the chat format did not render turn by turn")
     except DataError:
         raise
     except Gemma3Error as e:
         raise DataError(f"{where}: {e}") from None
+    if not any(target for _, target in segments):
+        raise DataError(f"{where}: no assistant message: nothing for the model to learn")
     segments.append((full[len(done):], 0))
 
     ids: list[int] = []
@@ -306,9 +348,11 @@ class TokenFile:
         bar = _progress(read_documents(sources, text_field), progress, "tokenizing")
         with open(tmp[".tokens"], "wb") as ft, open(tmp[".mask"], "wb") as fm:
             for doc in bar:
-                kinds.add("chat" if doc.messages is not None else "text")
+                # masked documents (chat, prompt/completion) are packed whole; text is streamed
+                kinds.add("text" if doc.messages is None and doc.completion is None else "chat")
                 if len(kinds) > 1:
-                    raise DataError(f"{doc.where}: mixes chat ('messages') and plain-text records in one dataset")
+                    raise DataError(f"{doc.where}: mixes plain-text records with chat or prompt/completion records "
+                                    "in one dataset")
                 ids, mask = tokenize_document(doc, tokenizer)
                 max_id = max(max_id, max(ids, default=0))
                 ft.write(np.asarray(ids, dtype=np.uint32).tobytes())
@@ -355,8 +399,17 @@ def split_documents(num_docs: int, val_fraction: float, seed: int) -> tuple[np.n
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+class Example(NamedTuple):
+    """One packed sequence: token ids, targets (-100 where there is none) and positions (restarting at 0 where a
+    packed conversation starts; -1 on padding). All (seq_len,) int64, or (batch, seq_len) once collated."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    positions: torch.Tensor
+
+
 class PackedDataset(torch.utils.data.Dataset):
-    """Fixed-length (input_ids, labels) sequences over some documents of a `TokenFile` (see module docstring).
+    """Fixed-length `Example`s over some documents of a `TokenFile` (see module docstring).
 
     `part` selects, when the file holds a single document, which side of its token-level split to use:
     the first (1 - val_fraction) of its tokens for "train", the rest for "val".
@@ -412,23 +465,26 @@ class PackedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.num_sequences
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> Example:
         if not 0 <= index < self.num_sequences:
             raise IndexError(index)
-        if self.mode == "stream":
+        if self.mode == "stream":  # one stream: documents after one another see their predecessors, as in pretraining
             ids, mask = self._stream_slice(index * (self.seq_len - 1), self.seq_len)
+            positions = np.arange(self.seq_len, dtype=np.int64)
         else:
             ids = np.full(self.seq_len, self.pad_id, dtype=np.int64)
             mask = np.zeros(self.seq_len, dtype=np.int64)
+            positions = np.full(self.seq_len, -1, dtype=np.int64)
             at = 0
             for r in self.bins[index]:
                 s, e = self.ranges[r]
                 ids[at:at + e - s] = self.file.tokens[s:e]
                 mask[at:at + e - s] = self.file.mask[s:e]
+                positions[at:at + e - s] = np.arange(e - s)
                 at += e - s
         ids_t = torch.from_numpy(ids)
         labels = torch.where(torch.from_numpy(mask).bool(), ids_t, torch.full_like(ids_t, IGNORE_INDEX))
-        return ids_t, labels
+        return Example(ids_t, labels, torch.from_numpy(positions))
 
     def _stream_slice(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
         ids, mask = [], []
@@ -474,6 +530,6 @@ def global_batch_indices(step: int, global_batch: int, num_sequences: int, seed:
     return out
 
 
-def collate(dataset: PackedDataset, indices: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    pairs = [dataset[int(i)] for i in indices]
-    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+def collate(dataset: PackedDataset, indices: Iterable[int]) -> Example:
+    examples = [dataset[int(i)] for i in indices]
+    return Example(*(torch.stack(parts) for parts in zip(*examples)))

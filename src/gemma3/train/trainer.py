@@ -36,7 +36,7 @@ from gemma3.config import Gemma3Config, get_preset, hybrid_layer_types
 from gemma3.errors import CheckpointError, ConfigError, Gemma3Error
 from gemma3.train import checkpoint as ckpt
 from gemma3.train import distributed as dist_
-from gemma3.train.data import (IGNORE_INDEX, DataError, PackedDataset, TokenFile, collate, global_batch_indices,
+from gemma3.train.data import (IGNORE_INDEX, DataError, Example, PackedDataset, TokenFile, collate, global_batch_indices,
                                split_documents, unigram_loss)
 from gemma3.train.config import SCHEDULE_FIELDS, TrainConfig, lr_at, schedule
 from gemma3.train.lora import apply_lora, describe
@@ -361,7 +361,7 @@ class Trainer:
             return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _micro_batches(self, step: int) -> list[Example]:
         cfg, env = self.cfg, self.env
         idx = global_batch_indices(step, self.global_batch, len(self.train_set), cfg.seed)
         per_rank = cfg.batch_size * cfg.grad_accum
@@ -375,13 +375,13 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches = self._micro_batches(self.step)
-        counts = [int((y[:, 1:] != IGNORE_INDEX).sum()) for _, y in batches]
+        counts = [int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in batches]
         total = dist_.all_reduce_sum(torch.tensor(float(sum(counts)), device=dev), env)
         loss_sum = torch.zeros((), device=dev)
         self.module.train()
-        for i, ((x, y), n) in enumerate(zip(batches, counts)):
+        for i, (b, n) in enumerate(zip(batches, counts)):
             with dist_.gradient_sync(self.module, env, sync=i == len(batches) - 1), self._autocast():
-                loss = self.module(x.to(dev), labels=y.to(dev)).loss
+                loss = self.module(b.input_ids.to(dev), positions=b.positions.to(dev), labels=b.labels.to(dev)).loss
                 # this micro-batch's share of the step's mean; × world undoes DDP/FSDP's gradient averaging
                 (loss * (n * env.world_size) / total.clamp(min=1)).backward()
             loss_sum += loss.detach().float() * n
@@ -421,10 +421,10 @@ class Trainer:
         loss_sum = torch.zeros((), device=dev)
         count = torch.zeros((), device=dev)
         for i in range(0, len(mine), cfg.batch_size):
-            x, y = collate(self.val_set, mine[i:i + cfg.batch_size])
-            n = int((y[:, 1:] != IGNORE_INDEX).sum())
+            b = collate(self.val_set, mine[i:i + cfg.batch_size])
+            n = int((b.labels[:, 1:] != IGNORE_INDEX).sum())
             with self._autocast():
-                loss = self.module(x.to(dev), labels=y.to(dev)).loss
+                loss = self.module(b.input_ids.to(dev), positions=b.positions.to(dev), labels=b.labels.to(dev)).loss
             loss_sum += loss.float() * n
             count += n
         self.module.train()
