@@ -3,7 +3,7 @@ style model: ten tools (alarms, timers, messages, calls, calendar, reminders, we
 phone settings), each request written from templates whose slots are filled from value lists. Writes
 OUT/train.jsonl and OUT/test.jsonl, one record a line in the OpenAI fine-tuning / TRL format:
 
-    {"messages": [{"role": "developer", "content": TRIGGER},
+    {"messages": [{"role": "system", "content": TRIGGER},
                   {"role": "user", "content": "Wake me up at 6:30am"},
                   {"role": "assistant", "tool_calls": [{"id": "call_...", "type": "function",
                       "function": {"name": "set_alarm", "arguments": "{\"time\": \"06:30\"}"}}]}],
@@ -505,7 +505,7 @@ def join_requests(first: str, second: str, rng: random.Random) -> str:
 def make_record(draw: Draw) -> dict:
     rng = draw.rng
     kind = rng.choices(["call", "two_calls", "result", "no_call"], [0.70, 0.05, 0.15, 0.10])[0]
-    system = {"role": "developer", "content": TRIGGER}
+    system = {"role": "system", "content": TRIGGER}  # FunctionGemma calls it developer; the renderers take both
     if kind == "no_call":
         text, answer, offered = no_call(draw)
         messages = [system, {"role": "user", "content": text}, {"role": "assistant", "content": answer}]
