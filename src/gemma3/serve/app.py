@@ -299,7 +299,8 @@ class _Server:
 
         def compile_():
             if tools:
-                grammar = ToolCallGrammar.build(tools, choice, getattr(body, "parallel_tool_calls", True))
+                grammar = ToolCallGrammar.build(tools, choice, getattr(body, "parallel_tool_calls", True),
+                                                self.tokenizer)
                 for i, tool in enumerate(tools):  # each schema must be one llguidance compiles as JSON schema too
                     if tool.parameters is not None:
                         try:
