@@ -372,11 +372,18 @@ def _grammar_text(tools: Sequence[Tool], choice: ToolChoice, parallel: bool, con
     return "\n".join(lines) + "\n"
 
 
+def tool_constraint(tools: Sequence[Tool], choice: ToolChoice, parallel: bool, tokenizer,
+                    stop_strings: Sequence[str] = ()) -> tuple[ToolCallGrammar, tuple[str, ...]]:
+    """The grammar for a turn that may call `tools`, and `stop_strings` with the one that ends such a turn:
+    after its calls the model writes `<start_function_response>` and waits for the results."""
+    grammar = ToolCallGrammar.build(tools, choice, parallel, tokenizer)
+    return grammar, tuple(stop_strings) + ((START_RESPONSE,) if START_RESPONSE not in stop_strings else ())
+
+
 def with_tools(config, tools: Sequence[Tool], choice: ToolChoice, parallel: bool = True, tokenizer=None):
-    """A copy of a GenerationConfig that generates under the tool grammar (`tokenizer`: the generator's) and stops
-    where the model hands its calls over (`<start_function_response>`); `config` itself where there are no tools."""
+    """A copy of a GenerationConfig that generates under the tool grammar (`tool_constraint`; `tokenizer`: the
+    generator's); `config` itself where there are no tools."""
     if not tools:
         return config
-    grammar = ToolCallGrammar.build(tools, choice, parallel, tokenizer)
-    stops = tuple(config.stop_strings) + ((START_RESPONSE,) if START_RESPONSE not in config.stop_strings else ())
+    grammar, stops = tool_constraint(tools, choice, parallel, tokenizer, config.stop_strings)
     return dataclasses.replace(config, grammar=grammar, stop_strings=stops)
