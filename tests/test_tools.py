@@ -573,6 +573,12 @@ def choice_of(mode: str) -> ToolChoice:
     return {"named": ToolChoice("function", "now"), "single": ToolChoice("required")}.get(mode, ToolChoice(mode))
 
 
+# values of any shape, and a constant, each with strings inside (<escape> tokens in a rule, not a terminal)
+SHAPES = {"type": "function", "function": {"name": "shapes", "parameters": {"type": "object", "properties": {
+    "any": {}, "map": {"type": "object", "additionalProperties": {"type": "string", "enum": ["q", "r"]}},
+    "fixed": {"const": {"k": ["a", 1]}}}, "required": ["fixed"]}}}
+SHAPES_ARGS = {"any": {"x": ["s", 2, None, {"y": "z"}]}, "map": {"m": "q"}, "fixed": {"k": ["a", 1]}}
+
 # per choice: model outputs the grammar accepts, each with what it reads back into (content, [(name, arguments)]),
 # and outputs it refuses
 CONTROL_TOKEN_CASES = {
@@ -584,9 +590,12 @@ CONTROL_TOKEN_CASES = {
               f"text {ESCAPE} outside a call"]),
     "required": ([(FULL + render_call("now", {}) + START_RESPONSE, ("", [("get_weather", FULL_ARGS), ("now", {})])),
                   (render_call("get_weather", {"location": "", "days": 1}),  # two <escape> tokens in a row
-                   ("", [("get_weather", {"location": "", "days": 1})]))],
+                   ("", [("get_weather", {"location": "", "days": 1})])),
+                  (render_call("shapes", SHAPES_ARGS), ("", [("shapes", SHAPES_ARGS)]))],
                  ["Sure. " + GOOD,  # text
-                  render_call("get_weather", {"location": "Paris", "days": 2, "unit": "kelvin"})]),  # enum
+                  render_call("get_weather", {"location": "Paris", "days": 2, "unit": "kelvin"}),  # enum
+                  render_call("shapes", {**SHAPES_ARGS, "fixed": {"k": ["b", 1]}}),  # not the constant
+                  render_call("shapes", {**SHAPES_ARGS, "map": {"m": "s"}})]),  # enum
     "named": ([(render_call("now", {}), ("", [("now", {})]))],
               [GOOD]),
     "single": ([(GOOD, ("", [("get_weather", {"location": "Paris", "days": 3})]))],
@@ -617,8 +626,8 @@ def test_grammar_takes_single_token_control_strings_by_id(functiongemma_tokenize
     from gemma3.generation.tool_grammar import ToolCallGrammar
 
     tokenizer = functiongemma_tokenizer
-    grammar = ToolCallGrammar.build(parse_tools(GRAMMAR_TOOLS), choice_of(mode), parallel=mode != "single",
-                                    tokenizer=tokenizer)
+    grammar = ToolCallGrammar.build(parse_tools(GRAMMAR_TOOLS + [SHAPES]), choice_of(mode),
+                                    parallel=mode != "single", tokenizer=tokenizer)
     accepted, refused = CONTROL_TOKEN_CASES[mode]
     for text, (content, calls) in accepted:
         ids = tokenizer.encode(text, add_bos=False)

@@ -74,7 +74,8 @@ def _regex(pattern: str) -> str:
 _CONTROL = "(?:" + "|".join(re.escape(c) for c in CONTROL_STRINGS) + ")"
 
 
-ControlTokens = tuple[tuple[str, int | None], ...]  # (control string, its one token id or None), in CONTROL_STRINGS order
+# (control string, the one token id it is written as or None), in CONTROL_STRINGS order
+ControlTokens = tuple[tuple[str, int | None], ...]
 
 
 def control_tokens(tokenizer) -> ControlTokens:
