@@ -81,6 +81,41 @@ def tiny_hf_dir(tmp_path_factory, official_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def functiongemma_tokenizer(tmp_path_factory, official_tokenizer):
+    """The official tokenizer with <unused40>..<unused46> (ids 46-52, added tokens that are not special) named
+    after FunctionGemma's control strings, as FunctionGemma's vocabulary has them: each encodes as its one id."""
+    import json
+
+    from gemma3.text.tokenizer import Tokenizer
+    from gemma3.text.tools import CONTROL_STRINGS
+
+    data = json.loads((official_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    names = dict(zip(range(46, 53), CONTROL_STRINGS))
+    for token in data["added_tokens"]:
+        if token["id"] in names:
+            del data["model"]["vocab"][token["content"]]
+            token["content"] = names[token["id"]]
+            data["model"]["vocab"][token["content"]] = token["id"]
+    path = tmp_path_factory.mktemp("functiongemma") / "tokenizer.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return Tokenizer.from_file(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_functiongemma(functiongemma_tokenizer):
+    """A small random Gemma 3 with the FunctionGemma-style vocabulary and a 512-token context (room for a prompt
+    that declares tools, and the calls)."""
+    from reference import random_model
+
+    from gemma3.config import Gemma3Config, hybrid_layer_types
+
+    config = Gemma3Config(num_hidden_layers=2, sliding_window=8, layer_types=hybrid_layer_types(2),
+                          max_position_embeddings=512, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                          head_dim=8, query_pre_attn_scalar=8)
+    return random_model(config), functiongemma_tokenizer
+
+
+@pytest.fixture(scope="session")
 def real_270m(gguf_path):
     """Our model and tokenizer on the embedded real 270M, fp32 (loaded once per test session)."""
     from gemma3.loading import load

@@ -194,3 +194,30 @@ def test_bad_requests_are_400s_naming_the_problem(http, extra, param, message):
     ok = http.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, "max_tokens": 2,
                                                  "temperature": 0})
     assert ok.status_code == 200
+
+
+def test_a_functiongemma_vocabulary_calls_with_its_control_tokens(tiny_functiongemma):
+    """The server builds the grammar for its own tokenizer: where each control string is one token (a random
+    model, in-process), a required or named call is written with those tokens and comes back as tool_calls."""
+    from starlette.testclient import TestClient
+
+    from gemma3.serve.app import ServerConfig, create_app
+    from gemma3.serve.scheduler import Scheduler
+
+    model, tokenizer = tiny_functiongemma
+    scheduler = Scheduler(model, tokenizer, max_batch=2, context=512).start()
+    try:
+        with TestClient(create_app(scheduler, ServerConfig(model_name=MODEL))) as http:
+            for seed, choice in enumerate(["required", {"type": "function", "function": {"name": "book_table"}}]):
+                r = http.post("/v1/chat/completions", json={
+                    "model": MODEL, "messages": MESSAGES, "tools": TOOLS, "tool_choice": choice, "temperature": 1.0,
+                    "max_tokens": 200, "seed": seed, "logprobs": True})
+                assert r.status_code == 200, r.text
+                [out] = r.json()["choices"]
+                assert out["finish_reason"] == "tool_calls" and out["message"]["tool_calls"]
+                for call in out["message"]["tool_calls"]:
+                    jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMAS[call["function"]["name"]])
+                tokens = [t["token"] for t in out["logprobs"]["content"]]
+                assert tokens[0] == "<start_function_call>"  # one token, not the text spelled out
+    finally:
+        scheduler.close()

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 from gemma3.errors import Gemma3Error
 from gemma3.text.chat import ChatTemplate, render_chat
-from gemma3.text.tools import (END_CALL, ESCAPE, START_CALL, START_RESPONSE, TRIGGER, ToolCallParser, ToolChoice,
-                               parse_tool_calls, parse_tool_choice, parse_tools, prepare_messages, render_call,
-                               render_declaration, render_response)
+from gemma3.text.tools import (CONTROL_STRINGS, END_CALL, ESCAPE, START_CALL, START_RESPONSE, TRIGGER, ToolCallParser,
+                               ToolChoice, parse_tool_calls, parse_tool_choice, parse_tools, prepare_messages,
+                               render_call, render_declaration, render_response)
 
 TEMPLATE_FILE = Path(__file__).parent / "fixtures" / "functiongemma_chat_template.jinja"
 OFFICIAL = TEMPLATE_FILE.read_text(encoding="utf-8")  # google/functiongemma-270m-it chat_template.jinja
@@ -395,8 +395,9 @@ def accepts(grammar, tokenizer, text: str) -> bool:
 
 
 GOOD = render_call("get_weather", {"location": "Paris", "days": 3})
-FULL = render_call("get_weather", {"location": "Paris, FR", "days": 14, "unit": "celsius", "detailed": True,
-                                   "where": {"lat": 48.85, "lon": 2.35}, "tags": ["a", "b{c}"]})
+FULL_ARGS = {"location": "Paris, FR", "days": 14, "unit": "celsius", "detailed": True,
+             "where": {"lat": 48.85, "lon": 2.35}, "tags": ["a", "b{c}"]}
+FULL = render_call("get_weather", FULL_ARGS)
 
 
 @pytest.mark.parametrize("mode, text, ok", [
@@ -552,23 +553,11 @@ def test_any_schema_builds_or_is_refused_with_a_reason(schema):
             pass
 
 
-def test_a_functiongemma_vocabulary_has_the_control_strings_as_single_tokens(tmp_path, official_tokenizer):
+def test_a_functiongemma_vocabulary_has_the_control_strings_as_single_tokens(functiongemma_tokenizer):
     """FunctionGemma names Gemma 3's <unused40>..<unused46> (ids 46-52, added tokens that are not special) after
-    its control strings: a prompt then encodes each one as its single id and decodes back to the same text.
-    (Not yet: the grammar takes the text spelling only — llguidance counts every added token as special, so a
-    FunctionGemma checkpoint under a tool grammar is kept to the multi-token spelling; see #28's note.)"""
-    from gemma3.text.tokenizer import Tokenizer
-    from gemma3.text.tools import CONTROL_STRINGS
-
-    data = json.loads((official_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    its control strings: a prompt then encodes each one as its single id and decodes back to the same text."""
+    tokenizer = functiongemma_tokenizer
     names = dict(zip(range(46, 53), CONTROL_STRINGS))
-    for token in data["added_tokens"]:
-        if token["id"] in names:
-            del data["model"]["vocab"][token["content"]]
-            token["content"] = names[token["id"]]
-            data["model"]["vocab"][token["content"]] = token["id"]
-    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
-    tokenizer = Tokenizer.from_file(tmp_path / "tokenizer.json")
     text = render_chat(DOC_MESSAGES, add_generation_prompt=False, tools=[WEATHER])
     ids = tokenizer.encode(text, add_bos=False)
     for token_id, name in names.items():
@@ -578,3 +567,118 @@ def test_a_functiongemma_vocabulary_has_the_control_strings_as_single_tokens(tmp
     assert tokenizer.encode(call, add_bos=False)[0] == 48
     _, [parsed] = parse_tool_calls(tokenizer.decode(tokenizer.encode(call, add_bos=False)))
     assert json.loads(parsed.arguments) == {"location": "Paris", "days": 3}
+
+
+def choice_of(mode: str) -> ToolChoice:
+    return {"named": ToolChoice("function", "now"), "single": ToolChoice("required")}.get(mode, ToolChoice(mode))
+
+
+# values of any shape, and a constant, each with strings inside (<escape> tokens in a rule, not a terminal)
+SHAPES = {"type": "function", "function": {"name": "shapes", "parameters": {"type": "object", "properties": {
+    "any": {}, "map": {"type": "object", "additionalProperties": {"type": "string", "enum": ["q", "r"]}},
+    "fixed": {"const": {"k": ["a", 1]}}}, "required": ["fixed"]}}}
+SHAPES_ARGS = {"any": {"x": ["s", 2, None, {"y": "z"}]}, "map": {"m": "q"}, "fixed": {"k": ["a", 1]}}
+
+# per choice: model outputs the grammar accepts, each with what it reads back into (content, [(name, arguments)]),
+# and outputs it refuses
+CONTROL_TOKEN_CASES = {
+    "none": ([("Only text.", ("Only text.", []))],
+             [GOOD]),  # a call
+    "auto": ([("Let me check. " + FULL + START_RESPONSE, ("Let me check. ", [("get_weather", FULL_ARGS)])),
+              ("Just text.", ("Just text.", []))],
+             ["Let me check. " + render_call("launch", {}),  # not a declared tool
+              f"text {ESCAPE} outside a call"]),
+    "required": ([(FULL + render_call("now", {}) + START_RESPONSE, ("", [("get_weather", FULL_ARGS), ("now", {})])),
+                  (render_call("get_weather", {"location": "", "days": 1}),  # two <escape> tokens in a row
+                   ("", [("get_weather", {"location": "", "days": 1})])),
+                  (render_call("shapes", SHAPES_ARGS), ("", [("shapes", SHAPES_ARGS)]))],
+                 ["Sure. " + GOOD,  # text
+                  render_call("get_weather", {"location": "Paris", "days": 2, "unit": "kelvin"}),  # enum
+                  render_call("shapes", {**SHAPES_ARGS, "fixed": {"k": ["b", 1]}}),  # not the constant
+                  render_call("shapes", {**SHAPES_ARGS, "map": {"m": "s"}})]),  # enum
+    "named": ([(render_call("now", {}), ("", [("now", {})]))],
+              [GOOD]),
+    "single": ([(GOOD, ("", [("get_weather", {"location": "Paris", "days": 3})]))],
+               [GOOD + render_call("now", {})]),  # parallel_tool_calls: false
+}
+
+
+def drive(grammar, tokenizer, text: str) -> ToolCallParser | None:
+    """Feed `text`'s tokens to a matcher and, decoded one by one, to a parser; the parser, or None where the
+    grammar refuses the text."""
+    ids = tokenizer.encode(text, add_bos=False)
+    matcher, parser = grammar.matcher(tokenizer, (1, 106)), ToolCallParser()
+    try:
+        for token in ids:
+            matcher.advance(token)
+            parser.push(tokenizer.decode([token]))
+    except Gemma3Error:
+        return None
+    parser.finish()
+    return parser if matcher._m.is_accepting() else None
+
+
+@pytest.mark.parametrize("mode", list(CONTROL_TOKEN_CASES))
+def test_grammar_takes_single_token_control_strings_by_id(functiongemma_tokenizer, mode):
+    """Where each control string is one token (llguidance never matches such a token against a literal's text),
+    the grammar still keeps each choice to its meaning, and what it accepts, fed token by token, reads back into
+    the same typed calls."""
+    from gemma3.generation.tool_grammar import ToolCallGrammar
+
+    tokenizer = functiongemma_tokenizer
+    grammar = ToolCallGrammar.build(parse_tools(GRAMMAR_TOOLS + [SHAPES]), choice_of(mode),
+                                    parallel=mode != "single", tokenizer=tokenizer)
+    accepted, refused = CONTROL_TOKEN_CASES[mode]
+    for text, (content, calls) in accepted:
+        ids = tokenizer.encode(text, add_bos=False)
+        assert sum(46 <= i <= 52 for i in ids) == sum(text.count(c) for c in CONTROL_STRINGS)  # one token each
+        parser = drive(grammar, tokenizer, text)
+        assert parser is not None, text
+        assert parser.text == content
+        # compared as JSON text: 14 and 14.0, or true and 1, would be equal as Python values
+        assert [(c.name, json.dumps(json.loads(c.arguments), sort_keys=True)) for c in parser.calls] == \
+            [(name, json.dumps(args, sort_keys=True)) for name, args in calls]
+    for text in refused:
+        assert drive(grammar, tokenizer, text) is None, text
+
+
+def test_the_grammar_cache_keys_on_the_control_token_ids(tokenizer, functiongemma_tokenizer):
+    """Gemma 3's vocabulary (control strings as text) gets the grammar built without a tokenizer, the very same
+    cached one; FunctionGemma's gets its own, with the control tokens by id."""
+    from gemma3.generation.tool_grammar import ToolCallGrammar
+
+    tools, choice = parse_tools(GRAMMAR_TOOLS), ToolChoice("auto")
+    as_text = ToolCallGrammar.build(tools, choice)
+    assert ToolCallGrammar.build(tools, choice, tokenizer=tokenizer) is as_text
+    by_id = ToolCallGrammar.build(tools, choice, tokenizer=functiongemma_tokenizer)
+    assert "<[48]>" in by_id.grammar and "<[48]>" not in as_text.grammar
+
+
+# strings bounded: a random model almost never picks the one token that closes a string
+BOUNDED_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+        "location": {"type": "string", "maxLength": 8}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 14}}, "required": ["location", "days"]}}},
+    NOARGS,
+]
+
+
+def test_generator_chat_writes_calls_with_the_control_tokens(tiny_functiongemma):
+    """A random model over the FunctionGemma-style vocabulary, told tool_choice="required", writes its calls with
+    the single control tokens, and they read back into calls that validate against their schemas."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from gemma3.generation import GenerationConfig, Generator, SamplingParams
+
+    model, tokenizer = tiny_functiongemma
+    gen = Generator(model, tokenizer)
+    messages = [{"role": "system", "content": TRIGGER}, {"role": "user", "content": "Weather in Paris?"}]
+    schemas = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in BOUNDED_TOOLS}
+    for seed, parallel in [(0, True), (1, False)]:
+        config = GenerationConfig(max_new_tokens=200, sampling=SamplingParams(temperature=1.0), seed=seed)
+        reply = gen.chat(messages, tools=BOUNDED_TOOLS, tool_choice="required", parallel_tool_calls=parallel,
+                         config=config)
+        assert reply.tool_calls and reply.finish_reason == "tool_calls" and reply.content == ""
+        ids = reply.result.token_ids
+        assert ids[0] == 48 and ids.count(48) == ids.count(49) == len(reply.tool_calls) <= (3 if parallel else 1)
+        for call in reply.tool_calls:
+            jsonschema.validate(json.loads(call.arguments), schemas[call.name])

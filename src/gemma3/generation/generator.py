@@ -172,7 +172,7 @@ class Generator:
         from gemma3.generation.tool_grammar import with_tools
 
         tools, choice = _tools_and_choice(tools, tool_choice)
-        config = with_tools(config or GenerationConfig(), tools, choice, parallel_tool_calls)
+        config = with_tools(config or GenerationConfig(), tools, choice, parallel_tool_calls, self.tokenizer)
         text = render_chat(messages, add_generation_prompt=True, template=template, tools=tools)
         result = self.generate(self.tokenizer.encode(text, add_bos=not text.startswith("<bos>")), config)
         return _reply(result.text, result)
@@ -386,7 +386,7 @@ class ChatSession:
         if self.tools:
             from gemma3.generation.tool_grammar import with_tools
 
-            config = with_tools(config, self.tools, choice, self.parallel_tool_calls)
+            config = with_tools(config, self.tools, choice, self.parallel_tool_calls, self.gen.tokenizer)
         ids = self._render(messages)
         room = self.context_length - config.max_new_tokens
         while len(ids) > room and len(messages) > 1:

@@ -24,8 +24,13 @@ as (possibly recursive) rules. Keywords the grammar cannot enforce (`not`, `if`,
 `patternProperties`, ...) are refused with an error naming them, rather than silently not enforced; pure
 annotations (`title`, `description`, `default`, `examples`, `format`, ...) are ignored.
 
-The grammar text depends on the tools, the choice and `parallel_tool_calls` only, so it is compiled once
-and cached; a matcher per generated row costs ~60 µs a token to mask (benchmarks/bench_tools.py).
+The control strings are text in Gemma 3's vocabulary (several tokens each, written as string literals) but
+single added tokens in FunctionGemma's (ids 46-52): llguidance never matches an added token against a literal's
+text, so a control string the tokenizer writes as one token is referenced by its id (`<[48]>`), and is kept out
+of terminals (text then a call, `<escape>` ... `<escape>`: rules around the token).
+
+The grammar text depends on the tools, the choice, `parallel_tool_calls` and those token ids only, so it is
+compiled once and cached; a matcher per generated row costs ~60 µs a token to mask (benchmarks/bench_tools.py).
 """
 
 from __future__ import annotations
@@ -69,10 +74,24 @@ def _regex(pattern: str) -> str:
 _CONTROL = "(?:" + "|".join(re.escape(c) for c in CONTROL_STRINGS) + ")"
 
 
-class _Builder:
-    """Turns schemas into rules; `rules` maps a name to its body."""
+# (control string, the one token id it is written as or None), in CONTROL_STRINGS order
+ControlTokens = tuple[tuple[str, int | None], ...]
 
-    def __init__(self, root: Mapping | None):
+
+def control_tokens(tokenizer) -> ControlTokens:
+    """Each control string and the one token id `tokenizer` writes it as, or None where it takes several tokens
+    (Gemma 3's own vocabulary); all None without a tokenizer."""
+    ids = [tokenizer.encode(c, add_bos=False) if tokenizer is not None else [] for c in CONTROL_STRINGS]
+    return tuple((c, i[0] if len(i) == 1 else None) for c, i in zip(CONTROL_STRINGS, ids))
+
+
+class _Builder:
+    """Turns schemas into rules; `rules` maps a name to its body. `controls`: the control strings written as
+    one token each, by id."""
+
+    def __init__(self, root: Mapping | None, controls: Mapping[str, int]):
+        self.controls = controls
+        self._split = re.compile("(" + "|".join(re.escape(c) for c in controls) + ")") if controls else None
         self.rules: dict[str, str] = {}
         self.terminals: dict[str, str] = {}
         self.root = root or {}
@@ -81,10 +100,30 @@ class _Builder:
         self._numbers: dict[str, str] = {}
         self._any = False
 
+    def _fresh(self, prefix: str) -> str:
+        return f"{prefix}{len(self.rules) + len(self.terminals)}"
+
     def _new(self, prefix: str, body: str, terminal: bool = False) -> str:
-        table = self.terminals if terminal else self.rules
-        name = f"{prefix}{len(self.rules) + len(self.terminals)}"
-        table[name] = body
+        name = self._fresh(prefix)
+        (self.terminals if terminal else self.rules)[name] = body
+        return name
+
+    def spell(self, text: str) -> str:
+        """Grammar for exactly `text`: a literal, with each control string that is one token as `<[id]>`."""
+        if self._split is None:
+            return _lit(text)
+        parts = self._split.split(text)  # odd places: the control strings
+        return " ".join(f"<[{self.controls[p]}]>" if i % 2 else _lit(p) for i, p in enumerate(parts) if p)
+
+    def delimited(self, name: str, body: str) -> str:
+        """`<escape>` body `<escape>` as the terminal `name`, or as a rule where `<escape>` is one token (a token
+        cannot sit inside a terminal)."""
+        escape = self.spell(ESCAPE)
+        if ESCAPE in self.controls:
+            name = name.lower()
+            self.rules[name] = f"{escape} {body} {escape}"
+        else:
+            self.terminals[name] = f"{escape} {body} {escape}"
         return name
 
     # ------------------------------------------------------------------ values
@@ -105,12 +144,12 @@ class _Builder:
         if "$ref" in schema:
             return self.ref(schema["$ref"], at)
         if "const" in schema:
-            return _lit(format_value(schema["const"], escape_keys=False))
+            return self.spell(format_value(schema["const"], escape_keys=False))
         if "enum" in schema:
             values = schema["enum"]
             if not isinstance(values, list) or not values:
                 raise Gemma3Error(f"{at}.enum must be a non-empty list")
-            return "(" + " | ".join(_lit(format_value(v, escape_keys=False)) for v in values) + ")"
+            return "(" + " | ".join(self.spell(format_value(v, escape_keys=False)) for v in values) + ")"
         for key in ("anyOf", "oneOf"):
             if key in schema:
                 options = schema[key]
@@ -196,7 +235,7 @@ class _Builder:
         body = " & ".join(terms)
         if body not in self._strings:
             body_name = self._new("STRBODY", body, terminal=True)
-            self._strings[body] = self._new("STR", f"{_lit(ESCAPE)} {body_name} {_lit(ESCAPE)}", terminal=True)
+            self._strings[body] = self.delimited(self._fresh("STR"), body_name)
         return self._strings[body]
 
     def object(self, schema: Mapping, at: str) -> str:
@@ -245,11 +284,11 @@ class _Builder:
     def any_value(self) -> str:
         if not self._any:
             self._any = True
-            self.terminals["ANYSTR"] = f"{_lit(ESCAPE)} ANYBODY {_lit(ESCAPE)}"
+            string = self.delimited("ANYSTR", "ANYBODY")
             self.terminals["ANYBODY"] = "/[^<]*/"
             self.terminals["ANYKEY"] = r"/[A-Za-z_][A-Za-z0-9_\-]*/"
             number = self.number({"type": "number"})
-            self.rules["anyvalue"] = f'ANYSTR | {number} | "true" | "false" | "null" | anyobject | anyarray'
+            self.rules["anyvalue"] = f'{string} | {number} | "true" | "false" | "null" | anyobject | anyarray'
             self.rules["anyobject"] = '"{" (ANYKEY ":" anyvalue ("," ANYKEY ":" anyvalue)*)? "}"'
             self.rules["anyarray"] = '"[" (anyvalue ("," anyvalue)*)? "]"'
         return "anyvalue"
@@ -271,17 +310,21 @@ class ToolCallGrammar(Grammar):
     """The grammar for one request's tools and tool choice (see the module docstring)."""
 
     @classmethod
-    def build(cls, tools: Sequence[Tool], choice: ToolChoice, parallel: bool = True) -> "ToolCallGrammar":
-        key = (json.dumps([t.as_openai() for t in tools], sort_keys=True), choice, parallel)
+    def build(cls, tools: Sequence[Tool], choice: ToolChoice, parallel: bool = True,
+              tokenizer=None) -> "ToolCallGrammar":
+        """`tokenizer`: the one the grammar will run over (None: the control strings are text, as in Gemma 3's
+        own vocabulary)."""
+        key = (json.dumps([t.as_openai() for t in tools], sort_keys=True), choice, parallel,
+               control_tokens(tokenizer))
         return _compiled(*key)
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(tools_json: str, choice: ToolChoice, parallel: bool) -> ToolCallGrammar:
+def _compiled(tools_json: str, choice: ToolChoice, parallel: bool, controls: ControlTokens) -> ToolCallGrammar:
     from gemma3.text.tools import parse_tools
 
     tools = parse_tools(json.loads(tools_json))
-    text = _grammar_text(tools, choice, parallel)
+    text = _grammar_text(tools, choice, parallel, {c: i for c, i in controls if i is not None})
     llg = _llguidance()
     try:
         grammar = llg.grammar_from("lark", text)
@@ -293,8 +336,8 @@ def _compiled(tools_json: str, choice: ToolChoice, parallel: bool) -> ToolCallGr
     return ToolCallGrammar(grammar, f"tools ({choice.mode})")
 
 
-def _grammar_text(tools: Sequence[Tool], choice: ToolChoice, parallel: bool) -> str:
-    builder = _Builder(None)
+def _grammar_text(tools: Sequence[Tool], choice: ToolChoice, parallel: bool, controls: Mapping[str, int]) -> str:
+    builder = _Builder(None, controls)
     control = _regex(f"(?s:.*){_CONTROL}(?s:.*)")
     lines = ["%llguidance {}"]
     builder.terminals["TEXT"] = f"/(?s:.*)/ & ~{control}"
@@ -311,25 +354,37 @@ def _grammar_text(tools: Sequence[Tool], choice: ToolChoice, parallel: bool) -> 
             except RecursionError:
                 raise Gemma3Error(f"tool {tool.name!r}: the schema nests too deeply") from None
         builder.rules["callbody"] = " | ".join(bodies)
-        builder.terminals["TEXTCALL"] = f"TEXT {_lit(START_CALL)}"
-        end = f"({_lit(START_RESPONSE)})?"
-        more = f"({_lit(START_CALL)} callbody {_lit(END_CALL)}){{0,{MAX_CALLS - 1}}}" if parallel else ""
-        first_call = f"callbody {_lit(END_CALL)} {more}".strip()
+        call, end_call = builder.spell(START_CALL), builder.spell(END_CALL)
+        # Text then a call: as text, `<start_function_call>` must share one terminal with the text before it (the
+        # greedy TEXT would end at `<start_function_call` and leave `>` to match nothing); a token cannot sit in one
+        text_call = f"TEXT {call}"
+        if START_CALL not in controls:
+            builder.terminals["TEXTCALL"], text_call = text_call, "TEXTCALL"
+        end = f"({builder.spell(START_RESPONSE)})?"
+        more = f"({call} callbody {end_call}){{0,{MAX_CALLS - 1}}}" if parallel else ""
+        first_call = f"callbody {end_call} {more}".strip()
         if choice.mode == "auto":
-            start = f"TEXT | TEXTCALL {first_call} {end}"
+            start = f"TEXT | {text_call} {first_call} {end}"
         else:
-            start = f"{_lit(START_CALL)} {first_call} {end}"
+            start = f"{call} {first_call} {end}"
     lines.append(f"start: {start}")
     lines += [f"{name}: {body}" for name, body in builder.rules.items()]
     lines += [f"{name}: {body}" for name, body in builder.terminals.items()]
     return "\n".join(lines) + "\n"
 
 
-def with_tools(config, tools: Sequence[Tool], choice: ToolChoice, parallel: bool = True):
-    """A copy of a GenerationConfig that generates under the tool grammar and stops where the model hands its
-    calls over (`<start_function_response>`); `config` itself where there are no tools."""
+def tool_constraint(tools: Sequence[Tool], choice: ToolChoice, parallel: bool, tokenizer,
+                    stop_strings: Sequence[str] = ()) -> tuple[ToolCallGrammar, tuple[str, ...]]:
+    """The grammar for a turn that may call `tools`, and `stop_strings` with the one that ends such a turn:
+    after its calls the model writes `<start_function_response>` and waits for the results."""
+    grammar = ToolCallGrammar.build(tools, choice, parallel, tokenizer)
+    return grammar, tuple(stop_strings) + ((START_RESPONSE,) if START_RESPONSE not in stop_strings else ())
+
+
+def with_tools(config, tools: Sequence[Tool], choice: ToolChoice, parallel: bool = True, tokenizer=None):
+    """A copy of a GenerationConfig that generates under the tool grammar (`tool_constraint`; `tokenizer`: the
+    generator's); `config` itself where there are no tools."""
     if not tools:
         return config
-    grammar = ToolCallGrammar.build(tools, choice, parallel)
-    stops = tuple(config.stop_strings) + ((START_RESPONSE,) if START_RESPONSE not in config.stop_strings else ())
+    grammar, stops = tool_constraint(tools, choice, parallel, tokenizer, config.stop_strings)
     return dataclasses.replace(config, grammar=grammar, stop_strings=stops)

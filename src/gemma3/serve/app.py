@@ -42,7 +42,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from gemma3.text.chat import render_chat
-from gemma3.text.tools import START_RESPONSE, ToolCallParser, finish_reason, parse_tool_choice, parse_tools
+from gemma3.text.tools import ToolCallParser, finish_reason, parse_tool_choice, parse_tools
 from gemma3.errors import Gemma3Error
 from gemma3.generation.sampling import SamplingParams
 from gemma3.serve.openapi import openapi_document
@@ -289,17 +289,21 @@ class _Server:
             top_k=top_k, top_p=DEFAULTS.top_p if body.top_p is None else body.top_p,
             min_p=body.min_p or 0.0, repetition_penalty=body.repetition_penalty or 1.0)
 
-    async def _grammar(self, body: _Sampling, tools=None):
+    async def _constraint(self, body: _Sampling, tools=None) -> tuple[Any, tuple[str, ...]]:
+        """The request's grammar (None: free text) and its stop strings."""
         fmt = body.response_format
         tools, choice = tools or ([], None)
+        stops = tuple(body.stop or ())
         if (fmt is None or fmt.type == "text") and not tools:
-            return None
+            return None, stops
         from gemma3.generation.structured import JsonGrammar, engine_tokenizer
-        from gemma3.generation.tool_grammar import ToolCallGrammar
+        from gemma3.generation.tool_grammar import tool_constraint
 
         def compile_():
+            stop_strings = stops
             if tools:
-                grammar = ToolCallGrammar.build(tools, choice, getattr(body, "parallel_tool_calls", True))
+                grammar, stop_strings = tool_constraint(tools, choice, getattr(body, "parallel_tool_calls", True),
+                                                        self.tokenizer, stops)
                 for i, tool in enumerate(tools):  # each schema must be one llguidance compiles as JSON schema too
                     if tool.parameters is not None:
                         try:
@@ -313,7 +317,7 @@ class _Server:
                     raise Gemma3Error("json_schema is required when type is json_schema")
                 grammar = JsonGrammar.from_schema(fmt.json_schema.schema_)
             engine_tokenizer(self.tokenizer, self.scheduler.stop_ids)  # built here, not on the scheduler thread
-            return grammar
+            return grammar, stop_strings
 
         param = "tools" if tools else "response_format"
         try:
@@ -330,9 +334,8 @@ class _Server:
                                 f"{len(prompt)}-token prompt in the {context}-token context", param="max_tokens",
                            code="context_length_exceeded")
         sampling = self._sampling(body)
-        grammar = await self._grammar(body, tools)
+        grammar, stops = await self._constraint(body, tools)
         with_tools = bool(tools and tools[0])
-        stops = tuple(body.stop or ()) + ((START_RESPONSE,) if with_tools else ())
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         kind = "chatcmpl" if chat else "cmpl"
