@@ -32,7 +32,7 @@ def config(tmp_path: Path, out: str = "run", **kw) -> TrainConfig:
     base = dict(data=[str(corpus)], out_dir=str(tmp_path / out), init="270m", model_overrides=dict(ARCH),
                 tokenizer=str(tiny_tokenizer_file(tmp_path)), seq_len=32, batch_size=4, steps=8, lr=1e-2,
                 warmup_steps=2, val_fraction=0.2, eval_every=4, eval_batches=2, save_every=4, sample_tokens=8,
-                progress=False, data_cache=str(tmp_path / "cache"))
+                progress=False, data_cache=str(tmp_path / "cache"), precision="fp32")  # the same on every CPU
     base.update(kw)
     return TrainConfig(**base)
 
@@ -272,3 +272,20 @@ def test_run_directory_is_a_model_source(tmp_path):
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
     config_json = json.loads((ckpt.latest_checkpoint(tmp_path / "run") / "config.json").read_text())
     assert config_json["dtype"] == "float32"  # what the weights beside it are
+
+
+def test_epochs_set_the_steps_from_the_packed_data(tmp_path, capsys):
+    from gemma3.cli import main
+    from gemma3.train import Trainer
+
+    trainer = Trainer(config(tmp_path, steps=999, epochs=2.5, batch_size=3))
+    sequences = len(trainer.train_set)
+    assert trainer.cfg.steps == -(-5 * sequences // (2 * 3)) and trainer.cfg.steps != 999  # ceil(2.5 × n / 3)
+    trainer.close()
+    args = [a for a in cli_args(tmp_path, "both")]
+    assert main(["train", *args, "--steps", "3", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--steps or --epochs, not both" in err
+    for bad in ("0", "-1", "nan", "inf"):
+        assert main(["train", *cli_args(tmp_path, f"bad{bad}"), "--epochs", bad]) == 2
+        assert "epochs must be a number in (0, 10000]" in capsys.readouterr().err

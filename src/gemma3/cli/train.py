@@ -56,6 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--data-cache", help="where token files go (default: OUT/data)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, default=1000, help="optimizer steps (default: 1000)")
+    o.add_argument("--epochs", type=float, metavar="N",
+                   help="instead of --steps: N passes over the training sequences (steps = ceil(N x sequences / "
+                        "global batch), said at the start)")
     o.add_argument("-b", "--batch-size", type=int, default=8, help="sequences per micro-batch per process (default: 8)")
     o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default: 1)")
     o.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default: 3e-4)")
@@ -113,7 +116,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # TrainConfig fields set by flags of the same name
 FLAG_FIELDS = ("out_dir", "model", "init", "tokenizer", "seq_len", "val_fraction", "text_field", "data_cache",
-               "steps", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
+               "steps", "epochs", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
                "grad_clip", "precision", "gradient_checkpointing", "seed", "device", "distributed", "eval_every",
                "eval_batches", "sample_every", "sample_tokens", "sample_temperature", "save_every", "keep",
                "resume", "overwrite", "tensorboard")
@@ -126,6 +129,8 @@ def config_from_args(args: argparse.Namespace):
     from gemma3.train.rundir import resumed_config
 
     given = {name: getattr(args, name) for name in FLAG_FIELDS if getattr(args, name) is not None}
+    if "steps" in given and "epochs" in given:
+        raise Gemma3Error("give --steps or --epochs, not both (--epochs sets the number of steps)")
     if args.data:
         given["data"] = args.data
     overrides = {name: getattr(args, name) for name in ARCH_FLAGS if getattr(args, name) is not None}

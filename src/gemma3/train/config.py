@@ -34,6 +34,7 @@ class TrainConfig:
     data_cache: str | None = None  # default OUT/data
     # optimisation
     steps: int = 1000
+    epochs: float | None = None  # when set, `steps` is computed from it once the data is packed
     batch_size: int = 8  # sequences per micro-batch per process
     grad_accum: int = 1
     lr: float = 3e-4
@@ -79,6 +80,9 @@ class TrainConfig:
                 raise Gemma3Error(f"{name} must be a finite number >= 0, got {value!r}")
             if value > MAX_HYPERPARAMETER[name]:  # beyond these the update or the sampling overflows float32
                 raise Gemma3Error(f"{name} must be at most {MAX_HYPERPARAMETER[name]:g}, got {value!r}")
+        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, (int, float))
+                                        or not math.isfinite(self.epochs) or not 0 < self.epochs <= 1e4):
+            raise Gemma3Error(f"epochs must be a number in (0, 10000], got {self.epochs!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise Gemma3Error(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.init is not None and self.model is not None:

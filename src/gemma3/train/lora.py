@@ -38,7 +38,12 @@ class LoRALinear(nn.Module):
         self.lora_B.weight.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        base = self.base_layer.weight.dtype
+        if x.dtype != base and not torch.is_autocast_enabled(x.device.type):  # a frozen weight held in bf16
+            out = self.base_layer(x.to(base)).to(x.dtype)  # (hold_frozen_in), read outside autocast (samples)
+        else:
+            out = self.base_layer(x)
+        return out + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
     def delta(self) -> torch.Tensor:
         """The merged update (alpha / r) · B A, shape of the base weight, in fp32."""
@@ -65,6 +70,15 @@ def apply_lora(model: nn.Module, settings: LoraSettings, generator: torch.Genera
     if not wrapped:
         raise Gemma3Error(f"no linear layer named {', '.join(settings.targets)} in the model")
     return wrapped
+
+
+def hold_frozen_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store the frozen base weights of every LoRALinear in `dtype` (bf16 for mixed-precision training): they
+    are only read, by matmuls that autocast runs in bf16 anyway, so an fp32 copy would be cast on every call
+    and double their memory. The adapters stay fp32 (their optimizer needs the precision)."""
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.base_layer.weight.data = module.base_layer.weight.data.to(dtype)
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:

@@ -81,6 +81,8 @@ def resumed_config(out_dir: str | None, resume: str | bool, given: dict[str, Any
             raise CheckpointError(f"cannot resume {path} with {FIXED_ON_RESUME[name]} {value!r}: the run was trained "
                                   f"with {theirs!r} (leave the flag out to use the checkpoint's)")
     merged = {**base, **given, "out_dir": out_dir, "resume": resume}
+    if "steps" in given:  # a new --steps replaces the run's --epochs
+        merged["epochs"] = None
     return TrainConfig(**merged)
 
 

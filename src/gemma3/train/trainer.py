@@ -39,7 +39,7 @@ from gemma3.train import distributed as dist_
 from gemma3.train.data import (IGNORE_INDEX, DataError, Example, PackedDataset, TokenFile, collate, global_batch_indices,
                                split_documents, unigram_loss)
 from gemma3.train.config import SCHEDULE_FIELDS, TrainConfig, lr_at, schedule
-from gemma3.train.lora import apply_lora, describe
+from gemma3.train.lora import apply_lora, describe, hold_frozen_in
 from gemma3.train.loss import use_fused_loss
 from gemma3.weights.lora import write_adapter
 from gemma3.train.metrics import LOSS_PNG, METRICS, Metrics, plot_loss, progress_bar
@@ -180,6 +180,19 @@ def model_for_run(cfg: TrainConfig, main: bool):
     return model, tokenizer, config, origin
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products run natively, so mixed precision is faster than fp32: a CUDA GPU with bf16,
+    or a CPU with AVX-512 BF16 or AMX (elsewhere torch emulates bf16 and fp32 is faster)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # an older torch without the probes
+        return False
+
+
 # ----------------------------------------------------------------------------------------- the trainer
 class Trainer:
     """Sets a run up from a `TrainConfig` and runs it (`run()`); `train(cfg)` is the one-call form."""
@@ -198,6 +211,8 @@ class Trainer:
         origin = self._build_model()
         self._build_data()
         self.global_batch = cfg.batch_size * cfg.grad_accum * self.env.world_size
+        if cfg.epochs is not None:
+            cfg.steps = max(1, math.ceil(cfg.epochs * len(self.train_set) / self.global_batch))
         if resume_state is not None:
             self._check_resume(resume_state)
         self.module = dist_.wrap(self.model, self.env)  # what forward is called on (the model, DDP, or FSDP)
@@ -234,7 +249,9 @@ class Trainer:
         self.model = model.to(self.env.device)
         self.precision = cfg.precision
         if self.precision == "auto":
-            self.precision = "bf16" if self.env.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+            self.precision = "bf16" if native_bf16(self.env.device) else "fp32"
+        if self.precision == "bf16" and cfg.lora is not None:
+            hold_frozen_in(self.model, torch.bfloat16)  # only ever read by bf16 matmuls: half the bytes
         return origin
 
     def _build_optimizer(self) -> None:
@@ -264,6 +281,7 @@ class Trainer:
         self._say(f"data: {self.tokens.meta['num_tokens']:,} tokens in {self.tokens.num_docs:,} "
                   f"{self.tokens.kind} documents; {len(self.train_set):,} train / {len(self.val_set):,} held-out "
                   f"sequences of {cfg.seq_len}; global batch {self.global_batch} sequences"
+                  + (f"; {cfg.epochs:g} epochs = {cfg.steps:,} steps" if cfg.epochs is not None else "")
                   + (f"; unigram baseline {self.unigram:.3f}" if self.unigram is not None else ""))
         if self.resume_from:
             self._say(f"resuming from {self.resume_from} at step {self.step}")
