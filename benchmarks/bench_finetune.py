@@ -42,14 +42,15 @@ LORA_R, LORA_ALPHA = 16, 32.0
 SEED = 0
 
 
-def train_config(work: Path, mode: str, args, steps: int, tag: str):
+def train_config(work: Path, mode: str, args, steps: int, tag: str, precision: str | None = None):
     from gemma3.train import LoraSettings, TrainConfig
 
     lora = LoraSettings(r=LORA_R, alpha=LORA_ALPHA, dropout=0.0, targets=LORA_TARGETS) if mode == "lora" else None
     return TrainConfig(data=[str(work / "data.jsonl")], out_dir=str(work / f"run-{tag}"), lora=lora,
                        seq_len=args.seq_len, batch_size=args.batch, steps=steps, lr=args.lr, warmup_steps=2,
                        val_fraction=0.0, eval_every=0, sample_every=0, save_every=0, progress=False,
-                       data_cache=str(work / "cache"), seed=SEED, overwrite=True, precision=args.precision)
+                       data_cache=str(work / "cache"), seed=SEED, overwrite=True,
+                       precision=precision or args.precision)
 
 
 # ----------------------------------------------------------------------------------------------- preparation
@@ -63,16 +64,18 @@ def prepare(work: Path, args) -> None:
     from gemma3.train.lora import lora_modules
 
     data = work / "data.jsonl"
-    if args.data:
-        data.write_bytes(Path(args.data).read_bytes())
-    else:
+    source = Path(args.data) if args.data else work / "generated/train.jsonl"
+    if not args.data:
         subprocess.run([sys.executable, str(ROOT / "examples/tool_calling/generate_data.py"), "--train", "300",
                         "--test", "1", "--seed", "0", "--out", str(work / "generated")], check=True,
                        stdout=subprocess.DEVNULL)
-        data.write_bytes((work / "generated/train.jsonl").read_bytes())
+    _fitting(source, data, args.seq_len)
     steps = max(args.steps + 1, args.loss_steps)
-    trainer = Trainer(train_config(work, "lora", args, steps, "prepare"))
+    trainer = Trainer(train_config(work, "lora", args, steps, "prepare", precision="fp32"))
     batches = [trainer._micro_batches(s) for s in range(steps)]
+    b = batches[0][0]
+    with torch.no_grad():  # our fp32 loss of the first batch (the workers may train in bf16)
+        first = float(trainer.model(b.input_ids, positions=b.positions, labels=b.labels).loss)
     torch.save([[tuple(t for t in b) for b in step] for step in batches], work / "batches.pt")
     save_file({f"{name}.lora_A": m.lora_A.weight.detach().contiguous() for name, m in lora_modules(trainer.model).items()},
               str(work / "lora_init.safetensors"))
@@ -81,7 +84,29 @@ def prepare(work: Path, args) -> None:
     trainer.close()
     del trainer
     convert(None, work / "hf", to="hf", dtype="float32")
-    (work / "prepared.json").write_text(json.dumps({"steps": steps, "tokens": tokens, "targets": targets}))
+    (work / "prepared.json").write_text(json.dumps({"steps": steps, "tokens": tokens, "targets": targets,
+                                                    "first_loss_fp32": first}))
+
+
+def _fitting(source: Path, out: Path, seq_len: int) -> None:
+    """Copy the records of `source` that fit in one sequence (the trainer refuses a dataset with a longer one)."""
+    from gemma3.text.tokenizer import Tokenizer
+    from gemma3.train.data import _document, tokenize_document
+    from gemma3.weights.sources import embedded_gguf_path
+
+    tokenizer = Tokenizer.from_gguf(embedded_gguf_path())
+    kept, dropped = [], 0
+    for i, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            ids, _ = tokenize_document(_document(json.loads(line), f"{source}:{i}", "text"), tokenizer)
+            if len(ids) <= seq_len:
+                kept.append(line)
+            else:
+                dropped += 1
+    out.write_text("\n".join(kept) + "\n", encoding="utf-8")
+    if dropped:
+        print(f"{dropped} of {dropped + len(kept)} records are longer than --seq-len {seq_len}: left out",
+              file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------------- workers
@@ -95,9 +120,7 @@ def worker_ours(work: Path, mode: str, args, steps: int) -> dict:
     for s in (0, steps - 1):  # the same batches as the other side
         for mine, saved in zip(trainer._micro_batches(s), batches[s]):
             assert all(torch.equal(a, b) for a, b in zip(mine, saved)), "our batches differ from the saved ones"
-    b = trainer._micro_batches(0)[0]
-    with torch.no_grad():
-        first = float(trainer.model(b.input_ids, positions=b.positions, labels=b.labels).loss)
+    first = json.loads((work / "prepared.json").read_text())["first_loss_fp32"]
     times, losses = [], []
     for _ in range(steps):
         t = time.perf_counter()
@@ -203,6 +226,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="timed steps per run (after one warm-up step)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--loss-steps", type=int, default=0, help="also compare the loss after this many steps")
+    p.add_argument("--loss-modes", nargs="+", choices=("lora", "full"), help="modes for --loss-steps (default: --modes)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="ours (theirs: fp32)")
     p.add_argument("--work", help="working directory (default: a temporary one)")
@@ -235,7 +259,7 @@ def main() -> None:
                           file=sys.stderr)
         long = {}
         if args.loss_steps:
-            for mode in args.modes:
+            for mode in args.loss_modes or args.modes:
                 for side in ("ours", "hf"):
                     print(f"{side} {mode}: {args.loss_steps} steps for the loss comparison ...", file=sys.stderr)
                     long[(side, mode)] = _run_worker(work, side, mode, args, args.loss_steps)
@@ -248,7 +272,7 @@ def main() -> None:
                "theirs_rss_gib": round(min(x["peak_rss_gib"] for x in results[("hf", mode)]), 2),
                "first_loss_ours": ours["first_loss_fp32"], "first_loss_theirs": hf["first_loss_fp32"]}
         row["rss_ratio"] = round(row["ours_rss_gib"] / row["theirs_rss_gib"], 2)
-        if long:
+        if (("ours", mode)) in long:
             lo, lh = long[("ours", mode)]["losses"], long[("hf", mode)]["losses"]
             row.update(loss_steps=args.loss_steps, last_loss_ours=round(lo[-1], 4), last_loss_theirs=round(lh[-1], 4),
                        last_loss_rel_diff=round(abs(lo[-1] - lh[-1]) / abs(lh[-1]), 4),

@@ -176,7 +176,8 @@ def _tiny_model():
     return model.float()
 
 
-def test_a_packed_conversation_has_the_loss_it_has_alone(tmp_path):
+@pytest.mark.parametrize("packed_attention", [False, True], ids=["mask", "document-by-document"])
+def test_a_packed_conversation_has_the_loss_it_has_alone(tmp_path, packed_attention):
     """Positions restart at 0 for each packed conversation and the model reads the restart as a document
     boundary: each conversation's summed loss equals its loss alone (fp32, 1e-5), and padding changes nothing."""
     tok = Tokenizer.from_file(tiny_tokenizer_file(tmp_path))
@@ -188,6 +189,10 @@ def test_a_packed_conversation_has_the_loss_it_has_alone(tmp_path):
     ds = PackedDataset(tf, np.arange(5), seq_len=256)
     assert len(ds) == 1 and len(ds.bins[0]) == 5  # all five in one sequence, then padding
     model = _tiny_model()
+    if packed_attention:
+        from gemma3.train.attention import use_training_attention
+
+        use_training_attention(model)
     batch = collate(ds, [0])
     assert batch.positions[0, 0] == 0 and (batch.positions[0] == 0).sum() == 5 and batch.positions[0, -1] == -1
     with torch.no_grad():
@@ -233,3 +238,42 @@ def test_the_head_only_at_loss_positions_is_the_full_heads_loss_and_gradients():
     torch.testing.assert_close(gh, gh_full, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(gw, gw_full, rtol=1e-6, atol=1e-7)
     assert bool((gh[~keep] == 0).all())  # positions without a target get no gradient
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_packed_attention_is_the_masked_attention(window):
+    """Document by document (train/attention.py) = the fused kernel over the whole mask: outputs and gradients,
+    fp32, 1e-5 — with padding at the end, a document longer than the sliding window, and rows packed
+    differently; positions it cannot read as documents fall back to the mask."""
+    from gemma3.config import GLOBAL
+    from gemma3.model import GroupedQueryAttention, PackedMask, attention_mask, packed_documents
+    from gemma3.train.attention import TrainingAttention, document_spans
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    plain = GroupedQueryAttention(cfg)
+    packed = GroupedQueryAttention(cfg)
+    packed.load_state_dict(plain.state_dict())
+    packed.__class__ = TrainingAttention
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2, 0, 1, -1, -1],
+                              [0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
+    assert document_spans(positions) == [[(0, 9), (9, 12), (12, 16)], [(0, 3), (3, 16)]]
+    mask = attention_mask(positions, positions, window, packed_documents(positions))
+    B, T, H, K, hd = 2, 16, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(B, H, T, hd, generator=g, requires_grad=True)
+    k = torch.randn(B, K, T, hd, generator=g, requires_grad=True)
+    v = torch.randn(B, K, T, hd, generator=g, requires_grad=True)
+    want = plain.sdpa(q, k, v, mask)
+    got = packed.sdpa(q, k, v, PackedMask(mask, positions, window))
+    real = (positions >= 0)[:, None, :, None]
+    torch.testing.assert_close(got * real, want * real, rtol=1e-5, atol=1e-6)
+    grads_want = torch.autograd.grad((want * real).square().sum(), (q, k, v))
+    grads_got = torch.autograd.grad((got * real).square().sum(), (q, k, v))
+    for a, b in zip(grads_got, grads_want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert document_spans(torch.tensor([[0, 1, 3, 0, 1]])) is False  # a gap inside a document
+    assert document_spans(torch.tensor([[0, 1, -1, 2, 0]])) is False  # padding inside a document
+    odd = torch.tensor([[0, 1, 3, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]] * 2)
+    odd_mask = attention_mask(odd, odd, window, packed_documents(odd))
+    torch.testing.assert_close(packed.sdpa(q, k, v, PackedMask(odd_mask, odd, window)), plain.sdpa(q, k, v, odd_mask))

@@ -12,8 +12,8 @@ OUT/train.jsonl and OUT/test.jsonl, one record a line in the OpenAI fine-tuning 
 TRIGGER is FunctionGemma's system prompt, "You are a model that can do function calling with the following
 functions". The mix: ~70% one call; ~5% two calls in one request; ~15% where the call is followed by the
 tool's result (`role: tool`) and a short answer; ~10% where no offered tool fits (out of scope, chit-chat, or
-the right tool is not among those offered), answered with text and no call. `tools` is all ten a quarter of
-the time, else a shuffled subset that holds the tools the answer calls. Optional arguments are set exactly
+the right tool is not among those offered), answered with text and no call. `tools` is all ten a tenth of
+the time, else a shuffled subset of up to three more that holds the tools the answer calls. Optional arguments are set exactly
 when the request states them; every value is valid against its schema (`--check` proves it).
 
 The test split measures generalisation: each list of templates and values (names, cities, times, songs, unit
@@ -527,8 +527,9 @@ def make_record(draw: Draw) -> dict:
             answers.append(answer)
         messages.append({"role": "assistant", "content": " ".join(answers)})
     others = [n for n in TOOL_BY_NAME if n not in names]
-    # all ten tools a quarter of the time, else up to five others: the declarations are most of the tokens
-    offered = others if rng.random() < 0.25 else rng.sample(others, rng.randint(0, 5))
+    # all ten tools a tenth of the time, else up to three others: the declarations are most of the tokens
+    # (~170 each in Gemma 3's vocabulary), and a training token costs the same whether it is learned or not
+    offered = others if rng.random() < 0.1 else rng.sample(others, rng.randint(0, 3))
     offered = rng.sample(offered + names, len(offered) + len(names))  # shuffled: the right tool is anywhere
     return {"messages": messages, "tools": [TOOL_BY_NAME[n] for n in offered]}
 

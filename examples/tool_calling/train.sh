@@ -21,8 +21,9 @@ shift 2
 
 python -m gemma3 train "$TRAIN" -o "$OUT" ${MODEL:+-m "$MODEL"} \
   --lora --lora-r "${LORA_R:-16}" --lora-alpha "${LORA_ALPHA:-32}" --lora-targets "${LORA_TARGETS:-all-linear}" \
-  --seq-len "${SEQ_LEN:-2048}" --epochs "${EPOCHS:-2}" -b "${BATCH:-4}" --lr "${LR:-2e-4}" \
-  --warmup-steps "${WARMUP:-10}" --val-fraction "${VAL_FRACTION:-0.05}" --eval-every "${EVAL_EVERY:-50}" \
+  --seq-len "${SEQ_LEN:-2048}" --epochs "${EPOCHS:-1}" -b "${BATCH:-1}" --lr "${LR:-4e-4}" \
+  --warmup-steps "${WARMUP:-10}" --val-fraction "${VAL_FRACTION:-0.03}" --eval-every "${EVAL_EVERY:-50}" \
+  --eval-batches "${EVAL_BATCHES:-4}" --sample-every 0 \
   --save-every 0 --keep 1 \
   "$@"
 

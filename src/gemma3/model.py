@@ -165,6 +165,23 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
     return mask[:, None]
 
 
+@dataclass
+class PackedMask:
+    """The attention mask of rows that pack several documents (training), with the positions it was built
+    from, so that a kernel may attend one document at a time instead of over the whole (T, T) mask
+    (gemma3.train.attention). Every path that does not look inside reads `mask`."""
+
+    mask: torch.Tensor  # (B, 1, T, T) bool, as attention_mask gives it
+    positions: torch.Tensor  # (B, T), restarting at 0 for each document; -1 for padding
+    window: int | None
+    spans: list | None = None  # filled by the kernel that reads them, once per forward
+
+
+def dense(mask):
+    """The (B, 1, T, S) bool mask of either form (None stays None: plain causal)."""
+    return mask.mask if isinstance(mask, PackedMask) else mask
+
+
 def packed_documents(positions: torch.Tensor) -> torch.Tensor | None:
     """(B, T) document numbers where a row holds several sequences (its positions start again at 0 after the
     first token), else None: a new document begins at every position 0."""
@@ -214,7 +231,7 @@ class GroupedQueryAttention(nn.Module):
         if cache is not None:  # cached keys are post-norm, post-RoPE; returns every key this step may see
             k, v = cache.update(layer_idx, k, v)  # (B, K, S, hd)
         if self.implementation == "eager" or self.softcap is not None:
-            out = self._eager(q, k, v, mask)
+            out = self._eager(q, k, v, dense(mask))
         else:
             out = self.sdpa(q, k, v, mask)
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H·hd)
@@ -223,6 +240,7 @@ class GroupedQueryAttention(nn.Module):
     def sdpa(self, q, k, v, mask):
         """softmax(q·kᵀ·scale + mask)·v by PyTorch's fused kernel; mask None = plain causal (its is_causal path,
         which skips the masked half of the scores). gemma3.accel swaps in CPU paths for inference here."""
+        mask = dense(mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
                                               enable_gqa=self.num_kv_heads != self.num_heads)
 
@@ -363,8 +381,10 @@ class Gemma3Model(nn.Module):
         rope = {t: self.rope[t](positions, x.dtype) for t in (SLIDING, GLOBAL)}
         if cache is None:
             documents = packed_documents(positions)
-            masks = {SLIDING: attention_mask(positions, positions, self.config.sliding_window, documents),
-                     GLOBAL: attention_mask(positions, positions, None, documents)}
+            windows = {SLIDING: self.config.sliding_window, GLOBAL: None}
+            masks = {t: attention_mask(positions, positions, w, documents) for t, w in windows.items()}
+            if documents is not None:
+                masks = {t: PackedMask(m, positions, windows[t]) for t, m in masks.items()}
             step = None
         else:
             step = cache.begin(positions)  # stores the new positions, returns masks over what it will hand back

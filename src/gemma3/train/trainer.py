@@ -41,6 +41,7 @@ from gemma3.train.data import (IGNORE_INDEX, DataError, Example, PackedDataset, 
 from gemma3.train.config import SCHEDULE_FIELDS, TrainConfig, lr_at, schedule
 from gemma3.train.lora import apply_lora, describe, hold_frozen_in
 from gemma3.train.loss import use_fused_loss
+from gemma3.train.attention import use_training_attention
 from gemma3.weights.lora import write_adapter
 from gemma3.train.metrics import LOSS_PNG, METRICS, Metrics, plot_loss, progress_bar
 from gemma3.train.rundir import absolute, prepare_run_dir, stored_config
@@ -245,6 +246,7 @@ class Trainer:
         if cfg.lora is not None:
             self.lora_targets = apply_lora(model, cfg.lora, torch.Generator().manual_seed(cfg.seed + 1))
         use_fused_loss(model)  # the loss never holds a chunk's logits for backward (train/loss.py)
+        use_training_attention(model)  # packed conversations attend one at a time (train/attention.py)
         model.gradient_checkpointing = cfg.gradient_checkpointing
         self.model = model.to(self.env.device)
         self.precision = cfg.precision
