@@ -6,7 +6,7 @@
 #
 #   examples/tool_calling/train.sh data/train.jsonl runs/tools [more gemma3 train flags]
 #
-# Time: (to be measured) for 1000 records x 2 epochs.
+# Time: 19 min 23 s for 400 generated records (one epoch, 135 steps) on two cores of an AMD EPYC (README.md).
 # Every setting can be changed from the environment: EPOCHS=3 LR=1e-4 train.sh ...; MODEL=SOURCE starts from
 # other weights (a .gguf, a checkpoint or a Hub id) instead of the embedded model; flags after OUT_DIR go to
 # `gemma3 train` as they are (docs/training.md).
