@@ -91,18 +91,17 @@ def prepare(work: Path, args) -> None:
 def _fitting(source: Path, out: Path, seq_len: int) -> None:
     """Copy the records of `source` that fit in one sequence (the trainer refuses a dataset with a longer one)."""
     from gemma3.text.tokenizer import Tokenizer
-    from gemma3.train.data import _document, tokenize_document
+    from gemma3.train.data import read_documents, tokenize_document
     from gemma3.weights.sources import embedded_gguf_path
 
     tokenizer = Tokenizer.from_gguf(embedded_gguf_path())
+    lines = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
     kept, dropped = [], 0
-    for i, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            ids, _ = tokenize_document(_document(json.loads(line), f"{source}:{i}", "text"), tokenizer)
-            if len(ids) <= seq_len:
-                kept.append(line)
-            else:
-                dropped += 1
+    for line, doc in zip(lines, read_documents([str(source)])):  # one document per non-blank line
+        if len(tokenize_document(doc, tokenizer)[0]) <= seq_len:
+            kept.append(line)
+        else:
+            dropped += 1
     out.write_text("\n".join(kept) + "\n", encoding="utf-8")
     if dropped:
         print(f"{dropped} of {dropped + len(kept)} records are longer than --seq-len {seq_len}: left out",

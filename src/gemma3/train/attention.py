@@ -28,7 +28,7 @@ class TrainingAttention(GroupedQueryAttention):
         if torch.is_autocast_enabled(q.device.type):
             dtype = torch.get_autocast_dtype(q.device.type)
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        if not isinstance(mask, PackedMask) or q.shape[2] != k.shape[2]:
+        if not isinstance(mask, PackedMask):
             return super().sdpa(q, k, v, mask)
         if mask.spans is None:
             mask.spans = document_spans(mask.positions)

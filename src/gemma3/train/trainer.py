@@ -381,6 +381,12 @@ class Trainer:
             return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _loss(self, batch: Example) -> torch.Tensor:
+        """The mean loss of a batch over its targets (packed rows: each conversation attends only to itself)."""
+        dev = self.env.device
+        return self.module(batch.input_ids.to(dev), positions=batch.positions.to(dev),
+                           labels=batch.labels.to(dev)).loss
+
     def _micro_batches(self, step: int) -> list[Example]:
         cfg, env = self.cfg, self.env
         idx = global_batch_indices(step, self.global_batch, len(self.train_set), cfg.seed)
@@ -401,7 +407,7 @@ class Trainer:
         self.module.train()
         for i, (b, n) in enumerate(zip(batches, counts)):
             with dist_.gradient_sync(self.module, env, sync=i == len(batches) - 1), self._autocast():
-                loss = self.module(b.input_ids.to(dev), positions=b.positions.to(dev), labels=b.labels.to(dev)).loss
+                loss = self._loss(b)
                 # this micro-batch's share of the step's mean; × world undoes DDP/FSDP's gradient averaging
                 (loss * (n * env.world_size) / total.clamp(min=1)).backward()
             loss_sum += loss.detach().float() * n
@@ -444,7 +450,7 @@ class Trainer:
             b = collate(self.val_set, mine[i:i + cfg.batch_size])
             n = int((b.labels[:, 1:] != IGNORE_INDEX).sum())
             with self._autocast():
-                loss = self.module(b.input_ids.to(dev), positions=b.positions.to(dev), labels=b.labels.to(dev)).loss
+                loss = self._loss(b)
             loss_sum += loss.float() * n
             count += n
         self.module.train()
