@@ -228,7 +228,7 @@ def main() -> None:
     p.add_argument("--loss-modes", nargs="+", choices=("lora", "full"), help="modes for --loss-steps (default: --modes)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="ours (theirs: fp32)")
-    p.add_argument("--work", help="working directory (default: a temporary one)")
+    p.add_argument("--work", help="a new or empty working directory, kept (default: a temporary one)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--worker", choices=("ours", "hf"), help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
@@ -238,6 +238,9 @@ def main() -> None:
         run = worker_ours if args.worker == "ours" else worker_hf
         print(json.dumps(run(Path(args.work), args.mode, args, args.worker_steps)))
         return
+    if args.work and Path(args.work).is_dir() and any(Path(args.work).iterdir()):
+        raise SystemExit(f"--work {args.work}: not empty; give a new or empty directory (the benchmark writes its data, "
+                         "runs and a converted checkpoint there)")
     _ensure_peers()
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
         work = Path(args.work or tmp)
