@@ -158,3 +158,35 @@ PASSAGE = (
 @pytest.fixture(scope="session")
 def passage() -> str:
     return PASSAGE
+
+
+def marked_template(marker: str) -> str:
+    """A chat template whose text says where it came from (not Gemma's turns, so no fallback renders it)."""
+    return "{{ bos_token }}" + marker + "{% for m in messages %} <{{ m.role }}> {{ m.content }}{% endfor %}"
+
+
+@pytest.fixture(scope="session")
+def template_sources(tiny_hf_dir, tmp_path_factory):
+    """The tiny model three times, each shipping its own template in another place: a directory with only
+    tokenizer_config.json's `chat_template`, one that also has a chat_template.jinja (which wins), and a GGUF
+    (written by `convert`) whose `tokenizer.chat_template` is the only one."""
+    import json
+    import shutil
+
+    from gemma3.convert import convert
+
+    root = tmp_path_factory.mktemp("templates")
+    config_dir = root / "config"
+    shutil.copytree(tiny_hf_dir, config_dir)
+    data = json.loads((config_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    data["chat_template"] = marked_template("FROM-CONFIG")
+    (config_dir / "tokenizer_config.json").write_text(json.dumps(data), encoding="utf-8")
+    jinja_dir = root / "jinja"
+    shutil.copytree(config_dir, jinja_dir)
+    (jinja_dir / "chat_template.jinja").write_text(marked_template("FROM-JINJA"), encoding="utf-8")
+    gguf_src = root / "gguf-src"
+    shutil.copytree(tiny_hf_dir, gguf_src)
+    (gguf_src / "chat_template.jinja").write_text(marked_template("FROM-GGUF"), encoding="utf-8")
+    gguf = convert(str(gguf_src), root / "tiny.gguf", to="gguf", gguf_type="F32", progress=False)
+    (root / "chat_template.jinja").write_text(marked_template("BESIDE-THE-GGUF"), encoding="utf-8")  # not the GGUF's
+    return {"FROM-CONFIG": config_dir, "FROM-JINJA": jinja_dir, "FROM-GGUF": gguf}

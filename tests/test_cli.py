@@ -293,3 +293,27 @@ def test_chat_banner_says_the_embedded_model_is_the_base(capsys):
 
     help_text = [a for a in build_parser()._subparsers._group_actions[0].choices["chat"].format_help().split("\n")]
     assert "pretrained base model" in " ".join(help_text) and "gemma-3-270m-it" in " ".join(help_text)
+
+
+# ------------------------------------------------------------------- the checkpoint's own chat template
+@pytest.mark.parametrize("marker", ["FROM-CONFIG", "FROM-JINJA", "FROM-GGUF"])
+def test_chat_prompts_the_model_with_the_checkpoints_own_template(capsys, monkeypatch, template_sources, tiny_dir,
+                                                                  marker):
+    """generation.md, "Chat": `chat` renders the checkpoint's own template. The prompt ids the model is given
+    are the tokens of that template's rendering, written out here, for each place a template comes from."""
+    from gemma3.generation import generator
+
+    prompts = []
+
+    class Recording(generator._Run):
+        def __init__(self, gen, prompt_ids, *args, **kwargs):
+            prompts.append([list(p) for p in prompt_ids])
+            super().__init__(gen, prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr(generator, "_Run", Recording)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n"))
+    code, out, err = run(capsys, "chat", "-m", str(template_sources[marker]), "-n", "2", "--temperature", "0",
+                         "--context", "64", "--quiet")
+    assert code == 0, err
+    expected = Tokenizer.from_dir(tiny_dir).encode(f"<bos>{marker} <user> Hello", add_bos=False)
+    assert prompts == [[expected]]

@@ -119,3 +119,48 @@ def test_running_the_embedded_gguf_imports_neither_tokenizers_nor_safetensors():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+# ---------------------------------------------------------------------- the checkpoint's own chat template
+def template_marked(marker: str) -> str:
+    """A chat template whose rendering says which file it came from."""
+    return "{{ bos_token }}" + marker + "{% for m in messages %} <{{ m.role }}> {{ m.content }}{% endfor %}"
+
+
+def test_a_directory_template_is_read_from_chat_template_jinja_before_tokenizer_config(tmp_path):
+    """Where a checkpoint directory's template comes from, as transformers reads it (generation.md, "Chat";
+    hf.py's save_hf removes a stale chat_template.jinja because it would win): chat_template.jinja, then
+    tokenizer_config.json's `chat_template` (a string, or transformers' list of named templates: "default"),
+    else None (the built-in Gemma 3 format). Each ChatTemplate names the file it was read from."""
+    import json
+
+    from gemma3.loading import chat_template_of
+    from gemma3.weights.sources import ResolvedSource
+
+    source = ResolvedSource("hf", tmp_path, str(tmp_path))
+    assert chat_template_of(source) is None
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps({"chat_template": template_marked("FROM-CONFIG")}), encoding="utf-8")
+    template = chat_template_of(source)
+    assert (template.text, template.origin) == (template_marked("FROM-CONFIG"), str(config))
+    config.write_text(json.dumps({"chat_template": [{"name": "tool_use", "template": template_marked("TOOLS")},
+                                                    {"name": "default", "template": template_marked("DEFAULT")}]}),
+                      encoding="utf-8")
+    assert chat_template_of(source).text == template_marked("DEFAULT")
+    (tmp_path / "chat_template.jinja").write_text(template_marked("FROM-JINJA"), encoding="utf-8")
+    template = chat_template_of(source)
+    assert (template.text, template.origin) == (template_marked("FROM-JINJA"), str(tmp_path / "chat_template.jinja"))
+
+
+def test_a_gguf_template_is_its_metadata_only(tmp_path):
+    """A GGUF's template is its `tokenizer.chat_template`; a chat_template.jinja or tokenizer_config.json lying
+    next to the file is not part of it (llama.cpp reads the metadata alone)."""
+    from gemma3.loading import chat_template_of
+    from gemma3.weights.sources import ResolvedSource
+
+    path = tmp_path / "m.gguf"
+    (tmp_path / "chat_template.jinja").write_text(template_marked("BESIDE"), encoding="utf-8")
+    source = ResolvedSource("gguf", path, str(path))
+    template = chat_template_of(source, {"tokenizer.chat_template": template_marked("FROM-GGUF")})
+    assert (template.text, template.origin) == (template_marked("FROM-GGUF"), f"{path} (tokenizer.chat_template)")
+    assert chat_template_of(source, {}) is None and chat_template_of(source, {"tokenizer.chat_template": ""}) is None

@@ -759,3 +759,55 @@ def test_a_stream_whose_grammar_fails_midway_ends_with_an_error_and_done(inproc,
         assert wait_idle(c)["active"] == 0
         r = c.post(path, json={**body, "stream": False, "max_tokens": 8})
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+# ------------------------------------------------------------------------------------------------ startup, on a tiny model
+# `gemma3 serve` run by gemma3.cli.main in this process up to the point where it would serve: uvicorn's Server is
+# replaced by one that hands the app cli/serve.py built to the test (through starlette's TestClient, no socket)
+# and returns. Everything before it (flags, listening socket, load, template, warnings) is the command's own.
+
+def serve_once(monkeypatch, capsys, *args: str, requests=None) -> tuple[int, str, object]:
+    """(exit status, stderr, what `requests(client)` returned) of `gemma3 serve --port 0 ARGS`."""
+    import uvicorn
+    from starlette.testclient import TestClient
+
+    import gemma3.cli.serve as cli_serve
+    from gemma3.cli import main
+
+    answers = []
+
+    class Serving:
+        def __init__(self, config):
+            self.config = config
+
+        def run(self, sockets):
+            if requests is not None:
+                with TestClient(self.config.app) as client:
+                    answers.append(requests(client))
+
+    monkeypatch.setattr(uvicorn, "Server", Serving)
+    monkeypatch.setattr(cli_serve, "_warm_grammar_engine", lambda *a: None)  # seconds of CPU this never uses
+    code = main(["serve", "--port", "0", "--max-batch", "1", "--context", "64", *args])
+    return code, capsys.readouterr().err, answers[0] if answers else None
+
+
+@pytest.mark.parametrize("marker", ["FROM-CONFIG", "FROM-JINJA", "FROM-GGUF"])
+def test_serve_renders_chat_with_the_checkpoints_own_template(monkeypatch, capsys, template_sources, marker):
+    """serving.md: chat messages are rendered with the checkpoint's chat template (tokenizer_config.json's,
+    chat_template.jinja, which wins over it, or a GGUF's metadata): /apply-template shows that template's
+    rendering, and a chat completion's prompt is its tokens."""
+    from gemma3.text.tokenizer import Tokenizer
+
+    messages = [{"role": "user", "content": "Hello"}]
+
+    def ask(client):
+        shown = client.post("/apply-template", json={"messages": messages})
+        chat = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1, "temperature": 0})
+        return shown.json(), chat.json()
+
+    code, err, (shown, chat) = serve_once(monkeypatch, capsys, "-m", str(template_sources[marker]), "--quiet",
+                                          requests=ask)
+    assert code == 0, err
+    assert shown == {"prompt": f"<bos>{marker} <user> Hello"}
+    tokenizer = Tokenizer.from_dir(template_sources["FROM-CONFIG"])
+    assert chat["usage"]["prompt_tokens"] == len(tokenizer.encode(f"<bos>{marker} <user> Hello", add_bos=False))
