@@ -811,3 +811,40 @@ def test_serve_renders_chat_with_the_checkpoints_own_template(monkeypatch, capsy
     assert shown == {"prompt": f"<bos>{marker} <user> Hello"}
     tokenizer = Tokenizer.from_dir(template_sources["FROM-CONFIG"])
     assert chat["usage"]["prompt_tokens"] == len(tokenizer.encode(f"<bos>{marker} <user> Hello", add_bos=False))
+
+
+NO_KEY_WARNING = ("warning: listening on {host} with no --api-key: anyone who can reach this port can use it\n")
+
+
+@pytest.mark.parametrize("host, key, warned", [
+    ("0.0.0.0", None, True), ("0.0.0.0", "--api-key", False), ("0.0.0.0", "GEMMA3_API_KEY", False),
+    ("127.0.0.1", None, False), ("localhost", None, False),
+])
+def test_serving_beyond_loopback_without_a_key_warns(monkeypatch, capsys, tiny_hf_dir, host, key, warned):
+    """serving.md: it binds to loopback unless --host says otherwise, and warns when that is done without a key
+    (--api-key or $GEMMA3_API_KEY). The socket the command listens on is made on loopback here whatever --host
+    says, so the test opens nothing beyond this machine; the warning is the command's own decision."""
+    import gemma3.cli.serve as cli_serve
+
+    listen = cli_serve._listen
+    hosts = []
+    monkeypatch.setattr(cli_serve, "_listen", lambda h, port: (hosts.append(h), listen("127.0.0.1", port))[1])
+    monkeypatch.delenv("GEMMA3_API_KEY", raising=False)
+    args = ["-m", str(tiny_hf_dir), "--host", host, "--quiet"]
+    if key == "--api-key":
+        args += ["--api-key", "k"]
+    elif key is not None:
+        monkeypatch.setenv(key, "k")
+    code, err, _ = serve_once(monkeypatch, capsys, *args)
+    assert code == 0 and hosts == [host]
+    lines = err.splitlines(keepends=True)  # --quiet: the warning, if any, and the line saying where it serves
+    assert lines[:-1] == ([NO_KEY_WARNING.format(host=host)] if warned else []), err
+    assert lines[-1].startswith(f"serving {tiny_hf_dir.name} on http://127.0.0.1:")
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10", "10.0.0.1", "example.com", "127.0.0.1",
+                                  "127.0.0.2", "::1", "localhost"])
+def test_which_hosts_count_as_loopback(host):
+    from gemma3.cli.serve import _is_loopback
+
+    assert _is_loopback(host) == (host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"))
