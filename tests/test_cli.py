@@ -317,3 +317,52 @@ def test_chat_prompts_the_model_with_the_checkpoints_own_template(capsys, monkey
     assert code == 0, err
     expected = Tokenizer.from_dir(tiny_dir).encode(f"<bos>{marker} <user> Hello", add_bos=False)
     assert prompts == [[expected]]
+
+
+# ------------------------------------------------------------------- input caps (files-and-untrusted-input.md)
+class Zeros(io.RawIOBase):
+    """`size` NUL bytes and then the end: /dev/zero that cannot keep a broken reader busy forever. `taken` counts
+    what was read."""
+
+    def __init__(self, size: int):
+        self.left, self.taken = size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self.left)
+        buffer[:n] = bytes(n)
+        self.left, self.taken = self.left - n, self.taken + n
+        return n
+
+
+def test_chat_on_endless_zeros_stops_with_one_line(capsys, monkeypatch, tmp_path, tiny_dir):
+    """`gemma3 chat < /dev/zero`: chat lines are read up to 8 MiB each, and a line whose end does not come within
+    64 MiB more is the end of the session: one line, exit status 2, nothing said, nothing written; the
+    stream is read that far and no further (it is 256 MiB long here, so an unbounded reader would take it all)."""
+    from gemma3.files import CHAT_LINE_BYTES, TEXT_BYTES
+
+    zeros = Zeros(256 << 20)
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BufferedReader(zeros)))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "chat", "-m", str(tiny_dir), "-n", "2", "--context", "64", "--quiet")
+    one_line(code, err, "error: stdin: a line longer than 72 MiB with no end in sight; stopped reading")
+    assert out == "" and list(tmp_path.iterdir()) == []
+    assert CHAT_LINE_BYTES + TEXT_BYTES < zeros.taken <= CHAT_LINE_BYTES + TEXT_BYTES + (2 << 20)
+
+
+def test_perplexity_reads_at_most_64_mib(capsys, monkeypatch, tmp_path, tiny_dir):
+    """A text to score is read up to 64 MiB: a file of exactly that is read whole (this one is only spaces, so
+    the answer is that it is empty), one byte more is refused before the model is loaded; one line, exit status
+    2, nothing on stdout, nothing written."""
+    text = tmp_path / "text.txt"
+    text.write_bytes(b" " * (64 << 20))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "perplexity", str(text), "-m", str(tiny_dir), "--quiet")
+    one_line(code, err, f"{text}: the file is empty")
+    with text.open("ab") as f:
+        f.write(b" ")
+    code, out, err = run(capsys, "perplexity", str(text), "-m", str(tmp_path / "never-loaded"), "--quiet")
+    one_line(code, err, f"{text}: more than 64 MiB of text, more than this command reads")
+    assert out == "" and [p.name for p in tmp_path.iterdir()] == ["text.txt"]
