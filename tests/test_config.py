@@ -142,6 +142,9 @@ def test_own_json_round_trip(tmp_path):
     (dict(layer_types=("sliding_attention",) * 3), "layer_types"),
     (dict(rope_theta=float("nan")), "rope_theta"),
     (dict(bos_token_id=10**7), "bos_token_id"),
+    (dict(final_logit_softcapping=float("inf")), "final_logit_softcapping"),  # tanh(x / inf) * inf: NaN logits
+    (dict(attn_logit_softcapping=float("nan")), "attn_logit_softcapping"),
+    (dict(final_logit_softcapping=True), "final_logit_softcapping"),
 ])
 def test_invalid_config_names_the_field(changes, field):
     with pytest.raises(ConfigError, match=field):

@@ -361,3 +361,105 @@ def test_a_name_with_a_newline_stays_on_one_line_in_the_error():
     with pytest.raises(CheckpointError) as e:
         _parse(memoryview(bytes(data)), "bad.gguf")
     assert str(e.value) == "bad.gguf: \\nnswer has unknown value type id 260"
+
+
+# ---------------------------------------------------------------------- hostile metadata in a well-formed file
+def hostile_gguf(monkeypatch, path: Path, set_keys=(), drop_keys=(), tensors=(), tokenizer=None) -> Path:
+    """The tiny model written by our writer (gguf-py's GGUFWriter underneath), then given hostile metadata just
+    before the header is written: `set_keys` as (key, value, GGUFValueType[, element type]), `drop_keys` removed,
+    `tensors` added as (GGUF name, array)."""
+    import gguf as gguf_py
+
+    plain = gguf_py.GGUFWriter
+
+    class Hostile(plain):
+        def write_header_to_file(self, *args, **kwargs):
+            for key in drop_keys:
+                del self.kv_data[0][key]
+            for key, value, vtype, *sub in set_keys:
+                self.kv_data[0][key] = gguf_py.GGUFValue(value=value, type=vtype, sub_type=sub[0] if sub else None)
+            for name, array in tensors:
+                self.add_tensor(name, array)
+            return super().write_header_to_file(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(gguf_py, "GGUFWriter", Hostile)
+        return write_gguf(path, TINY, tiny_state(), tokenizer or {}, "F32")
+
+
+def _hostile_cases():
+    from gguf import GGUFValueType as T
+
+    A = "gemma3."
+    return {
+        # what llama.cpp would read as a separate output head: Gemma 3 ties it (and we would silently drop it)
+        "untied output": (dict(tensors=[("output.weight", np.zeros((128, 32), np.float32))]),
+                          ["untied output.weight"]),
+        "more tokens than rows": (dict(tokenizer={"tokenizer.ggml.tokens": [f"t{i}" for i in range(129)]}),
+                                  ["tokenizer.ggml.tokens lists 129 tokens", "token_embd.weight has 128 rows"]),
+        "tokens not strings": (dict(set_keys=[("tokenizer.ggml.tokens", [1, 2, 3], T.ARRAY, T.INT32)]),
+                               ["tokenizer.ggml.tokens must be an array of strings", "int32"]),
+        "value_length != key_length": (dict(set_keys=[(A + "attention.value_length", 8, T.UINT32)]),
+                                       ["gemma3.attention.value_length is 8", "key_length is 16"]),
+        "no layers": (dict(set_keys=[(A + "block_count", 0, T.UINT32)]), ["gemma3.block_count", "got 0"]),
+        "no heads": (dict(set_keys=[(A + "attention.head_count", 0, T.UINT32)]),
+                     ["gemma3.attention.head_count", "got 0"]),
+        "no kv heads": (dict(set_keys=[(A + "attention.head_count_kv", 0, T.UINT32)]),
+                        ["gemma3.attention.head_count_kv", "got 0"]),
+        "no window": (dict(set_keys=[(A + "attention.sliding_window", 0, T.UINT32)]),
+                      ["gemma3.attention.sliding_window", "got 0"]),
+        "10 000 layers": (dict(set_keys=[(A + "block_count", 10_000, T.UINT32)]),  # allowed: then its tensors lack
+                          ["missing tensor blk.6."]),
+        "10 001 layers": (dict(set_keys=[(A + "block_count", 10_001, T.UINT32)]),
+                          ["gemma3.block_count is 10,001", "10,000"]),
+        "2**64 - 1 layers": (dict(set_keys=[(A + "block_count", 2**64 - 1, T.UINT64)]),
+                             ["gemma3.block_count is 18,446,744,073,709,551,615"]),
+        "huge context": (dict(set_keys=[(A + "context_length", 2**64 - 1, T.UINT64)]),
+                         ["gemma3.context_length is 18,446,744,073,709,551,615"]),
+        "huge width": (dict(set_keys=[(A + "embedding_length", 2**63, T.UINT64)]),
+                       ["gemma3.embedding_length is 9,223,372,036,854,775,808"]),
+        "huge heads": (dict(set_keys=[(A + "attention.head_count", 2**31 - 1, T.UINT32)]),  # a valid config
+                       ["tensor blk.0.attn_q.weight has shape [32, 32]"]),
+        "block_count an array": (dict(set_keys=[(A + "block_count", [6], T.ARRAY, T.UINT32)]),
+                                 ["gemma3.block_count must be a positive int, got an array of uint32"]),
+        "NaN rope base": (dict(set_keys=[(A + "rope.freq_base", float("nan"), T.FLOAT32)]),
+                          ["gemma3.rope.freq_base", "got nan"]),
+        "infinite rope base": (dict(set_keys=[(A + "rope.freq_base", float("inf"), T.FLOAT32)]),
+                               ["gemma3.rope.freq_base", "got inf"]),
+        "softcap a string": (dict(set_keys=[(A + "final_logit_softcapping", "x", T.STRING)]),
+                             ["gemma3.final_logit_softcapping", "got 'x'"]),
+        "infinite softcap": (dict(set_keys=[(A + "final_logit_softcapping", float("inf"), T.FLOAT32)]),
+                             ["gemma3.final_logit_softcapping", "got inf"]),
+        "eos beyond the vocabulary": (dict(set_keys=[("tokenizer.ggml.eos_token_id", 2**32 - 1, T.UINT32)]),
+                                      ["tokenizer.ggml.eos_token_id is 4,294,967,295", "128 rows"]),
+        "negative bos": (dict(set_keys=[("tokenizer.ggml.bos_token_id", -1, T.INT32)]),
+                         ["tokenizer.ggml.bos_token_id is -1"]),
+        "no architecture": (dict(drop_keys=["general.architecture"]), ["general.architecture is missing"]),
+    }
+
+
+HOSTILE = _hostile_cases()
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_metadata_is_one_line_naming_the_key_and_value(monkeypatch, capsys, tmp_path, case):
+    """docs/security.md: metadata is checked against the Gemma 3 schema. A well-formed file with each hostile value
+    fails in load_gguf with one CheckpointError line that names the file, the key and the value, without allocating
+    by its claims; and `gemma3 generate -m` on it says that line and exits 2."""
+    from gemma3.cli import main
+
+    changes, needles = HOSTILE[case]
+    path = hostile_gguf(monkeypatch, tmp_path / "hostile.gguf", **changes)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError) as info:
+            load_gguf(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    text = str(info.value)
+    assert text.startswith(f"{path}: ") and "\n" not in text and all(n in text for n in needles), text
+    assert peak < 32 << 20  # 10 000 layers' expected tensor names and shapes: ~15 MB
+    assert main(["generate", "-m", str(path), "Hi", "--quiet"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"gemma3 generate: error: {text}\n"

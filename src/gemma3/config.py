@@ -94,8 +94,9 @@ class Gemma3Config:
                 raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
         for name in ("final_logit_softcapping", "attn_logit_softcapping"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, float)) or not value > 0):
-                raise ConfigError(f"{name} must be None or a positive number, got {value!r}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 < value < math.inf):  # inf: tanh(x / inf) * inf is NaN
+                raise ConfigError(f"{name} must be None or a positive finite number, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be divisible by "

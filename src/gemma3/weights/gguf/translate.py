@@ -3,13 +3,14 @@ out and hard-codes (spec section 8), and its tensor names and norm convention (g
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import torch
 
-from gemma3.config import Gemma3Config, hybrid_layer_types
+from gemma3.config import MAX_LAYERS, MAX_SIZE, Gemma3Config, hybrid_layer_types
 from gemma3.errors import CheckpointError, ConfigError
 from gemma3.weights.gguf.reader import BlockTensor, GGUFFile
 from gemma3.weights.names import GGUF_NAMES, OUR_TO_GGUF, QUANTIZABLE, check_tensors, is_norm, rename
@@ -28,37 +29,58 @@ def query_pre_attn_scalar(hidden_size: int, num_attention_heads: int, num_hidden
     return hidden_size // num_attention_heads if num_hidden_layers == 62 else head_dim
 
 
+def _show(value: Any) -> str:
+    """A metadata value in an error message: a number or a short string as it is, anything else by its kind
+    (never a whole array: it may be 262 144 strings)."""
+    if isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 64):
+        return repr(value)
+    if isinstance(value, str):
+        return f"a string of {len(value):,} characters"
+    if isinstance(value, list):
+        return f"an array of {'/'.join(sorted({type(v).__name__ for v in value})) or 'nothing'}"
+    return f"an array of {value.dtype}" if hasattr(value, "dtype") else f"a {type(value).__name__}"
+
+
 def config_from_gguf(gguf: GGUFFile) -> Gemma3Config:
     """Translate GGUF metadata into a Gemma3Config, supplying what llama.cpp hard-codes (spec section 8)."""
     meta, where = gguf.metadata, str(gguf.path)
     arch = meta.get("general.architecture")
+    if arch is None:
+        raise CheckpointError(f"{where}: metadata key general.architecture is missing (not a model GGUF)")
     if arch != ARCH:
-        raise CheckpointError(f"{where}: general.architecture is {arch!r}, not {ARCH!r} (a Gemma 3 text model)")
+        raise CheckpointError(f"{where}: general.architecture is {_show(arch)}, not {ARCH!r} (a Gemma 3 text model)")
 
-    def number(key: str, default: Any = None, kind: type = int) -> Any:
+    def number(key: str, default: Any = None, kind: type = int, maximum: int = MAX_SIZE) -> Any:
+        """A positive int at most `maximum` (the config's bounds), or a positive finite float."""
         value = meta.get(f"{ARCH}.{key}", default)
         if value is None:
             raise CheckpointError(f"{where}: metadata key {ARCH}.{key} is missing")
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if kind is int:
             ok = ok and isinstance(value, int)
-        if not ok or not value > 0:
-            raise CheckpointError(f"{where}: metadata key {ARCH}.{key} must be a positive {kind.__name__}, "
-                                  f"got {value!r}")
+        if not ok or not 0 < value < math.inf:
+            raise CheckpointError(f"{where}: metadata key {ARCH}.{key} must be a positive "
+                                  f"{'int' if kind is int else 'finite number'}, got {_show(value)}")
+        if kind is int and value > maximum:
+            raise CheckpointError(f"{where}: metadata key {ARCH}.{key} is {value:,}, more than the {maximum:,} "
+                                  "a model may have")
         return value
 
     d = number("embedding_length")
-    n_layers = number("block_count")
+    n_layers = number("block_count", maximum=MAX_LAYERS)
     n_heads = number("attention.head_count")
     head_dim = number("attention.key_length", d // n_heads)
-    if number("attention.value_length", head_dim) != head_dim:
-        raise CheckpointError(f"{where}: attention.value_length differs from key_length; not a Gemma 3 model")
+    value_length = number("attention.value_length", head_dim)
+    if value_length != head_dim:
+        raise CheckpointError(f"{where}: metadata key {ARCH}.attention.value_length is {value_length}, but "
+                              f"key_length is {head_dim}; Gemma 3 uses one head size for both")
 
     factor = 1.0
     scaling_type = meta.get(f"{ARCH}.rope.scaling.type", "linear")
     if f"{ARCH}.rope.scaling.factor" in meta and scaling_type not in ("none",):
         if scaling_type != "linear":
-            raise CheckpointError(f"{where}: rope scaling type {scaling_type!r} is not supported (Gemma 3 uses linear)")
+            raise CheckpointError(f"{where}: rope scaling type {_show(scaling_type)} is not supported (Gemma 3 uses "
+                                  "linear)")
         factor = float(number("rope.scaling.factor", kind=float))
 
     embd = gguf.tensors.get("token_embd.weight")
@@ -68,13 +90,20 @@ def config_from_gguf(gguf: GGUFFile) -> Gemma3Config:
         raise CheckpointError(f"{where}: has an untied output.weight; Gemma 3 ties its output head to "
                               f"token_embd.weight")
     tokens = meta.get("tokenizer.ggml.tokens")
-    if tokens is not None and (not isinstance(tokens, list) or len(tokens) > embd.shape[0]):
-        raise CheckpointError(f"{where}: tokenizer.ggml.tokens lists more tokens than token_embd.weight has rows")
+    if tokens is not None and not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
+        raise CheckpointError(f"{where}: metadata key tokenizer.ggml.tokens must be an array of strings, got "
+                              f"{_show(tokens)}")
+    if tokens is not None and len(tokens) > embd.shape[0]:
+        raise CheckpointError(f"{where}: tokenizer.ggml.tokens lists {len(tokens):,} tokens, but token_embd.weight "
+                              f"has {embd.shape[0]:,} rows")
 
     def token_id(key: str, default: int) -> int:
         value = meta.get(f"tokenizer.ggml.{key}", default)
         if not isinstance(value, int) or isinstance(value, bool):
-            raise CheckpointError(f"{where}: tokenizer.ggml.{key} must be an integer, got {value!r}")
+            raise CheckpointError(f"{where}: tokenizer.ggml.{key} must be an integer, got {_show(value)}")
+        if not 0 <= value < embd.shape[0]:
+            raise CheckpointError(f"{where}: tokenizer.ggml.{key} is {value:,}, not a token id: token_embd.weight "
+                                  f"has {embd.shape[0]:,} rows")
         return value
 
     eos = [token_id("eos_token_id", 1)]
@@ -82,6 +111,8 @@ def config_from_gguf(gguf: GGUFFile) -> Gemma3Config:
     if tokens is not None and END_OF_TURN in tokens[:1024]:
         eos.append(tokens.index(END_OF_TURN))
     softcap = meta.get(f"{ARCH}.final_logit_softcapping")
+    if softcap is not None:
+        softcap = number("final_logit_softcapping", kind=float)
     try:
         return Gemma3Config(
             vocab_size=embd.shape[0],  # rows of the weight, not the tokenizer (spec pitfall 21)
