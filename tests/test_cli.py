@@ -366,3 +366,28 @@ def test_perplexity_reads_at_most_64_mib(capsys, monkeypatch, tmp_path, tiny_dir
     code, out, err = run(capsys, "perplexity", str(text), "-m", str(tmp_path / "never-loaded"), "--quiet")
     one_line(code, err, f"{text}: more than 64 MiB of text, more than this command reads")
     assert out == "" and [p.name for p in tmp_path.iterdir()] == ["text.txt"]
+
+
+# ------------------------------------------------------------------- -n past any context
+@pytest.mark.parametrize("n, context, message", [
+    (str(2**63), "64", f"-n {2**63} leaves no room for a message in --context 64; lower -n or raise --context"),
+    ("64", "64", "-n 64 leaves no room for a message in --context 64"),
+    ("100", "8192", "-n 100 leaves no room for a message in the model's 64-token context; lower -n"),
+], ids=["2**63", "the whole context", "past the model's context"])
+def test_chat_refuses_a_max_new_tokens_that_fills_the_context(capsys, monkeypatch, tiny_dir, n, context, message):
+    """Each chat turn keeps -n tokens of the context for its reply, so -n at or past the context leaves no room
+    for any message. Before, every turn failed saying "only -9223372036854775744 fit" (a negative count) and
+    the session went on; now the command stops at once: one line, exit status 2."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n"))
+    code, out, err = run(capsys, "chat", "-m", str(tiny_dir), "-n", n, "--context", context, "--quiet")
+    one_line(code, err, message)
+    assert out == ""
+
+
+def test_generate_with_a_max_new_tokens_past_int64_stops_at_the_context(capsys, tiny_dir):
+    """generate -n 2**63: no overflow, no cache sized by -n; it generates until the 64-token context is full."""
+    code, out, err = run(capsys, "generate", "-m", str(tiny_dir), "Hi", "-n", str(2**63), "--temperature", "0",
+                         "--json", "--quiet")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["finish_reason"] == "context" and result["prompt_tokens"] + len(result["token_ids"]) == 64

@@ -141,6 +141,19 @@ def test_chat_drops_oldest_turns_when_full(gen):
         list(chat.send("x" * 200))
 
 
+def test_chat_session_refuses_a_max_new_tokens_that_fills_the_context(gen):
+    """Each turn keeps max_new_tokens of the context for its reply: at or past the context no message fits (before,
+    every send failed with a negative count, "only -9223372036854775744 fit")."""
+    for n in (128, 2**63):
+        with pytest.raises(Gemma3Error, match=f"max_new_tokens {n} leaves no room for a message in the 128-token"):
+            ChatSession(gen, config=GenerationConfig(max_new_tokens=n))
+    with pytest.raises(Gemma3Error, match="max_new_tokens 70 leaves no room for a message in the 70-token context"):
+        ChatSession(gen, config=GenerationConfig(max_new_tokens=70), context_length=70)
+    chat = ChatSession(gen, config=GenerationConfig(max_new_tokens=69, sampling=GREEDY), context_length=70)
+    with pytest.raises(Gemma3Error, match="needs .* tokens, but only 1 fit"):
+        list(chat.send("hello"))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(sampling=dict(temperature=-1)), "temperature"),
     (dict(sampling=dict(top_p=0)), "top_p"),

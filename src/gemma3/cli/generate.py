@@ -153,11 +153,17 @@ def run_chat(args: argparse.Namespace) -> int:
     device, dtype = prepare_run(args)
     if args.context < 16:
         raise Gemma3Error(f"--context must be at least 16 tokens, got {args.context}")
+    if args.max_new_tokens >= args.context:  # every turn keeps -n tokens of the context free for its reply
+        raise Gemma3Error(f"-n {args.max_new_tokens} leaves no room for a message in --context {args.context}; "
+                          "lower -n or raise --context")
     if args.system is not None:
         check_text(args.system, "--system")
     tools, tool_choice, mock = chat_tools(args)
     system = args.system if args.system is not None or not tools else TRIGGER
     loaded = load_from_args(args, device, dtype)
+    if args.max_new_tokens >= loaded.model.config.max_position_embeddings:
+        raise Gemma3Error(f"-n {args.max_new_tokens} leaves no room for a message in the model's "
+                          f"{loaded.model.config.max_position_embeddings}-token context; lower -n")
     gen = Generator(loaded.model, loaded.tokenizer, kv_cache_dtype=KV_CACHE_DTYPES[args.kv_cache_dtype])
     session = ChatSession(gen, system=system, template=loaded.chat_template, context_length=args.context,
                           config=config, tools=tools, tool_choice=tool_choice,

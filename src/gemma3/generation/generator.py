@@ -334,7 +334,11 @@ class ChatSession:
         self.tools, self.tool_choice = _tools_and_choice(tools, tool_choice)
         self.parallel_tool_calls = parallel_tool_calls
         self.config = config or GenerationConfig()
+        self.config.validate()
         self.context_length = min(context_length or gen.context_length, gen.context_length)
+        if self.config.max_new_tokens >= self.context_length:  # each turn keeps room for max_new_tokens
+            raise Gemma3Error(f"max_new_tokens {self.config.max_new_tokens} leaves no room for a message in the "
+                              f"{self.context_length}-token context")
         self.messages: list[dict[str, Any]] = []
         self.cache: KVCache | None = None
         self.cache_ids: list[int] = []
