@@ -96,15 +96,15 @@ def test_gguf_export_of_the_embedded_model_names_it():
     assert model_name(PRESETS["270m"], {"general.name": "Gemma 3 270m"}) == "Gemma 3 270m"
 
 
+@pytest.mark.peers  # llama.cpp reads what we write: pytest -m peers (docs/development.md)
 def test_llama_cpp_chat_gets_the_same_prompt_tokens_as_ours(tiny_hf_dir, tmp_path):
     """llama.cpp's chat completion on our exported GGUF formats the conversation with the template we wrote
     (before, without tokenizer.chat_template, it fell back to another format and answered junk)."""
     from gemma3.text.chat import render_chat
     from gemma3.text.tokenizer import Tokenizer
-    from reference import llama_cpp_model
+    from reference import llama_cpp_model, require_llama_cpp
 
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it builds for 10-25 min, so CI "
-                                            "leaves it out; the benchmarks install it)")
+    require_llama_cpp()
     path = convert(str(tiny_hf_dir), tmp_path / "tiny.gguf", to="gguf", gguf_type="F32", progress=False)
     llm = llama_cpp_model(path, n_ctx=64, n_threads=1)
     seen = []
@@ -164,12 +164,14 @@ def check_quantized_export(source, path, gguf_type: str, formats) -> None:
     torch.testing.assert_close(theirs, reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
 
 
+@pytest.mark.peers  # llama.cpp reads what we write: pytest -m peers (docs/development.md)
 @pytest.mark.parametrize("gguf_type", ["Q8_0", "Q4_0", "Q4_1", "Q5_0"])
 def test_quantized_gguf_export_runs_in_its_own_blocks_here_and_in_llama_cpp(small_hf_dir, tmp_path, gguf_type):
     check_quantized_export(small_hf_dir, tmp_path / f"small-{gguf_type}.gguf", gguf_type,
                            lambda layers: {gguf_type: 1 + 7 * layers})
 
 
+@pytest.mark.peers  # llama.cpp reads what we write: pytest -m peers (docs/development.md)
 def test_q4_k_export_runs_in_its_own_blocks_here_and_in_llama_cpp(k_quant_hf_dir, tmp_path):
     check_quantized_export(k_quant_hf_dir, tmp_path / "k.gguf", "Q4_K",
                            lambda layers: {"Q4_K": 2 * layers, "Q5_0": 5 * layers, "Q8_0": 1})
