@@ -20,7 +20,13 @@ def hf_model_like(ours: Gemma3Model, attn: str = "eager"):
     """A reference model holding our weights (state dict keys differ only by the `model.` prefix)."""
     from transformers import Gemma3ForCausalLM
 
-    ref = Gemma3ForCausalLM(hf_config(ours.config, attn)).to(next(ours.parameters()).dtype)
+    ref = Gemma3ForCausalLM(hf_config(ours.config, attn))
+    # RoPE's inverse frequencies are buffers computed in fp32, and from_pretrained(dtype=torch.bfloat16) keeps them
+    # fp32 (so it does on the real 270M GGUF); a plain .to(bfloat16) would round them, and every angle with them.
+    rope = {name: buffer.clone() for name, buffer in ref.model.rotary_emb.named_buffers()}
+    ref.to(next(ours.parameters()).dtype)
+    for name, buffer in rope.items():
+        setattr(ref.model.rotary_emb, name, buffer)
     missing, unexpected = ref.load_state_dict({f"model.{k}": v for k, v in ours.state_dict().items()}, strict=False)
     assert unexpected == [], unexpected
     assert missing in ([], ["lm_head.weight"]), missing  # tied to embed_tokens
@@ -38,6 +44,17 @@ def random_model(config: Gemma3Config, seed: int = 0, dtype=torch.float32, norm_
             if name.endswith("norm.weight"):
                 p.copy_(torch.randn(p.shape, generator=g) * norm_scale)
     return model.to(dtype).eval()
+
+
+def bf16_ulps(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """|got - want| elementwise, counted in bf16 ulps of `want` (an ulp is 2^(e - 7) for |want| in [2^e, 2^(e+1))).
+
+    A value below its last-axis RMS counts at that RMS: an ulp shrinks without bound towards zero, while the
+    rounding errors that reach a logit come from the sum h·e that makes it, whose terms are at the row's scale."""
+    want = want.float()
+    scale = torch.maximum(want.abs(), want.pow(2).mean(dim=-1, keepdim=True).sqrt())
+    ulp = torch.pow(2.0, torch.floor(torch.log2(scale.clamp(min=2.0**-126))) - 7)
+    return (got.float() - want).abs() / ulp
 
 
 def set_attention_implementation(model: Gemma3Model, name: str) -> None:

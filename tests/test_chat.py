@@ -209,11 +209,16 @@ def test_runaway_templates_fail_fast_with_bounded_memory(template, match):
 
     from gemma3.text.chat import TEMPLATE_SECONDS, ChatTemplate
 
+    # The worker up before the clock starts: a cold interpreter's start (up to 30 s on a busy machine, allowed for
+    # in _TemplateProcess._start) is not the rendering's time. The limit itself is wall time, a deadline on the
+    # parent's clock, so wall time is what is bounded: the overrun stopped within a second of TEMPLATE_SECONDS
+    # (measured on a 2-core machine under a load average of 6: at most TEMPLATE_SECONDS + 0.1 s).
+    assert render_chat(MESSAGES, template="{{ messages[0]['content'] }}!") == "Hi <b>!"
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.monotonic()
     with pytest.raises(Gemma3Error, match=match) as info:
         render_chat(MESSAGES, template=ChatTemplate(template, "ckpt/tokenizer_config.json"))
-    assert time.monotonic() - start < TEMPLATE_SECONDS + 3
+    assert time.monotonic() - start < TEMPLATE_SECONDS + 1
     assert str(info.value).startswith("ckpt/tokenizer_config.json: chat template") and "\n" not in str(info.value)
     # this process never held the rendering: its peak RSS did not grow by more than a little
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 64 * 1024  # KiB

@@ -332,22 +332,27 @@ def test_auth_model_body_and_routes(server, http):
 
 
 def test_queue_full_is_429():
-    s = Server("--max-batch", "1", "--max-queue", "0", "--context", "256", "--quiet")
+    """One slot and no queue: while a request holds the slot, the next is refused with 429. The first request is
+    held by a gate on the scheduler's turn (no step runs until the test opens it), so it is still running when the
+    second arrives on any machine, however slow; the old version hoped a 120-token request outlasted a poll."""
+    s = InProcessServer("--max-batch", "1", "--max-queue", "0", "--context", "256")
+    gate, turn = threading.Event(), s.scheduler._turn
+    s.scheduler._turn = lambda: (gate.wait(), turn())[1]  # an instance attribute: the scheduler's loop calls it
     try:
-        with httpx.Client(base_url=s.url, timeout=120) as c:
-            def long():
-                return c.post("/v1/completions", json={"prompt": "Tell me a story.", "max_tokens": 120,
-                                                       "temperature": 0}).status_code
-
-            with ThreadPoolExecutor(1) as pool:
-                first = pool.submit(long)
-                deadline = time.monotonic() + 30
-                while health(c)["active"] == 0 and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                r = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
-                assert r.status_code == 429 and error_of(r)["type"] == "rate_limit_error"
-                assert first.result() == 200
+        with httpx.Client(base_url=s.url, timeout=120) as c, ThreadPoolExecutor(1) as pool:
+            first = pool.submit(c.post, "/v1/completions", json={"prompt": "Tell me a story.", "max_tokens": 4})
+            deadline = time.monotonic() + 60
+            while health(c)["active"] == 0:
+                assert time.monotonic() < deadline and not first.done(), "the first request never took the slot"
+                time.sleep(0.05)
+            try:
+                r = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+            finally:
+                gate.set()
+            assert r.status_code == 429 and error_of(r)["type"] == "rate_limit_error"
+            assert first.result().status_code == 200
     finally:
+        gate.set()
         s.stop()
 
 
@@ -422,17 +427,21 @@ def test_bad_serve_flags_are_one_line_errors(flags, message, capsys):
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_a_port_in_use_is_said_before_loading(capsys):
+def test_a_port_in_use_is_said_before_loading(capsys, monkeypatch):
+    """The promise is about order, not speed: the port is taken before any weights are read, so the model loader
+    is never called (counted, instead of timing the command under 5 s)."""
     import socket
 
+    import gemma3.cli.serve as cli_serve
     from gemma3.cli import main
 
+    loads = []
+    monkeypatch.setattr(cli_serve, "load_from_args", lambda *a, **k: loads.append(a) or pytest.fail("loaded first"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
-        start = time.monotonic()
         assert main(["serve", "--port", str(s.getsockname()[1])]) == 2
-        assert time.monotonic() - start < 5
+    assert loads == []
     assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
 
 
