@@ -31,7 +31,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         w = weight.to(h.dtype)
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_w = None  # fp32 (V, d): the first chunk's product becomes it, no zeroed table beside it
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, targets.numel(), chunk_size):
             h_c, t_c = h[start:start + chunk_size], targets[start:start + chunk_size]
@@ -49,16 +49,28 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[start:start + chunk_size] = grad @ w  # (n, d)
                 if need_w:
-                    grad_w += (grad.t() @ h_c).float()  # (V, d)
-        ctx.save_for_backward(grad_h, grad_w)
+                    part = (grad.t() @ h_c).float()  # (V, d)
+                    grad_w = part if grad_w is None else grad_w.add_(part)
+                    del part
+        if need_w and grad_w is None:  # no targets: a zero gradient
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        ctx.save_for_backward(grad_h)
+        # Held on ctx, not saved, so that backward scales it in place: a second (V, d) fp32 table at the start
+        # of backward, when every activation is still held, was the peak of a full fine-tuning step.
+        ctx.grad_w = grad_w
         ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_h, grad_w = ctx.saved_tensors
+        (grad_h,) = ctx.saved_tensors
         grad_h = None if grad_h is None else grad_h * grad_total.to(grad_h.dtype)
-        grad_w = None if grad_w is None else (grad_w * grad_total).to(ctx.weight_dtype)
+        grad_w, ctx.grad_w = ctx.grad_w, None
+        if grad_w is None and ctx.needs_input_grad[1]:
+            raise RuntimeError("ChunkedLinearCrossEntropy: backward through the same loss twice (its weight "
+                               "gradient is scaled in place and given away once)")
+        if grad_w is not None:
+            grad_w = grad_w.mul_(grad_total).to(ctx.weight_dtype)
         return grad_h, grad_w, None, None, None
 
 
