@@ -240,6 +240,31 @@ def test_the_head_only_at_loss_positions_is_the_full_heads_loss_and_gradients():
     assert bool((gh[~keep] == 0).all())  # positions without a target get no gradient
 
 
+def test_the_fused_heads_weight_gradient_follows_the_incoming_gradient_and_is_given_once():
+    """The head's weight gradient is computed in forward and scaled in place in backward (no second (V, d) table
+    at the step's peak): a scaled loss scales it, a target-free batch gives zeros, and a second backward through
+    the same loss is refused rather than scaled twice."""
+    from gemma3.train.loss import ChunkedLinearCrossEntropy
+
+    g = torch.Generator().manual_seed(5)
+    h, w = torch.randn(9, 6, generator=g), torch.randn(40, 6, generator=g)
+    targets = torch.randint(0, 40, (9,), generator=g)
+    grads = []
+    for scale in (1.0, 0.25):
+        wi = w.clone().requires_grad_()
+        (ChunkedLinearCrossEntropy.apply(h, wi, targets, 4, None) * scale).backward()
+        grads.append(wi.grad)
+    torch.testing.assert_close(grads[1], grads[0] * 0.25, rtol=1e-6, atol=0)
+    wi = w.clone().requires_grad_()
+    ChunkedLinearCrossEntropy.apply(h[:0], wi, targets[:0], 4, None).backward()
+    assert wi.grad.shape == w.shape and not wi.grad.any()
+    wi = w.clone().requires_grad_()
+    loss = ChunkedLinearCrossEntropy.apply(h, wi, targets, 4, None)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
+
+
 @pytest.mark.parametrize("window", [None, 6])
 def test_packed_attention_is_the_masked_attention(window):
     """Document by document (train/attention.py) = the fused kernel over the whole mask: outputs and gradients,
