@@ -125,6 +125,8 @@ export class InsidePanel {
     const rows = el("ol", "prob-rows");
     for (const c of answer.candidates) {
       const row = el("li", "prob-row");
+      row.dataset.id = String(c.id);  // the numbers as sent, for whoever reads the page (and its tests)
+      row.dataset.prob = String(c.prob);
       if (token && c.id === token.id) row.classList.add("actual");
       row.title = `token ${c.id} · logprob ${c.logprob.toFixed(3)}`;
       row.appendChild(el("span", "piece", visiblePiece(c.piece)));
