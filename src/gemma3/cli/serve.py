@@ -15,12 +15,15 @@ from gemma3.errors import Gemma3Error
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "serve", help="an OpenAI-compatible HTTP server (chat, completions, streaming, JSON schema)",
+        "serve", help="an OpenAI-compatible HTTP server (chat, completions, streaming, JSON schema, tools) and a "
+                      "playground page in the browser",
         description="Serve the model over HTTP with OpenAI's API: POST /v1/chat/completions and /v1/completions "
                     "(streaming, n, stop, seed, logprobs, response_format json_object / json_schema), "
                     "GET /v1/models and /health, POST /tokenize and /detokenize. Concurrent requests share "
                     "one running batch (continuous batching): on a CPU a decode step costs about the same for "
-                    "1 row as for 8.",
+                    "1 row as for 8. The playground at http://HOST:PORT/ chats in the browser (JSON schema, tools, "
+                    "conversations kept and exported) and, on a click on any token of a reply, shows the model's "
+                    "inside at that step: the candidates, the logit lens, where a sliding and a global layer looked.",
         epilog="example: gemma3 serve --port 8000, then: curl http://127.0.0.1:8000/v1/completions "
                "-H 'Content-Type: application/json' -d '{\"prompt\": \"The capital of France is\", "
                "\"max_tokens\": 16}'")
@@ -39,6 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "holds max-batch × context tokens)")
     g.add_argument("--prefill-chunk", type=int, default=256, metavar="N",
                    help="prompt tokens read per scheduler turn, so running requests keep streaming (default: 256)")
+    g.add_argument("--no-ui", action="store_true", help="no playground page at / (the API only)")
+    g.add_argument("--inside-tokens", type=int, default=1024, metavar="N",
+                   help="the most tokens the playground's look inside the model reads (default: 1024; 0 = off): "
+                        "it holds the model for one plain forward over them")
+    g.add_argument("--inside-seconds", type=float, default=5.0, metavar="S",
+                   help="and the longest it may hold the model, checked before each layer (default: 5)")
     g.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model id in /v1/models and responses (default: gemma-3-270m for the embedded model, "
                         "else the source's name)")
@@ -90,6 +99,10 @@ def run_serve(args: argparse.Namespace) -> int:
         raise Gemma3Error(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.context < 16:
         raise Gemma3Error(f"--context must be at least 16 tokens, got {args.context}")
+    if args.inside_tokens < 0:
+        raise Gemma3Error(f"--inside-tokens must be >= 0, got {args.inside_tokens}")
+    if not 0.1 <= args.inside_seconds <= 600:  # also refuses nan and inf
+        raise Gemma3Error(f"--inside-seconds must be in [0.1, 600], got {args.inside_seconds}")
     if args.api_key is not None and not args.api_key.strip():
         raise Gemma3Error("--api-key is empty")
     device, dtype = prepare_run(args)
@@ -101,7 +114,8 @@ def run_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or ("gemma-3-270m" if args.model is None else
                                       os.path.basename(os.path.normpath(str(args.model))))
     app = create_app(scheduler, ServerConfig(model_name=name, api_key=args.api_key,
-                                             chat_template=loaded.chat_template))
+                                             chat_template=loaded.chat_template, ui=not args.no_ui,
+                                             inside_tokens=args.inside_tokens, inside_seconds=args.inside_seconds))
     _warm_grammar_engine(loaded.tokenizer, scheduler.stop_ids)
     host, port = sock.getsockname()[:2]
     status(args, f"loaded {loaded.description} in {loaded.load_s:.1f} s; {args.max_batch} slots × "
@@ -109,7 +123,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and args.api_key is None:
         print(f"warning: listening on {args.host} with no --api-key: anyone who can reach this port can use it",
               file=sys.stderr)
-    print(f"serving {name} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+    print(f"serving {name} on http://{host}:{port}/v1" + ("" if args.no_ui else f" (playground: http://{host}:{port}/)"),
+          file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="warning" if args.quiet else "info", access_log=not args.quiet,
                             timeout_graceful_shutdown=5, h11_max_incomplete_event_size=64 << 10)
     try:

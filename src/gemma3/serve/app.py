@@ -10,6 +10,13 @@ response bodies or server-sent events. It never touches a tensor.
     POST /tokenize, /detokenize llama.cpp's: text ↔ token ids
     POST /apply-template        llama.cpp's: the prompt text a chat body renders to (messages and tools)
     GET  /openapi.json          the OpenAPI 3.1 description of these routes (gemma3.serve.openapi)
+    GET  /, POST /v1/inside     the playground page and its look inside the model (gemma3.serve.playground)
+
+Two extensions the playground uses, under the names other servers gave them: `"return_token_ids": true`
+(vLLM's) adds `prompt_token_ids` to the response and `token_ids` to each choice (in a stream, to the chunks
+that carry them); and every response says how fast it was in llama.cpp's `timings` (on the whole response,
+and on the chunk that finishes choice 0): prompt = from taking a row to the first token, predicted = the
+tokens after it.
 
 Tool calling (`tools`, `tool_choice`, `parallel_tool_calls`): the tools are declared in the prompt
 (gemma3.text.tools), generation is kept to what `tool_choice` allows by a grammar
@@ -46,7 +53,8 @@ from gemma3.text.tools import ToolCallParser, finish_reason, parse_tool_choice, 
 from gemma3.errors import Gemma3Error
 from gemma3.generation.sampling import SamplingParams
 from gemma3.serve.openapi import openapi_document
-from gemma3.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+from gemma3.serve.playground import InsideEndpoints, ui_routes
+from gemma3.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                    _Sampling)
 from gemma3.serve.scheduler import Failed, Finished, QueueFull, Request, Scheduler, TokenEvent
 
@@ -62,24 +70,14 @@ class ServerConfig:
     api_key: str | None = None
     max_body_bytes: int = MAX_BODY_BYTES
     chat_template: Any = None  # gemma3.text.chat.ChatTemplate, None = the built-in Gemma 3 format
+    ui: bool = False  # serve the playground page at / (`gemma3 serve` does, unless --no-ui)
+    inside_tokens: int = 1024  # the most tokens a look inside the model reads (0: off)
+    inside_seconds: float = 5.0  # and the longest it may hold the model
 
 
 def request_id(prefix: str) -> str:
     """OpenAI-style ids ("chatcmpl-...", "cmpl-..."), unique within and across this server's runs."""
     return f"{prefix}-{os.getpid():x}{int(time.time() * 1000) % (1 << 32):08x}{next(_request_numbers):06d}"
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
 
 
 def create_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
@@ -93,7 +91,10 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         Route("/detokenize", server.detokenize, methods=["POST"]),
         Route("/apply-template", server.apply_template, methods=["POST"]),
         Route("/openapi.json", server.openapi, methods=["GET"]),
+        *InsideEndpoints(server, config.inside_tokens, config.inside_seconds).routes(),
     ]
+    if config.ui:
+        routes += ui_routes()
     app = Starlette(routes=routes, exception_handlers={APIError: lambda r, e: e.response(),
                                                        404: _not_found, 405: _not_allowed})
     app.state.server = server
@@ -387,6 +388,10 @@ class _Reply:
         self.offsets = [0] * n
         self.finish: list[str | None] = [None] * n
         self.completion_tokens = [0] * n
+        # return_token_ids: every generated id (stop tokens left out), and those not yet sent in a chunk
+        self.ids = [[] for _ in range(n)] if body.return_token_ids else None
+        self.unsent_ids = [[] for _ in range(n)]
+        self.timings: dict | None = None
 
     # ------------------------------------------------------------------ logprobs in OpenAI's two shapes
     def _token_entry(self, event: TokenEvent) -> dict:
@@ -421,6 +426,9 @@ class _Reply:
         parser = self.parsers[index] if self.parsers is not None else None
         if isinstance(event, TokenEvent):
             self.texts[index].append(event.text)
+            if self.ids is not None and not event.is_stop_token:
+                self.ids[index].append(event.token_id)
+                self.unsent_ids[index].append(event.token_id)
             entry = self._token_entry(event) if self.logprobs is not None else None
             if entry is not None:
                 self.entries[index].append(entry)
@@ -431,6 +439,8 @@ class _Reply:
         if isinstance(event, Finished):
             self.finish[index] = event.reason
             self.completion_tokens[index] = event.completion_tokens
+            if index == 0:
+                self.timings = _timings(event)
             if parser is not None:
                 delta = parser.finish()
                 return delta.content, delta.calls, None
@@ -479,16 +489,27 @@ class _Reply:
             else:
                 lp = self._completion_logprobs(self.entries[i]) if self.logprobs is not None else None
                 choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": self.finish[i]})
-        return JSONResponse({"id": self.rid, "object": "chat.completion" if self.chat else "text_completion",
-                             "created": self.created, "model": self.model, "choices": choices,
-                             "usage": self._usage()})
+            if self.ids is not None:
+                choices[-1]["token_ids"] = self.ids[i]
+        body = {"id": self.rid, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": choices, "usage": self._usage(),
+                "timings": self.timings}
+        if self.ids is not None:
+            body["prompt_token_ids"] = self.prompt
+        return JSONResponse(body)
 
     # ------------------------------------------------------------------ server-sent events
-    def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
+    def _chunk(self, choices: list[dict], usage: dict | None = None, **extra) -> str:
         body = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices}
         if usage is not None or (self.body.stream_options and self.body.stream_options.include_usage):
             body["usage"] = usage
+        if self.ids is not None:  # the ids a choice's text came from ride on its next chunk
+            for choice in choices:
+                unsent = self.unsent_ids[choice["index"]]
+                choice["token_ids"] = list(unsent)
+                unsent.clear()
+        body.update(extra)
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     def _chat_deltas(self, index: int, text: str, calls: list, entry: dict | None):
@@ -509,9 +530,11 @@ class _Reply:
     async def stream(self, queue: asyncio.Queue, requests: list[Request]):
         pending = len(requests)
         try:
+            first = {"prompt_token_ids": self.prompt} if self.ids is not None else {}
             if self.chat:
                 yield self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                    "finish_reason": None} for i in range(len(requests))])
+                                    "finish_reason": None} for i in range(len(requests))], **first)
+                first = {}
             while pending:
                 index, event = await queue.get()
                 if isinstance(event, Failed):
@@ -521,14 +544,16 @@ class _Reply:
                     break
                 text, calls, entry = self._apply(index, event)
                 if isinstance(event, TokenEvent):
-                    if not text and not calls and entry is None:
-                        continue
+                    if not text and not calls and entry is None and not first:
+                        continue  # nothing to show yet (its id, if asked for, rides on the next chunk)
                     if self.chat:
                         for chunk in self._chat_deltas(index, text, calls, entry):
                             yield chunk
                     else:
                         lp = self._completion_logprobs([entry], self.offsets[index]) if entry is not None else None
-                        yield self._chunk([{"index": index, "text": text, "logprobs": lp, "finish_reason": None}])
+                        yield self._chunk([{"index": index, "text": text, "logprobs": lp, "finish_reason": None}],
+                                          **first)
+                        first = {}
                     self.offsets[index] += len(text)
                 elif isinstance(event, Finished):
                     pending -= 1
@@ -539,10 +564,21 @@ class _Reply:
                                "finish_reason": self._finish_reason(index)}
                               if self.chat else
                               {"index": index, "text": "", "logprobs": None, "finish_reason": event.reason})
-                    yield self._chunk([choice])
+                    yield self._chunk([choice], **first, **({"timings": self.timings} if index == 0 else {}))
+                    first = {}
             if not pending and self.body.stream_options and self.body.stream_options.include_usage:
                 yield self._chunk([], self._usage())
             yield "data: [DONE]\n\n"
         finally:  # the client went away (the task is cancelled) or the stream ended: free the rows
             for r in requests:
                 r.cancel()
+
+
+def _timings(event: Finished) -> dict:
+    """llama.cpp's `timings` of a finished choice: prompt = from taking a row to the first token (the prefill),
+    predicted = the tokens after the first (decode steps)."""
+    decoded = max(event.completion_tokens - 1, 0)
+    return {"prompt_n": event.prompt_tokens, "prompt_ms": event.prompt_s * 1000,
+            "prompt_per_second": event.prompt_tokens / event.prompt_s if event.prompt_s > 0 else None,
+            "predicted_n": decoded, "predicted_ms": event.decode_s * 1000,
+            "predicted_per_second": decoded / event.decode_s if decoded and event.decode_s > 0 else None}

@@ -13,7 +13,8 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel
 
-from gemma3.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from gemma3.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, InsideRequest,
+                                   TokenizeRequest)
 
 REF = "#/components/schemas/{model}"
 
@@ -75,6 +76,29 @@ TOKENS = {"type": "object", "required": ["tokens"], "properties": {"tokens": {"t
     "anyOf": [{"type": "integer"}, {"type": "object", "required": ["id", "piece"],
                                     "properties": {"id": {"type": "integer"}, "piece": {"type": "string"}}}]}}}}
 TEXT = {"type": "object", "required": ["content"], "properties": {"content": {"type": "string"}}}
+_PROB = {"type": "number", "minimum": 0, "maximum": 1}
+_TOKEN = {"type": "object", "required": ["id", "piece", "prob"],
+          "properties": {"id": {"type": "integer", "minimum": 0}, "piece": _TEXT, "prob": _PROB}}
+INSIDE = {"type": "object", "required": ["position", "token", "candidates", "lens", "attention", "pieces", "elapsed_ms"],
+          "properties": {
+              "position": {"type": "integer", "minimum": 1},
+              "token": {"anyOf": [_TOKEN, {"type": "null"}]},
+              "candidates": {"type": "array", "items": {**_TOKEN, "properties": {
+                  **_TOKEN["properties"], "logprob": {"type": "number", "maximum": 0}}}},
+              "lens": {"type": "array", "items": {**_TOKEN, "properties": {
+                  **_TOKEN["properties"], "layer": {"anyOf": [{"const": "embedding"}, {"type": "integer"}]},
+                  "token_prob": {"anyOf": [_PROB, {"type": "null"}]}}}},
+              "attention": {"type": "array", "items": {"type": "object", "required": ["layer", "kind", "weights"],
+                                                       "properties": {"layer": {"type": "integer"},
+                                                                      "kind": {"enum": ["sliding", "global"]},
+                                                                      "window": {"type": ["integer", "null"]},
+                                                                      "weights": {"type": "array",
+                                                                                  "items": _PROB}}}},
+              "pieces": {"type": "array", "items": _TEXT}, "elapsed_ms": {"type": "number", "minimum": 0}}}
+INSIDE_MODEL = {"type": "object", "required": ["model", "layer_types", "sliding_window", "max_tokens", "max_top_k"],
+                "properties": {"model": _TEXT, "layer_types": {"type": "array", "items": {"enum": ["sliding", "global"]}},
+                               "sliding_window": {"type": "integer"}, "max_tokens": {"type": "integer"},
+                               "max_top_k": {"type": "integer"}, "context": {"type": "integer"}}}
 DOCUMENT = {"type": "object", "required": ["openapi", "info", "paths"]}
 
 
@@ -86,6 +110,7 @@ class Route(NamedTuple):
     response: dict  # the 200 body's JSON schema
     stream: dict | None = None  # a streamed chunk's JSON schema: the route runs the model (429, 500, streams)
     public: bool = False  # answered without the API key
+    exclusive: bool = False  # runs on the model's own thread, one waiting at most (429), bounded in time (503)
 
 
 # ------------------------------------------------------------------ every route app.py serves, one line each
@@ -101,12 +126,18 @@ ROUTES = (
     Route("POST", "/apply-template", ChatCompletionRequest, "the prompt text a chat body renders to, messages "
           "and tools (llama.cpp's)", PROMPT),
     Route("GET", "/openapi.json", None, "this document", DOCUMENT, public=True),
+    Route("GET", "/v1/inside/model", None, "what a look inside the model can ask: layer kinds, the window, the "
+          "bounds", INSIDE_MODEL),
+    Route("POST", "/v1/inside", InsideRequest, "one token of a text looked at from inside the model: the candidates, "
+          "the logit lens, the attention of a sliding and a global layer", INSIDE, exclusive=True),
 )
+# the playground's page and files (gemma3.serve.playground) are served too, but are not part of the API
+UI_PATHS = ("/", "/ui/{name}")
 
 _ERRORS = {400: "the request is invalid (the field in `param`; `context_length_exceeded` when it does not fit)",
            401: "a missing or wrong API key", 404: "another model than the one served",
            413: "a body over the size cap", 429: "the queue is full", 500: "the generation failed",
-           503: "the server is shutting down"}
+           503: "the server is shutting down (or a look inside ran past its time bound)"}
 
 
 def _error_statuses(route: Route) -> list[int]:
@@ -117,6 +148,8 @@ def _error_statuses(route: Route) -> list[int]:
         statuses.append(401)
     if route.stream is not None:
         statuses += [404, 429, 500, 503]
+    if route.exclusive:
+        statuses += [429, 503]
     return sorted(statuses)
 
 

@@ -1,4 +1,4 @@
-"""The OpenAI request bodies the server accepts, as pydantic models: every field typed and bounded here, at
+"""The OpenAI request bodies the server accepts, as pydantic models, and OpenAI's error object (APIError): every field typed and bounded here, at
 the edge, so that nothing out of range reaches the scheduler (servers were crashed through unbounded `n`,
 `max_tokens`, `top_logprobs`, negative or extreme sampling values: ../docs/security notes).
 
@@ -23,8 +23,28 @@ MAX_STOP_CHARS = 256
 MAX_MESSAGES = 4096
 MAX_TOOLS = 128
 SEED_MAX = 2**64 - 1
+MAX_INSIDE_TOP_K = 20
+MAX_INSIDE_LAYERS = 4
+MAX_INSIDE_IDS = 1 << 17  # ids in a look-inside body (the server reads at most --inside-tokens of them)
 
 Unit = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+
+
+class APIError(Exception):
+    """A request the server refuses: answered with OpenAI's error object and a 4xx (or 5xx) status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self):
+        from starlette.responses import JSONResponse
+
+        return JSONResponse(self.body(), status_code=self.status)
 
 
 class _Base(BaseModel):
@@ -132,6 +152,7 @@ class _Sampling(_Base):
     seed: Annotated[int, Field(ge=0, le=SEED_MAX)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    return_token_ids: bool = False  # vLLM's: the prompt's ids and each choice's generated ids in the response
     response_format: ResponseFormat | None = None
     user: str | None = None
     # known, not implemented: refused (see the module docstring)
@@ -197,3 +218,13 @@ class TokenizeRequest(_Base):
 
 class DetokenizeRequest(_Base):
     tokens: list[int]
+
+
+class InsideRequest(_Base):
+    """POST /v1/inside: the playground's look inside the model at one token of a text (gemma3.eval.inside).
+    Bounds that depend on the server (the tokens read, the vocabulary, the layers) are checked by the handler."""
+
+    tokens: Annotated[list[int], Field(min_length=1, max_length=MAX_INSIDE_IDS)]
+    position: Annotated[int, Field(ge=1)]
+    top_k: Annotated[int, Field(ge=1, le=MAX_INSIDE_TOP_K)] = 10
+    layers: Annotated[list[int], Field(min_length=1, max_length=MAX_INSIDE_LAYERS)] | None = None

@@ -21,6 +21,8 @@ the requests served one at a time.
 
 The HTTP side never touches tensors: it submits a `Request` with a `sink` callback and receives `TokenEvent`s,
 then one `Finished` (or `Failed`), on the scheduler's thread (the server forwards them to its event loop).
+Work that needs the model itself (the playground's look inside it: a forward with hooks on its layers) is handed
+to the same thread with `run_exclusive`, and runs between two turns, so it never meets a decode step.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ import collections
 import itertools
 import os
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -83,6 +87,8 @@ class Finished:
     reason: str  # "stop" or "length" (OpenAI's finish_reason)
     prompt_tokens: int
     completion_tokens: int
+    prompt_s: float = 0.0  # from taking a row to the first token: the prefill (and the first sample)
+    decode_s: float = 0.0  # from the first token to the last: completion_tokens - 1 decode steps
 
 
 @dataclass
@@ -97,6 +103,8 @@ class _Sequence:
     def __init__(self, request: Request, row: int, scheduler: "Scheduler"):
         self.request, self.row = request, row
         self.order = next(_admitted)
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
         self.prefilled = 0
         self.next_input: int | None = None  # the sampled token to feed at the next decode step
         streamer = TextStreamer(scheduler.tokenizer, request.stop_strings)
@@ -143,6 +151,7 @@ class Scheduler:
         self.vocab = min(config.vocab_size, len(tokenizer)) if hasattr(tokenizer, "__len__") else config.vocab_size
         self.stop_ids = default_stop_ids(config)
         self._waiting: collections.deque[Request] = collections.deque()
+        self._jobs: collections.deque[tuple[Future, Callable]] = collections.deque()
         self._rows: dict[int, _Sequence] = {}
         self._wake = threading.Condition()
         self._stop = False
@@ -179,6 +188,20 @@ class Scheduler:
             self._waiting.append(request)
             self._wake.notify()
 
+    def run_exclusive(self, fn: Callable, max_waiting: int = 1) -> Future:
+        """Run fn(model) on the scheduler thread between two turns; returns its Future. The model is the
+        thread's own: a forward with hooks on its layers (gemma3.eval.plot.trace) must not meet a decode step.
+        Raises QueueFull when `max_waiting` jobs are already waiting; a job cancelled before it starts is skipped."""
+        future: Future = Future()
+        with self._wake:
+            if self._stop:
+                raise Gemma3Error("the server is shutting down")
+            if sum(not f.done() for f, _ in self._jobs) >= max_waiting:
+                raise QueueFull("the server is busy: another look inside the model is waiting")
+            self._jobs.append((future, fn))
+            self._wake.notify()
+        return future
+
     def stats(self) -> dict:
         with self._wake:
             return {"active": len(self._rows), "waiting": len(self._waiting), "slots": self.max_batch,
@@ -189,11 +212,19 @@ class Scheduler:
         torch.set_grad_enabled(False)
         while True:
             with self._wake:
-                while not self._stop and not self._waiting and not self._rows:
+                while not self._stop and not self._waiting and not self._rows and not self._jobs:
                     self._wake.wait()
                 if self._stop:
                     break
                 self._admit()
+                jobs = list(self._jobs)
+                self._jobs.clear()
+            for future, fn in jobs:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(self.model))
+                    except BaseException as e:  # noqa: BLE001 - the job's caller gets its failure
+                        future.set_exception(e)
             try:
                 with torch.inference_mode():
                     self._turn()
@@ -205,6 +236,10 @@ class Scheduler:
                 self._fail(seq, "the server is shutting down", 503)
             while self._waiting:
                 self._waiting.popleft().sink(Failed("the server is shutting down", 503))
+            while self._jobs:
+                future, _ = self._jobs.popleft()
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(Gemma3Error("the server is shutting down"))
 
     def _admit(self) -> None:
         free = [r for r in range(self.max_batch) if r not in self._rows]
@@ -278,6 +313,8 @@ class Scheduler:
         if seq.counts is not None:
             seq.counts[token] += 1
         state = seq.state
+        if seq.first_token_at is None:
+            seq.first_token_at = time.perf_counter()
         text = state.push(token)
         if state.finished:
             text += state.flush()
@@ -288,7 +325,9 @@ class Scheduler:
             seq.next_input = token
             return
         reason = "length" if state.reason == "context" else state.reason  # OpenAI's words: a full context is "length"
-        request.sink(Finished(reason, len(request.prompt_ids), len(seq.generated)))
+        now = time.perf_counter()
+        request.sink(Finished(reason, len(request.prompt_ids), len(seq.generated),
+                              prompt_s=seq.first_token_at - seq.started, decode_s=now - seq.first_token_at))
         self.served += 1
         self._release(seq)
 
