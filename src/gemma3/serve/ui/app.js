@@ -107,16 +107,16 @@ function renderHeader() {
   const notice = $("model-notice");
   const name = state.model ? state.model.id : "";
   // Gemma checkpoints say "-it" when instruction-tuned; the embedded 270M is the pretrained base
+  const conv = current();
+  const chat = !conv || conv.mode === "chat";
   if (name && !/(^|[-_])it($|[-_.])|instruct/i.test(name)) {
     notice.textContent = `${name} is a pretrained base model, not instruction-tuned: it continues text rather `
-      + "than following instructions, so chat replies wander. Completion mode suits it best; for chat, serve an "
-      + "instruction-tuned checkpoint (gemma3 serve -m google/gemma-3-270m-it).";
+      + "than following instructions" + (chat ? ", so chat replies wander. Completion mode suits it best; for "
+      + "chat, serve an instruction-tuned checkpoint (gemma3 serve -m google/gemma-3-270m-it)." : ", as here.");
     notice.hidden = false;
   } else {
     notice.hidden = true;
   }
-  const conv = current();
-  const chat = !conv || conv.mode === "chat";
   $("mode-chat").setAttribute("aria-checked", String(chat));
   $("mode-completion").setAttribute("aria-checked", String(!chat));
   $("prompt").placeholder = chat ? "Write a message (Enter sends, Shift+Enter for a new line)"
@@ -648,7 +648,14 @@ async function generate(conv) {
     frame = null;
     const article = document.querySelector(`article.msg-assistant[data-index="${conv.messages.indexOf(message)}"]`);
     if (!article || current() !== conv) return;
-    fillAssistantBody(conv, message, conv.messages.indexOf(message), article.querySelector(".msg-body"));
+    const index = conv.messages.indexOf(message);
+    fillAssistantBody(conv, message, index, article.querySelector(".msg-body"));
+    if (message.tool_calls) {  // calls stream too: their cards grow as the arguments arrive
+      const cards = toolCards(conv, message, index);
+      const old = article.querySelector(".tool-calls");
+      if (old) old.replaceWith(cards);
+      else article.querySelector(".msg-body").after(cards);
+    }
     const box = $("messages");
     if (box.scrollHeight - box.scrollTop - box.clientHeight < 120) box.scrollTop = box.scrollHeight;
   };
@@ -671,11 +678,26 @@ async function generate(conv) {
     message.client_timings = { first_ms: clock.first === null ? null : clock.first - clock.start,
                                decode_ms: clock.first === null ? 0 : end - clock.first, tokens: clock.tokens };
     (message.tool_calls || []).forEach((c) => delete c._index);
+    await labelSilentTokens(message);
     state.busy = null;
     setBusy(false);
     save();
     if (current() === conv) renderMessages();
   }
+}
+
+/**
+ * Tokens the stream gave no text of their own (text held back while it might become a tool call or a stop
+ * string, or released together with the next token's): each is decoded alone (POST /detokenize), so that every
+ * chip says which token it is. A reply has few such distinct tokens; the number asked is bounded anyway.
+ */
+async function labelSilentTokens(message) {
+  if (!message.token_ids) return;
+  const silent = [...new Set(message.token_ids.filter((_, k) => !message.token_text[k]))].slice(0, 64);
+  const texts = await Promise.all(silent.map((id) => api.postJSON("/detokenize", { tokens: [id] })
+    .then((r) => r.content, () => "")));
+  const decoded = new Map(silent.map((id, k) => [id, texts[k]]));
+  message.token_text = message.token_ids.map((id, k) => message.token_text[k] || decoded.get(id) || "");
 }
 
 function applyChunk(message, chunk, chat, clock) {
@@ -684,14 +706,15 @@ function applyChunk(message, chunk, chat, clock) {
   if (chunk.timings) message.timings = chunk.timings;
   const choice = (chunk.choices || []).find((c) => c.index === 0);
   if (!choice) return;
-  let text = "";
+  let text = "";  // the text these tokens wrote (a tool call's pieces are the parser's, not the tokens')
+  let calls = 0;
   if (chat) {
     const delta = choice.delta || {};
     if (delta.content) text += delta.content;
     message.content += delta.content || "";
     for (const piece of delta.tool_calls || []) {
       mergeToolCall(message, piece);
-      text += ((piece.function && piece.function.name) || "") + ((piece.function && piece.function.arguments) || "");
+      calls++;
     }
   } else if (choice.text) {
     text = choice.text;
@@ -706,9 +729,9 @@ function applyChunk(message, chunk, chat, clock) {
     // id its exact piece
     ids.forEach((_, k) => message.token_text.push(k === ids.length - 1 ? text : ""));
   }
-  if (text || ids.length) {
+  if (text || calls || ids.length) {
     if (clock.first === null) clock.first = performance.now();
-    clock.tokens += Math.max(ids.length, text ? 1 : 0);
+    clock.tokens += Math.max(ids.length, text || calls ? 1 : 0);
   }
   if (choice.finish_reason) message.finish_reason = choice.finish_reason;
 }

@@ -165,7 +165,6 @@ export class InsidePanel {
     }
     table.appendChild(tbody);
     lens.appendChild(table);
-    body.appendChild(lens);
 
     // ---- attention
     const att = el("section", "inside-section attention");
@@ -181,7 +180,9 @@ export class InsidePanel {
     scale.appendChild(document.createTextNode(" log scale (10⁻⁴ … 1)"));
     att.appendChild(scale);
     answer.attention.forEach((entry, k) => att.appendChild(this.attentionMap(answer, entry, k)));
+    // what it chose, where it looked, how the choice formed over the layers
     body.appendChild(att);
+    body.appendChild(lens);
   }
 
   attentionMap(answer, entry, k) {

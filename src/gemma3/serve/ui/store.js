@@ -6,6 +6,8 @@
 //   {role: "user", content}
 //   {role: "assistant", content, tool_calls?, finish_reason?, error?, stopped?,
 //    prompt_token_ids?, token_ids?, token_text?, timings?, client_timings?, usage?}
+//   (token_ids: the reply's tokens, as the server streamed them; token_text: what each showed, the labels of
+//   its chips; prompt_token_ids + token_ids is what the inside view reads)
 //   {role: "tool", tool_call_id, name?, content}
 // The API key is never stored here (api.js keeps it in sessionStorage).
 
