@@ -382,6 +382,28 @@ def test_tool_call_card_and_a_typed_result(page):
     assert "answered" in page.css("details.tool-card summary")[0].text
 
 
+def test_a_reply_cut_short_does_not_break_the_next_turn(page, tmp_path):
+    """A reply stopped before its first token, and one stopped inside a tool call, are sent back as turns the
+    server takes (turns alternate; no half-written call), so the chat goes on."""
+    cut = {"role": "assistant", "content": "", "stopped": True,
+           "tool_calls": [{"id": "call_1", "type": "function",
+                           "function": {"name": "get_weather", "arguments": '{"city": "Par'}}]}
+    conversation = {"id": "cut", "title": "cut", "created": "2026-01-01T00:00:00.000Z", "mode": "chat", "system": "",
+                    "messages": [{"role": "user", "content": "Weather in Paris?"}, cut,
+                                 {"role": "user", "content": "Hello"},
+                                 {"role": "assistant", "content": "", "stopped": True}]}
+    path = tmp_path / "cut.json"
+    path.write_text(json.dumps(conversation))
+    page.id("import-file").send_keys(str(path))
+    page.wait_replies(2)
+    assert "cut short" in page.css("details.tool-card")[0].text and not page.css("form.tool-result")
+    page.set(temperature=0, max_tokens=4)
+    page.send("Are you there?")
+    page.wait_replies(3)
+    last = page.conversation()["messages"][-1]
+    assert "error" not in last and last["token_ids"], last
+
+
 # ------------------------------------------------------------------------------------------------ inside view
 
 def test_inside_view_of_a_greedy_token(page):

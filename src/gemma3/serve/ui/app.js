@@ -147,6 +147,9 @@ function renderSidebar() {
 }
 
 function switchTo(id) {
+  // a conversation left empty (nothing sent, no system prompt) is not worth a line in the list
+  state.conversations = state.conversations.filter((c) => c.id === id || c.messages.length || (c.system || "").trim()
+                                                   || (state.busy && state.busy.conversation === c));
   state.current = id;
   save();
   inside.close();
@@ -431,12 +434,15 @@ function toolCards(conv, message, index) {
   for (const call of message.tool_calls) {
     const fn = call.function || {};
     const result = answered.get(call.id);
+    const streaming = state.busy && state.busy.message === message;
+    const whole = isWhole(call);
     const card = el("details", "tool-card");
     card.open = !result || latest;
     const summary = el("summary");
     summary.appendChild(el("span", "tool-label", "Tool call "));
     summary.appendChild(el("code", "tool-name", fn.name || "?"));
-    summary.appendChild(el("span", "tool-state", result ? " · answered" : " · waiting for its result"));
+    summary.appendChild(el("span", "tool-state", result ? " · answered" : streaming ? " · being written"
+      : whole ? " · waiting for its result" : " · cut short"));
     card.appendChild(summary);
     let args = fn.arguments ?? "";
     try {
@@ -449,6 +455,8 @@ function toolCards(conv, message, index) {
     if (result) {
       card.appendChild(el("div", "tool-result-label", "Result"));
       card.appendChild(el("pre", "tool-output", result.content ?? ""));
+    } else if (!whole && !streaming) {  // it cannot be answered, nor sent back (chatMessages leaves it out)
+      card.appendChild(el("div", "tool-cut", "The call was cut short (stopped, or max tokens): regenerate the reply."));
     } else if (latest && !state.busy) {
       const form = el("form", "tool-result");
       const input = el("textarea");
@@ -597,16 +605,20 @@ function editMessage(conv, index, article, body) {
 /** The chat messages sent for `conv`: the system prompt, then every turn in OpenAI's shape. */
 function chatMessages(conv) {
   const out = [];
+  const sent = new Set();  // the ids of the calls sent, which the tool results must answer
   if (conv.system && conv.system.trim()) out.push({ role: "system", content: conv.system });
   for (const m of conv.messages) {
     if (m.role === "assistant") {
-      const calls = (m.tool_calls || []).map((c) => ({ id: c.id, type: c.type || "function",
-                                                       function: { name: c.function.name,
-                                                                   arguments: c.function.arguments } }));
-      if (!m.content && !calls.length) continue;  // a reply that failed or was stopped before its first token
+      // a call cut short (stopped, or max_tokens) has arguments that are not a JSON object: the server would
+      // refuse the whole history, so it is left out, with its result
+      const calls = (m.tool_calls || []).filter(isWhole).map((c) => ({
+        id: c.id, type: c.type || "function", function: { name: c.function.name, arguments: c.function.arguments } }));
+      calls.forEach((c) => sent.add(c.id));
+      // a reply stopped (or failed) before it said anything still takes its turn: turns must alternate
       out.push(calls.length ? { role: "assistant", content: m.content || null, tool_calls: calls }
-                            : { role: "assistant", content: m.content });
+                            : { role: "assistant", content: m.content || "" });
     } else if (m.role === "tool") {
+      if (!sent.has(m.tool_call_id)) continue;
       out.push({ role: "tool", tool_call_id: m.tool_call_id, ...(m.name ? { name: m.name } : {}),
                  content: m.content ?? "" });
     } else {
@@ -614,6 +626,16 @@ function chatMessages(conv) {
     }
   }
   return out;
+}
+
+function isWhole(call) {
+  if (!call || !call.function || typeof call.function.name !== "string") return false;
+  try {
+    const args = JSON.parse(call.function.arguments);
+    return args !== null && typeof args === "object" && !Array.isArray(args);
+  } catch {
+    return false;
+  }
 }
 
 async function generate(conv) {
