@@ -5,6 +5,7 @@
 // HTML), and so does every string from the server or an imported file: nothing here assigns innerHTML.
 
 import * as api from "./api.js";
+import { el } from "./dom.js";
 import { renderMarkdown } from "./markdown.js";
 import { InsidePanel, visiblePiece } from "./inside.js";
 import * as store from "./store.js";
@@ -15,7 +16,7 @@ const state = {
   ...store.loadConversations(),  // {current: id, conversations: [...]}
   settings: store.loadSettings(),
   model: null,                   // the /v1/models entry, once known
-  busy: null,                    // the generation running: {controller, conversation, message, element}
+  busy: null,                    // the generation running: {controller, conversation, message}
   pieces: new Map(),             // token id -> its vocabulary piece, learnt from the inside view's answers
 };
 
@@ -30,13 +31,6 @@ const inside = new InsidePanel({
 });
 
 // ------------------------------------------------------------------------------------------------ helpers
-
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
 
 function button(label, className, onClick, title) {
   const b = el("button", className, label);
@@ -236,10 +230,9 @@ function bindSettings() {
     input.value = s[name];
     input.addEventListener("input", () => { s[name] = input.value; persist(); });
   }
-  const texts = { schema: "schema", tools: "tools" };
-  for (const [id, name] of Object.entries(texts)) {
-    $(id).value = s[name];
-    $(id).addEventListener("input", () => { s[name] = $(id).value; persist(); });
+  for (const name of ["schema", "tools"]) {
+    $(name).value = s[name];
+    $(name).addEventListener("input", () => { s[name] = $(name).value; persist(); });
   }
   const checks = { "schema-on": "schemaOn", "tools-on": "toolsOn", "parallel-calls": "parallelCalls",
                    "show-tokens": "showTokens" };

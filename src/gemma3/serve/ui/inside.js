@@ -7,6 +7,7 @@
 // Pieces and probabilities are drawn as text and bar widths only.
 
 import * as api from "./api.js";
+import { el } from "./dom.js";
 
 const TOP_K = 10;
 
@@ -15,13 +16,6 @@ export function visiblePiece(piece, { spaces = true } = {}) {
   const text = String(piece).replace(/\u2581/g, " ").replace(/<0x0A>/g, "\n").replace(/<0x09>/g, "\t");
   if (!text) return "∅";
   return (spaces ? text.replace(/ /g, "·") : text).replace(/\n/g, "↵").replace(/\t/g, "⇥");
-}
-
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
 }
 
 const percent = (p) => (p === null || p === undefined ? "–" : p >= 0.001 ? `${(p * 100).toFixed(1)} %`

@@ -13,6 +13,8 @@
 // inline code, bold, italic, strikethrough, links and backslash escapes. Nesting is bounded (MAX_DEPTH), so a
 // reply of ten thousand ">" or "*" renders as text instead of overflowing the stack.
 
+import { el } from "./dom.js";
+
 const MAX_DEPTH = 12;
 
 const FENCE = /^ {0,3}(`{3,}|~{3,})\s*([^`\s]*)[^`]*$/;
@@ -27,12 +29,6 @@ export function renderMarkdown(text) {
   const fragment = document.createDocumentFragment();
   renderBlocks(String(text).replace(/\r\n?/g, "\n").split("\n"), fragment, 0);
   return fragment;
-}
-
-function el(tag, className) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  return node;
 }
 
 // ------------------------------------------------------------------------------------------------ blocks
