@@ -404,6 +404,30 @@ def test_a_reply_cut_short_does_not_break_the_next_turn(page, tmp_path):
     assert "error" not in last and last["token_ids"], last
 
 
+def test_a_settings_mistake_changes_nothing(page, tmp_path):
+    """Settings the page cannot send (here a schema that is not JSON) are said before the conversation is
+    touched: a regenerate, an edit or a new message keeps what was there."""
+    conversation = {"id": "keep", "title": "keep", "created": "2026-01-01T00:00:00.000Z", "mode": "chat",
+                    "system": "", "messages": [{"role": "user", "content": "Hi"},
+                                               {"role": "assistant", "content": "Hello"}]}
+    path = tmp_path / "keep.json"
+    path.write_text(json.dumps(conversation))
+    page.id("import-file").send_keys(str(path))
+    page.wait_replies(1)
+    page.open_panel("schema-panel")
+    page.id("schema-on").click()
+    page.d.execute_script("const s = document.getElementById('schema'); s.value = '{not json';"
+                          "s.dispatchEvent(new Event('input'));")
+    page.css("button.regenerate")[0].click()
+    page.css("button.edit")[0].click()
+    page.css("form.editor textarea")[0].send_keys(" there", Keys.ENTER)
+    page.send("Another")
+    banner = page.id("banner")
+    assert banner.is_displayed() and "JSON schema: not valid JSON" in banner.text
+    assert page.conversation() == conversation
+    assert page.id("prompt").get_attribute("value") == "Another"
+
+
 # ------------------------------------------------------------------------------------------------ inside view
 
 def test_inside_view_of_a_greedy_token(page):

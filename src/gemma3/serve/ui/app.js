@@ -463,12 +463,17 @@ function toolCards(conv, message, index) {
       const submit = (event) => {
         event.preventDefault();
         if (state.busy) return;
-        conv.messages.push({ role: "tool", tool_call_id: call.id, name: fn.name, content: input.value });
-        save();
+        const answer = () => conv.messages.push({ role: "tool", tool_call_id: call.id, name: fn.name,
+                                                  content: input.value });
         // the conversation goes on once every call of the turn has its result
-        const pending = message.tool_calls.filter((c) => !answeredCalls(conv).has(c.id));
-        if (pending.length === 0) generate(conv);
-        else renderMessages();
+        const others = message.tool_calls.filter((c) => c.id !== call.id && !answeredCalls(conv).has(c.id));
+        if (others.length === 0) {
+          generate(conv, answer);
+        } else {
+          answer();
+          save();
+          renderMessages();
+        }
       };
       form.addEventListener("submit", submit);
       input.addEventListener("keydown", (e) => enterSends(e, () => submit(e)));
@@ -549,19 +554,16 @@ function send() {
   const text = $("prompt").value;
   const conv = current();
   if (!text.trim() || state.busy) return;
-  conv.messages.push({ role: "user", content: text });
-  if (!conv.title) conv.title = text.trim().replace(/\s+/g, " ").slice(0, 48);
-  $("prompt").value = "";
-  save();
-  renderSidebar();
-  generate(conv);
+  generate(conv, () => {
+    conv.messages.push({ role: "user", content: text });
+    if (!conv.title) conv.title = text.trim().replace(/\s+/g, " ").slice(0, 48);
+    $("prompt").value = "";
+    renderSidebar();
+  });
 }
 
 function regenerate(conv, index) {
-  if (state.busy) return;
-  conv.messages.splice(index);
-  save();
-  generate(conv);
+  generate(conv, () => conv.messages.splice(index));
 }
 
 function editMessage(conv, index, article, body) {
@@ -581,12 +583,12 @@ function editMessage(conv, index, article, body) {
   const submit = (event) => {
     event.preventDefault();
     if (!input.value.trim() || state.busy) return;
-    conv.messages.splice(index);  // the turns after it answered the old text: they go
-    conv.messages.push({ role: "user", content: input.value });
-    if (index === 0) conv.title = input.value.trim().replace(/\s+/g, " ").slice(0, 48);
-    save();
-    renderSidebar();
-    generate(conv);
+    generate(conv, () => {
+      conv.messages.splice(index);  // the turns after it answered the old text: they go
+      conv.messages.push({ role: "user", content: input.value });
+      if (index === 0) conv.title = input.value.trim().replace(/\s+/g, " ").slice(0, 48);
+      renderSidebar();
+    });
   };
   editor.addEventListener("submit", submit);
   input.addEventListener("keydown", (e) => enterSends(e, () => submit(e)));
@@ -631,17 +633,22 @@ function isWhole(call) {
   }
 }
 
-async function generate(conv) {
+/**
+ * Make `change` to the conversation (a new message, a reply dropped, ...) and generate the next reply; the
+ * settings are checked first, so a mistake there changes nothing.
+ */
+async function generate(conv, change) {
   if (state.busy) return;
   let fields;
   try {
     fields = requestFields(conv.mode);
   } catch (error) {
     showBanner(error.message, "settings");
-    renderMessages();
     return;
   }
   hideBanner("settings");
+  change();
+  save();
   const chat = conv.mode === "chat";
   const body = { ...fields, stream: true, stream_options: { include_usage: true }, return_token_ids: true };
   if (chat) {
