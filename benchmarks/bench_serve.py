@@ -14,7 +14,9 @@ different lengths), and the figures are the best round's:
     TTFT       request sent → first content chunk, p50 and p99 over the round's requests
     decode     per request: tokens after the first / (last chunk - first chunk), the median
 
-Then structured output: the same single-client requests with a JSON schema (`response_format`), against
+Then one client against `gemma3 generate` (its `--json` timings: decode tok/s after the first token), the same
+prompt, reply length and threads, taking turns, best of `--rounds`: the server's one request should decode as
+fast as the library does (a step with one decoding row runs the same fused native step). Then structured output: the same single-client requests with a JSON schema (`response_format`), against
 unconstrained, on our server (tok/s per request, after the first token).
 """
 
@@ -116,6 +118,14 @@ def one_request(url: str, model: str, prompt: str, max_tokens: int, schema: dict
     return {"tokens": len(stamps), "ttft": stamps[0] - t0, "decode": decode}
 
 
+def generate_decode(prompt: str, max_tokens: int, threads: int, env: dict) -> float:
+    """`gemma3 generate`'s decode speed on the same request (greedy, the embedded model), from its --json timings."""
+    out = subprocess.run([sys.executable, "-m", "gemma3", "generate", prompt, "-n", str(max_tokens), "--temperature",
+                          "0", "--threads", str(threads), "--json", "--quiet"], capture_output=True, text=True,
+                         env={**os.environ, **env}, check=True)
+    return json.loads(out.stdout)["timings"]["decode_tok_s"]
+
+
 def round_of(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
     def client(i: int) -> list[dict]:
         return [one_request(url, model, PROMPTS[(i + j) % len(PROMPTS)], max_tokens) for j in range(requests)]
@@ -189,6 +199,12 @@ def main() -> None:
         print(line)
 
         url = servers["gemma3"].url
+        served, generated = [], []
+        for _ in range(max(args.rounds, 3)):
+            served.append(one_request(url, "gemma-3-270m", PROMPTS[1], args.max_tokens)["decode"])
+            generated.append(generate_decode(PROMPTS[1], args.max_tokens, args.threads, env))
+        s_best, g_best = max(served), max(generated)
+        print(f"one client {s_best:.1f} tok/s decode, gemma3 generate {g_best:.1f} tok/s: {s_best / g_best:.2f}×")
         free, constrained = [], []
         for _ in range(3):
             free.append(one_request(url, "gemma-3-270m", PROMPTS[1], args.max_tokens)["decode"])

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from gemma3.config import Gemma3Config
 from gemma3.errors import Gemma3Error
 from gemma3.generation.generator import GenerationConfig, Generator
 from gemma3.kv_cache import KVCache, SlotKVCache
@@ -18,6 +19,7 @@ from gemma3.generation.sampling import SamplingParams
 from gemma3.serve.scheduler import Failed, Finished, QueueFull, Request, Scheduler, TokenEvent
 from reference import random_model
 from test_generate import LetterTokenizer, tiny
+from test_kernels import needs_kernel
 
 torch.set_num_threads(2)
 
@@ -169,3 +171,42 @@ def test_a_failing_request_fails_alone(model):
         assert isinstance(bad.events[-1], Failed) and "cannot be used" in bad.events[-1].message
     finally:
         scheduler.close()
+
+
+@needs_kernel
+def test_one_decoding_row_takes_the_fused_step_and_the_same_bits(monkeypatch):
+    """A quantized model with `fuse_steps`: a step with one decoding row runs the fused native step (as
+    `generate` does), and the tokens and log-probabilities are the same bits as the modules' batched steps."""
+    from test_decode_step import CONFIG, quantized_model
+
+    from gemma3.accel.fused_step import FusedDecodeStep
+
+    model = quantized_model(Gemma3Config(**{**CONFIG.__dict__, "sliding_window": 6}))
+    tok = SizedLetters()
+    prompts = [[2] + list(range(10 + 3 * i, 14 + 5 * i)) for i in range(5)]
+    fused_calls = []
+    original = FusedDecodeStep.__call__
+    monkeypatch.setattr(FusedDecodeStep, "__call__", lambda self, t: fused_calls.append(t) or original(self, t))
+
+    def serve(fuse_steps: bool, together: bool):
+        scheduler = Scheduler(model, tok, max_batch=4, context=64, prefill_chunk=4, fuse_steps=fuse_steps).start()
+        scheduler.stop_ids = ()
+        try:
+            sinks = []
+            for i, p in enumerate(prompts):
+                sinks.append(Collector())
+                scheduler.submit(Request(prompt_ids=p, max_tokens=10 + i, sink=sinks[-1], logprobs=0))
+                if not together:
+                    assert sinks[-1].done.wait(60)
+            assert all(s.done.wait(60) for s in sinks)
+            return [[(e.token_id, e.logprob) for e in s.events if isinstance(e, TokenEvent)] for s in sinks]
+        finally:
+            scheduler.close()
+
+    alone = serve(fuse_steps=True, together=False)
+    assert len(fused_calls) == sum(10 + i - 1 for i in range(5))  # every decode step, each request alone
+    fused_calls.clear()
+    batched = serve(fuse_steps=False, together=True)
+    assert not fused_calls
+    assert batched == alone  # the same token ids and the same float log-probabilities, bit for bit
+    assert serve(fuse_steps=True, together=True) == alone

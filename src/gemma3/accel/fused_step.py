@@ -7,12 +7,13 @@ calls cost as much as a third of the step. `FusedDecodeStep` hands the whole ste
 products, norms and attention functions the modules call, in the same order, inside one OpenMP region. What
 stays in Python is what decides *what* the step does, from the model's own code: the KV cache's bookkeeping
 (`KVCache.begin`: positions, slots, masks) and the rotary tables (`model.rope`), so the fused step cannot
-drift from the model's semantics on those. Logits equal the module path's up to GELU (decode.c's vectorised
-form here, torch's there: an ulp or two on some values); tests/test_decode_step.py measures it.
+drift from the model's semantics on those. Logits equal the module path's bit for bit (the quantized model's
+GELU is decode.c's on both: accel.native.NativeGeGLU); tests/test_decode_step.py checks it.
 
 Used when it applies (`reason_not_fused(model, cache)` says why not): every projection and the tied embedding
 quantized (gemma3.accel.quantize), native kernels built, no attention soft-capping, the SDPA implementation, and
-a batch-1 KVCache on the CPU, fp32 or fp16 (`gemma3.kv_cache`: the fp16 cache the generator picks for it).
+a batch-1 KVCache on the CPU, fp32 or fp16 (`gemma3.kv_cache`: the fp16 cache the generator picks for it; or one
+row of the server's SlotKVCache, for a step with one decoding row).
 Anything else runs the modules as before.
 """
 
@@ -67,7 +68,7 @@ def _qmat(module) -> _QMat:
 def reason_not_fused(model, cache: KVCache | None = None) -> str | None:
     """None when `FusedDecodeStep` can run this model's decode steps (over `cache`, when given), else why not
     (one line)."""
-    if cache is not None and (type(cache) is not KVCache or cache.batch_size != 1 or any(
+    if cache is not None and (not isinstance(cache, KVCache) or cache.batch_size != 1 or any(
             k.dtype not in (torch.float32, torch.float16) or k.dtype != cache.keys[0].dtype or k.device.type != "cpu"
             or not k.is_contiguous() for k in cache.keys + cache.values)):
         return "the KV cache is not a batch-1 fp32 or fp16 KVCache on the CPU"

@@ -8,6 +8,9 @@ state dict is unchanged.
                      the bytes a decode step reads) on the native GEMV with no copy at all
     NativeRMSNorm    replaces RMSNorm: (1 + w) in fp32 computed once instead of at every call, and fp32 inputs
                      through one fused native call (kernels/decode.c)
+    NativeGeGLU      replaces a quantized model's FeedForward: gelu_tanh(gate) · up in fp32 by decode.c's
+                     function, the one the fused decode step calls, so the modules and the fused step compute
+                     the same bits (torch's own tanh differs from it by an ulp or two on some values)
 
 Each remembers the tensor, storage and in-place version it derived its copy from (`WeightState`): once the
 weight changes (an optimizer step, `load_state_dict`, a LoRA merge) or autograd is on, it computes from the
@@ -26,9 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemma3 import kernels
+from gemma3.accel.quantize import QuantizedLinear
 from gemma3.accel.swap import swap_modules
 from gemma3.kernels import NativeLinear
-from gemma3.model import RMSNorm, TiedEmbedding
+from gemma3.model import FeedForward, RMSNorm, TiedEmbedding
 
 
 class WeightState:
@@ -144,6 +148,31 @@ class NativeRMSNorm(RMSNorm):
         self._lib.gemma3_rms_norm(x.data_ptr(), self._gain.data_ptr(), x.numel() // dim, dim, self.eps, out.data_ptr())
         return out
 
+class NativeGeGLU(FeedForward):
+    """FeedForward whose GeGLU middle, for fp32 activations on the CPU without autograd, is decode.c's
+    gemma3_gelu_tanh_mul, row by row as the fused decode step applies it (the projections are the module's own)."""
+
+    def __init__(self, ffn: FeedForward):
+        nn.Module.__init__(self)
+        self.gate_proj, self.up_proj, self.down_proj = ffn.gate_proj, ffn.up_proj, ffn.down_proj
+        self._lib = kernels.library()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._lib is None or torch.is_grad_enabled() or x.device.type != "cpu":
+            return super().forward(x)
+        g, u = self.gate_proj(x), self.up_proj(x)
+        if g.dtype != torch.float32 or u.dtype != torch.float32:
+            return self.down_proj(F.gelu(g, approximate="tanh") * u)
+        g, u = g.contiguous(), u.contiguous()
+        out = torch.empty_like(g)
+        n = g.shape[-1]
+        rows = 1 if n % 8 == 0 else g.numel() // n  # a row's last values are its own scalar tail, as in the step
+        for r in range(rows):
+            at, count = r * n * 4, g.numel() if rows == 1 else n
+            self._lib.gemma3_gelu_tanh_mul(g.data_ptr() + at, u.data_ptr() + at, count, out.data_ptr() + at)
+        return self.down_proj(out)
+
+
 def supported(model: nn.Module) -> bool:
     w = model.embed_tokens.weight if isinstance(model.embed_tokens, nn.Embedding) else None
     return w is not None and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
@@ -152,7 +181,8 @@ def supported(model: nn.Module) -> bool:
 def use_native_modules(model: nn.Module) -> nn.Module:
     """Swap in the native modules: for float weights on the CPU, PackedLinear and NativeEmbedding (plain
     nn.Linear / TiedEmbedding only: a LoRA-wrapped or quantized module is left as it is); for any CPU model,
-    NativeRMSNorm (a quantized model computes its activations in fp32 too)."""
+    NativeRMSNorm (a quantized model computes its activations in fp32 too); for a quantized FeedForward,
+    NativeGeGLU."""
     norm = next((m for m in model.modules() if type(m) is RMSNorm), None)
     if norm is None or norm.weight.device.type != "cpu":
         return model
@@ -165,6 +195,8 @@ def use_native_modules(model: nn.Module) -> nn.Module:
             return NativeEmbedding(m)
         if type(m) is RMSNorm:
             return NativeRMSNorm(m)
+        if type(m) is FeedForward and isinstance(m.gate_proj, QuantizedLinear) and isinstance(m.up_proj, QuantizedLinear):
+            return NativeGeGLU(m)
         return None
 
     swap_modules(model, replace)

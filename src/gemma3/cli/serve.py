@@ -110,7 +110,8 @@ def run_serve(args: argparse.Namespace) -> int:
     loaded = load_from_args(args, device, dtype)
     gen = Generator(loaded.model, loaded.tokenizer)  # swaps in the fast CPU modules
     scheduler = Scheduler(gen.model, loaded.tokenizer, max_batch=args.max_batch, context=args.context,
-                          max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, dtype=gen.dtype).start()
+                          max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, dtype=gen.dtype,
+                          fuse_steps=gen.fuse_steps).start()
     name = args.served_model_name or ("gemma-3-270m" if args.model is None else
                                       os.path.basename(os.path.normpath(str(args.model))))
     app = create_app(scheduler, ServerConfig(model_name=name, api_key=args.api_key,

@@ -7,8 +7,7 @@
  * microseconds in Python) around 127 matrix products and 18 attentions, and on the 270M that overhead is a
  * large share of the step (docs/performance.md, "Figures the source comments used to quote"). Here the
  * products, norms and attention are the very functions the modules call (quants.c, decode.c), so each output
- * is the same bits as the module path; only GELU (decode.c's vectorised form here, torch's there) differs, by
- * an ulp or two.
+ * is the same bits as the module path (GELU too: a quantized model's modules call decode.c's GELU, accel/native.py).
  *
  * Threads: one OpenMP region for the whole step. Each matrix product splits its output rows across the
  * threads (q, k and v as one range of rows, gate and up as another), the attention splits its keys into

@@ -136,7 +136,9 @@ class Scheduler:
     """Owns the model; `submit` requests from any thread. `start()` runs the loop in a daemon thread."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, context: int = 4096, max_queue: int = 64,
-                 prefill_chunk: int = 256, dtype: torch.dtype | None = None):
+                 prefill_chunk: int = 256, dtype: torch.dtype | None = None, fuse_steps: bool = False):
+        """`fuse_steps`: a step with one decoding row goes through the fused native step where the model allows
+        it (gemma3.accel.fused_step, as `generate` does; the same bits as the modules' step)."""
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise Gemma3Error("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -156,6 +158,8 @@ class Scheduler:
         self._wake = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
+        self.fuse_steps = fuse_steps
+        self._fused: dict[int, object] = {}  # row → its FusedDecodeStep (None: the modules), built at first use
         self.steps = 0  # decode steps run (for /health and tests)
         self.served = 0
 
@@ -277,6 +281,17 @@ class Scheduler:
             self._sample(seq, logits[0, -1])
 
     def _decode(self, decoding: list[_Sequence]) -> None:
+        if len(decoding) == 1 and self._fused_step(decoding[0].row) is not None:
+            # one row: the whole step in one native call, as `generate` runs it (the Python of ~700 module
+            # calls was half of a one-row step's time), and the same bits as the modules would give
+            seq = decoding[0]
+            logits = self._fused[seq.row](seq.next_input)
+            self.steps += 1
+            try:
+                self._sample(seq, logits[0])
+            except Exception as e:  # noqa: BLE001
+                self._fail(seq, _message(e))
+            return
         n = max(s.row for s in decoding) + 1
         tokens = torch.zeros(n, 1, dtype=torch.long)
         positions = torch.full((n, 1), -1, dtype=torch.long)
@@ -289,6 +304,16 @@ class Scheduler:
                 self._sample(s, logits[s.row])
             except Exception as e:  # noqa: BLE001
                 self._fail(s, _message(e))
+
+    def _fused_step(self, row: int):
+        if not self.fuse_steps:
+            return None
+        if row not in self._fused:
+            from gemma3.accel.fused_step import FusedDecodeStep, reason_not_fused
+
+            view = self.cache.row(row)
+            self._fused[row] = FusedDecodeStep(self.model, view) if reason_not_fused(self.model, view) is None else None
+        return self._fused[row]
 
     def _sample(self, seq: _Sequence, logits: torch.Tensor) -> None:
         """Pick seq's next token from its logits (V,), send it, and finish or free the row when done."""

@@ -41,6 +41,7 @@ from gemma3.train.data import (IGNORE_INDEX, DataError, Example, PackedDataset, 
 from gemma3.train.config import SCHEDULE_FIELDS, TrainConfig, lr_at, schedule
 from gemma3.train.lora import apply_lora, describe, hold_frozen_in
 from gemma3.train.loss import use_fused_loss
+from gemma3.train.optim import AdamW
 from gemma3.train.attention import use_training_attention
 from gemma3.weights.lora import write_adapter
 from gemma3.train.metrics import LOSS_PNG, METRICS, Metrics, plot_loss, progress_bar
@@ -262,7 +263,8 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]  # norm gains: decaying them pulls them towards 1 + 0
-        self.optimizer = torch.optim.AdamW(
+        # torch's AdamW, a slice at a time: its temporaries were the peak of a full fine-tuning step (train/optim.py)
+        self.optimizer = AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
 
