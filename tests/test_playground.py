@@ -11,7 +11,8 @@ under a second; the CSP is sent and the browser reports no violation of it.
 Greedy and short wherever possible: the whole file takes about two minutes on two cores. With
 GEMMA3_SCREENSHOTS=DIR set, it saves the README's pictures there (a chat, a tool call, the inside view).
 
-Skipped with the reason where Selenium, Chromium or chromedriver is missing (CI installs them: .ci/run).
+Skipped with the reason where Selenium, Chromium or chromedriver is missing; CI installs them (.ci/run) and
+fails without them.
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ def downloads(tmp_path_factory):
 @pytest.fixture(scope="module")
 def driver(downloads):
     reason = browser_missing()
+    if reason and os.environ.get("CI"):  # CI installs them (.ci/run): missing there is a failure, not a skip
+        pytest.fail(reason)
     if reason:
         pytest.skip(reason)
     options = webdriver.ChromeOptions()
