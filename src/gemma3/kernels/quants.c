@@ -75,7 +75,7 @@ int64_t gemma3_q_block_values(int fmt) {
 
 /* static and inline for the products: the exported gemma3_q_block_bytes is called through the PLT (the library
  * is built with -fPIC, so it could be interposed), and a call in a product's loop made the compiler save and
- * restore every vector register around it (all are caller-saved): that was half of a Q4_0 / Q4_1 / Q5_0 many-row
+ * restore every vector register around it (all are caller-saved): that was a third of a Q4_0 / Q4_1 / Q5_0
  * product's time (docs/performance.md, "Batched decode steps"). */
 static inline int64_t block_bytes(int fmt) {
   switch (fmt) {
