@@ -107,11 +107,16 @@ def run_serve(args: argparse.Namespace) -> int:
         raise Gemma3Error("--api-key is empty")
     device, dtype = prepare_run(args)
     sock = _listen(args.host, args.port)  # before the load: a port in use is said at once
-    loaded = load_from_args(args, device, dtype)
-    gen = Generator(loaded.model, loaded.tokenizer)  # swaps in the fast CPU modules
-    scheduler = Scheduler(gen.model, loaded.tokenizer, max_batch=args.max_batch, context=args.context,
-                          max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, dtype=gen.dtype,
-                          fuse_steps=gen.fuse_steps).start()
+
+    def build():
+        loaded = load_from_args(args, device, dtype)
+        gen = Generator(loaded.model, loaded.tokenizer)  # swaps in the fast CPU modules
+        return loaded, Scheduler(gen.model, loaded.tokenizer, max_batch=args.max_batch, context=args.context,
+                                 max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, dtype=gen.dtype,
+                                 fuse_steps=gen.fuse_steps)
+
+    loaded, scheduler = _on_a_passing_thread(build)
+    scheduler.start()
     name = args.served_model_name or ("gemma-3-270m" if args.model is None else
                                       os.path.basename(os.path.normpath(str(args.model))))
     app = create_app(scheduler, ServerConfig(model_name=name, api_key=args.api_key,
@@ -133,6 +138,31 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         scheduler.close()
     return 0
+
+
+def _on_a_passing_thread(fn):
+    """fn() run on a thread that then exits; its result, or its exception raised here.
+
+    The scheduler runs the model on its own thread. OpenMP (libgomp) keeps a pool of worker threads for each
+    thread that has run a parallel region, until that thread exits, and the load runs many. With the main
+    thread's pool alive beside the scheduler's, the kernels' calls on the scheduler's thread were ~60 µs slower
+    each on the 2-core test machine (a 16-row step 82 -> 101 ms, the fused one-row step 9.9 -> 12 ms;
+    docs/performance.md, "Batched decode steps"); with the loading thread gone, as fast as on the main thread."""
+    result: list = []
+
+    def run():
+        try:
+            result.append((True, fn()))
+        except BaseException as e:  # noqa: BLE001 - raised again on the caller's thread
+            result.append((False, e))
+
+    thread = threading.Thread(target=run, name="gemma3-load", daemon=True)  # Ctrl-C during a load exits
+    thread.start()
+    thread.join()
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
 
 
 def _warm_grammar_engine(tokenizer, stop_ids) -> None:

@@ -73,7 +73,11 @@ int64_t gemma3_q_block_values(int fmt) {
   }
 }
 
-int64_t gemma3_q_block_bytes(int fmt) {
+/* static and inline for the products: the exported gemma3_q_block_bytes is called through the PLT (the library
+ * is built with -fPIC, so it could be interposed), and a call in a product's loop made the compiler save and
+ * restore every vector register around it (all are caller-saved): that was a third of a Q4_0 / Q4_1 / Q5_0
+ * product's time (docs/performance.md, "Batched decode steps"). */
+static inline int64_t block_bytes(int fmt) {
   switch (fmt) {
     case F_Q8_0: return 34;
     case F_Q4_0: return 18;
@@ -84,6 +88,8 @@ int64_t gemma3_q_block_bytes(int fmt) {
     default: return 0;
   }
 }
+
+int64_t gemma3_q_block_bytes(int fmt) { return block_bytes(fmt); }
 
 int gemma3_q_max_rows(void) { return MAX_ROWS; }
 
@@ -399,7 +405,7 @@ static inline __m512i pair_index(int p) {
 /* One pair of 32-value blocks at `a` (`both` = 0: the row's last, odd block alone) into acc. */
 static inline __attribute__((always_inline)) void pair_32(int fmt, const uint8_t *a, int both, const act_t *x,
                                                           int64_t g, int M, const __m512 *s, __m512i pi, __m512 *acc) {
-  const int64_t bb = gemma3_q_block_bytes(fmt), qs = bb - 16; /* the 16 nibble bytes end each block */
+  const int64_t bb = block_bytes(fmt), qs = bb - 16; /* the 16 nibble bytes end each block */
   const uint8_t *b = both ? a + bb : NULL;
   __m512i u = nibbles_64(a + qs, both ? b + qs : NULL);
   if (fmt == F_Q5_0) { /* the fifth bits: 32 per block, bit j for value j */
@@ -416,7 +422,7 @@ static inline __attribute__((always_inline)) void pair_32(int fmt, const uint8_t
 /* Q4_0, Q4_1, Q5_0 (32 values a block, f16 d first): 16 groups at a time, their scales gathered. */
 static inline __attribute__((always_inline)) void row_bytes_32(int fmt, const uint8_t *row, const act_t *x,
                                                                const int M, float *out) {
-  const int64_t bb = gemma3_q_block_bytes(fmt);
+  const int64_t bb = block_bytes(fmt);
   const float offset = fmt == F_Q4_0 ? 8.0f : fmt == F_Q5_0 ? 16.0f : 0.0f;
   const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                         _mm512_set1_epi32((int)bb));
