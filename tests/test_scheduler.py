@@ -210,3 +210,24 @@ def test_one_decoding_row_takes_the_fused_step_and_the_same_bits(monkeypatch):
     assert not fused_calls
     assert batched == alone  # the same token ids and the same float log-probabilities, bit for bit
     assert serve(fuse_steps=True, together=True) == alone
+
+
+def test_the_scheduler_thread_computes_with_the_threads_it_was_given(model):
+    """--threads is torch.set_num_threads on the main thread, which sets that thread's OpenMP threads only: the
+    scheduler's thread must take the same count before its first step (the native kernels read it as it is)."""
+    import ctypes
+
+    gomp = next((line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line), None)
+    if gomp is None:
+        pytest.skip("no libgomp in this process")
+    omp_threads = ctypes.CDLL(gomp).omp_get_max_threads
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        scheduler = Scheduler(model, SizedLetters(), max_batch=2, context=64).start()
+        try:
+            assert scheduler.run_exclusive(lambda m: omp_threads()).result(10) == 1
+        finally:
+            scheduler.close()
+    finally:
+        torch.set_num_threads(before)

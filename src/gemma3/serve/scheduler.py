@@ -159,6 +159,9 @@ class Scheduler:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.fuse_steps = fuse_steps
+        # torch.set_num_threads (--threads) sets the OpenMP threads of the thread that calls it; a new thread starts
+        # with the default (every core) until a torch op happens to set it, and the native kernels read it too
+        self.threads = torch.get_num_threads()
         self._fused: dict[int, object] = {}  # row → its FusedDecodeStep (None: the modules), built at first use
         self.steps = 0  # decode steps run (for /health and tests)
         self.served = 0
@@ -214,6 +217,7 @@ class Scheduler:
     # ------------------------------------------------------------------ the scheduler thread
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        torch.set_num_threads(self.threads)
         while True:
             with self._wake:
                 while not self._stop and not self._waiting and not self._rows and not self._jobs:
