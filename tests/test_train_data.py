@@ -4,14 +4,15 @@ the one-line errors for bad input."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from gemma3.text.tokenizer import Tokenizer
-from gemma3.train.data import (IGNORE_INDEX, DataError, PackedDataset, TokenFile, global_batch_indices,
-                               split_documents, tokenize_chat)
+from gemma3.train.data import (IGNORE_INDEX, DataError, PackedDataset, TokenFile, expand_sources,
+                               global_batch_indices, read_documents, split_documents, tokenize_chat)
 from test_train_support import TEXT, tiny_tokenizer_file, write_chat, write_corpus
 
 
@@ -150,3 +151,34 @@ def test_a_data_directory_is_walked_up_to_max_entries(capsys, tmp_path, monkeypa
         lines = captured.err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and message in lines[0] and captured.out == "", captured.err
         assert sorted(p.name for p in tmp_path.iterdir()) == ["big", tok.name]
+
+
+def test_text_files_and_jsonl_lines_are_read_with_a_cap(tmp_path, tok, monkeypatch):
+    """files-and-untrusted-input.md: a text file (one document) up to 1 GiB, a JSONL record up to 64 MiB, read
+    with the cap (never the whole file first); at the cap it is read, one byte over is a one-line DataError. A
+    device (/dev/zero) is refused before anything is read. The caps are lowered here."""
+    from gemma3.train import data
+
+    docs = " ".join((Path(__file__).parents[1] / "docs" / "files-and-untrusted-input.md").read_text("utf-8").split())
+    assert "a training text file (one document) is read up to 1 GiB and a JSONL record up to 64 MiB" in docs
+    assert data.MAX_TEXT_FILE_BYTES == 1 << 30 and data.MAX_JSONL_LINE_BYTES == 64 << 20
+    monkeypatch.setattr(data, "MAX_TEXT_FILE_BYTES", 100)
+    monkeypatch.setattr(data, "MAX_JSONL_LINE_BYTES", 100)
+    at, over = tmp_path / "at.txt", tmp_path / "over.txt"
+    at.write_bytes(b"a" * 100)
+    over.write_bytes(b"a" * 101)
+    assert [d.text for d in read_documents([str(at)])] == ["a" * 100]
+    with pytest.raises(DataError, match=r"over.txt: over 100 bytes") as e:
+        list(read_documents([str(over)]))
+    assert "\n" not in str(e.value)
+    record = json.dumps({"text": "b" * 87})  # 100 bytes with its newline
+    assert len(record) + 1 == 100
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text(record + "\n" + record + "\n", encoding="utf-8")
+    assert len(list(read_documents([str(lines)]))) == 2
+    lines.write_text(record + "\n" + json.dumps({"text": "b" * 88}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"lines.jsonl:2: a line over 100 bytes"):
+        list(read_documents([str(lines)]))
+    if Path("/dev/zero").exists():
+        with pytest.raises(DataError, match="not a regular file"):
+            expand_sources(["/dev/zero"])

@@ -87,6 +87,8 @@ def expand_sources(sources: Sequence[str]) -> list[str]:
             out.extend(str(p) for p in found)
         elif path.is_file():
             out.append(str(path))
+        elif path.exists():
+            raise DataError(f"{spec}: not a regular file or a directory (a device, a pipe or a socket is not read)")
         else:
             raise DataError(f"{spec}: no such file or directory (use hf:NAME for a Hugging Face dataset)")
     if not out:
@@ -95,6 +97,8 @@ def expand_sources(sources: Sequence[str]) -> list[str]:
 
 
 MAX_DIRECTORY_ENTRIES = 200_000  # a corpus directory larger than this is named file by file (or sharded)
+MAX_TEXT_FILE_BYTES = 1 << 30  # a .txt / .md file is one document, read whole: a larger corpus is split in files
+MAX_JSONL_LINE_BYTES = 64 << 20  # one JSONL record (a document or a conversation)
 
 
 def _data_files(directory: Path) -> Iterator[Path]:
@@ -124,7 +128,12 @@ def read_documents(sources: Sequence[str], text_field: str = "text") -> Iterator
             yield from _read_jsonl(path, text_field)
         else:
             try:
-                text = path.read_text(encoding="utf-8")
+                with path.open("rb") as f:
+                    raw = f.read(MAX_TEXT_FILE_BYTES + 1)  # bounded even if the file grows while it is read
+                if len(raw) > MAX_TEXT_FILE_BYTES:
+                    raise DataError(f"{path}: over {MAX_TEXT_FILE_BYTES:,} bytes; a text file is one document, read "
+                                    "whole: split the corpus into several files (or JSONL records)")
+                text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             except OSError as e:
@@ -139,8 +148,10 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     with f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in enumerate(iter(lambda: f.readline(MAX_JSONL_LINE_BYTES + 1), b""), 1):
             where = f"{path}:{lineno}"
+            if len(raw) > MAX_JSONL_LINE_BYTES:
+                raise DataError(f"{where}: a line over {MAX_JSONL_LINE_BYTES:,} bytes (one record a line)")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
