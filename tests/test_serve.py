@@ -359,10 +359,10 @@ def test_queue_full_is_429():
 # ------------------------------------------------------------------------------------------------ load
 
 def test_bounded_load(server, http):
-    """16 clients, 100 requests: mixed lengths, streaming or not, some disconnecting mid-stream, some
+    """16 clients, two rounds of the same 100 requests: mixed lengths, streaming or not, some disconnecting mid-stream, some
     invalid (twice the server's 8 batch slots, so requests queue; 32 clients and 200 requests until 2026-12-03,
     two minutes of CI for the same checks). Every valid request is answered completely, every invalid one gets a 4xx, no 5xx, no slot
-    leaked, and memory returns to its idle level."""
+    leaked, and a second round of the same requests leaves the memory where the first did."""
     headers = {"Authorization": f"Bearer {KEY}"}
 
     def warm(i: int) -> int:  # the idle level is the server's after it has served this concurrency once
@@ -405,13 +405,21 @@ def test_bounded_load(server, http):
             choice = r.json()["choices"][0]
             return "ok" if choice["finish_reason"] in ("stop", "length") else "cut"
 
-    with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(one, range(100)))
-    assert not [r for r in results if r.startswith("bad") or r == "cut"], results
-    assert results.count("4xx") == 20 and results.count("gone") == 20
-    h = wait_idle(http)
-    assert (h["active"], h["waiting"]) == (0, 0), h
-    assert server.rss_mb() < idle + 100, (idle, server.rss_mb())
+    rss = [idle]
+    for _ in range(2):
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(one, range(100)))
+        assert not [r for r in results if r.startswith("bad") or r == "cut"], results
+        assert results.count("4xx") == 20 and results.count("gone") == 20
+        h = wait_idle(http)
+        assert (h["active"], h["waiting"]) == (0, 0), h
+        rss.append(server.rss_mb())
+    # No leak: the second round of the same 100 requests (same prompts, seeds and lengths) adds nothing. Where the
+    # first round leaves the RSS is the allocator's affair (its pools and arenas grow to the concurrency and may
+    # never shrink: the old bound, idle + 100 MB, depended on it); a second identical round reuses them, while
+    # anything kept per request grows again. Measured on a 2-core machine under load: idle 1047 MB, after each
+    # of four rounds 1043.5, 1043.6, 1042.6, 1042.6 MB. One logits row kept per finished request adds ~80 MB a round.
+    assert rss[2] - rss[1] < 25, rss
 
 
 @pytest.mark.parametrize("flags,message", [
