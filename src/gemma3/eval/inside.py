@@ -24,7 +24,8 @@ import torch
 
 from gemma3.config import GLOBAL, SLIDING
 from gemma3.errors import Gemma3Error
-from gemma3.eval.plot import trace
+from gemma3.eval.plot import read_off, trace
+from gemma3.generation.sampling import mask_padding
 
 
 class DeadlinePassed(Gemma3Error):
@@ -69,14 +70,9 @@ def look_inside(model, ids: Sequence[int], position: int, top_k: int = 10, layer
     finally:
         for h in handles:
             h.remove()
-    # the last position's residual after the embedding and each layer → the head, as gemma3.eval.plot.logit_lens
-    dtype = next(model.parameters()).dtype
-    dtype = dtype if dtype.is_floating_point else torch.float32
-    last = torch.stack([r[-1] for r in traced["residual"]])  # (L + 1, d)
-    logits = model._head(model.norm(last.to(dtype))).float()  # (L + 1, V)
-    vocab = min(vocab or logits.shape[-1], logits.shape[-1])
-    logits[:, vocab:] = float("-inf")
-    logp = torch.log_softmax(logits, dim=-1)
+    # the last position's residual after the embedding and each layer, read off as the logit lens reads it
+    logits = read_off(model, torch.stack([r[-1] for r in traced["residual"]]))  # (L + 1, V)
+    logp = torch.log_softmax(mask_padding(logits, vocab), dim=-1)
     token = int(ids[position]) if position < len(ids) else None
     final = logp[-1]
     values, index = torch.topk(final, top_k)

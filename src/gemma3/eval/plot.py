@@ -196,6 +196,14 @@ def residual_figure(model, ids: list[int]):
     return fig
 
 
+def read_off(model, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 next-token logits read off residual-stream rows (..., d) as the model reads its last layer's: the
+    final norm, then the tied head (the logit lens)."""
+    dtype = next(model.parameters()).dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32  # a quantized model's activations are fp32
+    return model._head(model.norm(hidden.to(dtype))).float()
+
+
 @torch.inference_mode()
 def logit_lens(model, ids: list[int], positions: int = 8) -> tuple[list[list[int]], list[list[float]]]:
     """For the last `positions` tokens: the top next-token id and its probability read off the residual
@@ -203,8 +211,7 @@ def logit_lens(model, ids: list[int], positions: int = 8) -> tuple[list[list[int
     residual = trace(model, ids)["residual"]
     top, prob = [], []
     for r in residual:
-        logits = model._head(model.norm(r[-positions:].to(next(model.parameters()).dtype))).float()
-        p = logits.softmax(-1)
+        p = read_off(model, r[-positions:]).softmax(-1)
         values, index = p.max(-1)
         top.append(index.tolist())
         prob.append(values.tolist())
