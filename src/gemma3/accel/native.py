@@ -195,7 +195,8 @@ def use_native_modules(model: nn.Module) -> nn.Module:
             return NativeEmbedding(m)
         if type(m) is RMSNorm:
             return NativeRMSNorm(m)
-        if type(m) is FeedForward and isinstance(m.gate_proj, QuantizedLinear) and isinstance(m.up_proj, QuantizedLinear):
+        if (type(m) is FeedForward and isinstance(m.gate_proj, QuantizedLinear)
+                and isinstance(m.up_proj, QuantizedLinear)):
             return NativeGeGLU(m)
         return None
 

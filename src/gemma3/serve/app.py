@@ -54,8 +54,8 @@ from gemma3.errors import Gemma3Error
 from gemma3.generation.sampling import SamplingParams
 from gemma3.serve.openapi import openapi_document
 from gemma3.serve.playground import InsideEndpoints, ui_routes
-from gemma3.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
-                                   _Sampling)
+from gemma3.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                   TokenizeRequest, _Sampling)
 from gemma3.serve.scheduler import Failed, Finished, QueueFull, Request, Scheduler, TokenEvent
 
 MAX_BODY_BYTES = 1 << 20

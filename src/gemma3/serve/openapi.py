@@ -79,7 +79,8 @@ TEXT = {"type": "object", "required": ["content"], "properties": {"content": {"t
 _PROB = {"type": "number", "minimum": 0, "maximum": 1}
 _TOKEN = {"type": "object", "required": ["id", "piece", "prob"],
           "properties": {"id": {"type": "integer", "minimum": 0}, "piece": _TEXT, "prob": _PROB}}
-INSIDE = {"type": "object", "required": ["position", "token", "candidates", "lens", "attention", "pieces", "elapsed_ms"],
+INSIDE = {"type": "object",
+          "required": ["position", "token", "candidates", "lens", "attention", "pieces", "elapsed_ms"],
           "properties": {
               "position": {"type": "integer", "minimum": 1},
               "token": {"anyOf": [_TOKEN, {"type": "null"}]},
@@ -96,7 +97,8 @@ INSIDE = {"type": "object", "required": ["position", "token", "candidates", "len
                                                                                   "items": _PROB}}}},
               "pieces": {"type": "array", "items": _TEXT}, "elapsed_ms": {"type": "number", "minimum": 0}}}
 INSIDE_MODEL = {"type": "object", "required": ["model", "layer_types", "sliding_window", "max_tokens", "max_top_k"],
-                "properties": {"model": _TEXT, "layer_types": {"type": "array", "items": {"enum": ["sliding", "global"]}},
+                "properties": {"model": _TEXT,
+                               "layer_types": {"type": "array", "items": {"enum": ["sliding", "global"]}},
                                "sliding_window": {"type": "integer"}, "max_tokens": {"type": "integer"},
                                "max_top_k": {"type": "integer"}, "context": {"type": "integer"}}}
 DOCUMENT = {"type": "object", "required": ["openapi", "info", "paths"]}

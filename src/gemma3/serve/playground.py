@@ -86,7 +86,8 @@ class InsideEndpoints:
     async def model_info(self, request: HTTPRequest):
         self.server._authorize(request)
         config = self.server.scheduler.model.config
-        return JSONResponse({"model": self.server.config.model_name, "layer_types": [_kind(t) for t in config.layer_types],
+        return JSONResponse({"model": self.server.config.model_name,
+                             "layer_types": [_kind(t) for t in config.layer_types],
                              "sliding_window": config.sliding_window, "max_tokens": self.max_tokens,
                              "max_top_k": MAX_INSIDE_TOP_K, "context": self.server.scheduler.context})
 

@@ -1,6 +1,7 @@
-"""The OpenAI request bodies the server accepts, as pydantic models, and OpenAI's error object (APIError): every field typed and bounded here, at
-the edge, so that nothing out of range reaches the scheduler (servers were crashed through unbounded `n`,
-`max_tokens`, `top_logprobs`, negative or extreme sampling values: ../docs/security notes).
+"""The OpenAI request bodies the server accepts, as pydantic models, and OpenAI's error object (APIError):
+every field typed and bounded here, at the edge, so that nothing out of range reaches the scheduler (servers
+were crashed through unbounded `n`, `max_tokens`, `top_logprobs`, negative or extreme sampling values:
+../docs/security notes).
 
 Unknown fields are ignored, as OpenAI's own server and vLLM do (clients send fields of newer API versions);
 fields we know but do not implement (`echo`, `logit_bias`, the legacy `functions`, ...) are refused with a 400
