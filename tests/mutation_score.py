@@ -38,11 +38,13 @@ MODULES = {
     "sampling": ("src/gemma3/generation/sampling.py", ["tests/test_sampling.py"]),
     "streaming": ("src/gemma3/text/streaming.py", ["tests/test_streaming.py"]),
     "kv_cache": ("src/gemma3/kv_cache.py", ["tests/test_kv_cache.py"]),
-    "chat": ("src/gemma3/text/chat.py", ["tests/test_chat.py"]),
+    "chat": ("src/gemma3/text/chat.py", ["tests/test_chat.py", "tests/test_tools.py"]),
     "files": ("src/gemma3/files.py", ["tests/test_files.py"]),
 }
 # Slow or subprocess-driven tests: they take minutes a mutant, or import the unmutated package in a child.
-DESELECT = ["tests/test_model.py::test_parity_270m_exact_config_600_tokens"]
+DESELECT = ["tests/test_model.py::test_parity_270m_exact_config_600_tokens",
+            "tests/test_tools.py::test_generator_chat_and_session_call_tools",
+            "tests/test_tools.py::test_cli_chat_with_tools"]
 
 KILLED = {"killed", "timeout", "caught by type check", "segfault"}
 
