@@ -645,10 +645,11 @@ def test_line_too_long():
         assert e.fatal is fatal
 
 
-def lines(reader: LineReader) -> list:
-    """Everything the reader gives, errors as (message, fatal)."""
+def lines(reader: LineReader, most: int = 100) -> list:
+    """Everything the reader gives, errors as (message, fatal); after `most` items, "..." and no more (a reader
+    that never stops fails here rather than running on)."""
     out = []
-    while True:
+    while len(out) < most:
         try:
             line = reader.readline()
         except LineTooLong as e:
@@ -662,30 +663,42 @@ def lines(reader: LineReader) -> list:
         if line is None:
             return out
         out.append(line)
+    return [*out, "..."]
+
+
+class Pipe(io.BytesIO):
+    """Bytes read by readline, asked at most 100 times (a reader that loops at the end fails, not hangs)."""
+
+    reads = 0
+
+    def readline(self, n=-1) -> bytes:
+        self.reads += 1
+        assert self.reads <= 100, "read on without end"
+        return super().readline(n)
 
 
 def test_line_reader_lines():
-    reader = LineReader(io.BytesIO("héllo\r\nMAX\n\nlast".encode()))
+    reader = LineReader(Pipe("héllo\r\nMAX\n\n  spaced \t\r\n\tlast ".encode()))
     assert reader.cap == CHAT_LINE_BYTES
-    assert lines(reader) == ["héllo", "MAX", "", "last"]
+    assert lines(reader) == ["héllo", "MAX", "", "  spaced \t", "\tlast "]  # only the line end is taken off
     assert reader.readline() is None
-    assert LineReader(io.BytesIO(b"")).readline() is None
-    assert lines(LineReader(io.BytesIO(b"\n\r\n"))) == ["", ""]
+    assert LineReader(Pipe(b"")).readline() is None
+    assert lines(LineReader(Pipe(b"\n\r\n"))) == ["", ""]
 
 
 def test_line_reader_not_utf8_is_one_bad_line():
-    assert lines(LineReader(io.BytesIO(b"ok\nab\xff\nfine\n"))) == \
+    assert lines(LineReader(Pipe(b"ok\nab\xff\nfine\n"))) == \
         ["ok", "stdin: not UTF-8 text (invalid byte 0xff at byte 2, line 1)", "fine"]
 
 
 def test_line_reader_at_the_cap_and_one_byte_over():
     """cap 4: a line of 4 bytes is read with or without its newline; one of 5 is skipped, up to its newline."""
     data = b"abcd\nabcde\nok\nabcdefghijklmnop\r\nwxyz"
-    out = lines(LineReader(io.BytesIO(data), cap=4))
+    out = lines(LineReader(Pipe(data), cap=4))
     skipped = ("stdin: a line longer than 3.8147e-06 MiB; skipped", False)
     assert out == ["abcd", skipped, "ok", skipped, "wxyz"]
-    assert lines(LineReader(io.BytesIO(b"abcde"), cap=4)) == [skipped]
-    assert lines(LineReader(io.BytesIO(b"abcd\r\n"), cap=4)) == [skipped]  # \r counts, \n is what ends it
+    assert lines(LineReader(Pipe(b"abcde"), cap=4)) == [skipped]
+    assert lines(LineReader(Pipe(b"abcd\r\n"), cap=4)) == [skipped]  # \r counts, \n is what ends it
 
 
 class Line(io.RawIOBase):
@@ -693,9 +706,11 @@ class Line(io.RawIOBase):
     (readline only, as LineReader reads): a pipe that never holds more than one read."""
 
     def __init__(self, length: float, after: bytes = b""):
-        self.left, self.after, self.taken = length, io.BytesIO(after), 0
+        self.left, self.after, self.taken, self.reads = length, io.BytesIO(after), 0, 0
 
     def readline(self, n=-1) -> bytes:
+        self.reads += 1
+        assert self.reads <= 1000 and self.taken <= 256 * MiB, "read on without end"
         k = int(min(n, self.left)) if self.left > 0 else 0
         self.left -= k
         self.taken += k
@@ -732,7 +747,7 @@ def test_line_reader_stops_at_a_line_without_end():
 
 def test_line_reader_small_cap_messages():
     """The cap given is the one reported, and the stop comes 64 MiB past it."""
-    reader = LineReader(io.BytesIO(b"x" * (MiB + 1) + b"\nok\n"), cap=MiB)
+    reader = LineReader(Pipe(b"x" * (MiB + 1) + b"\nok\n"), cap=MiB)
     assert lines(reader) == [("stdin: a line longer than 1 MiB; skipped", False), "ok"]
     stream = Line(float("inf"))
     assert lines(LineReader(stream, cap=MiB)) == \
