@@ -26,10 +26,13 @@ from gemma3.generation.sampling import (
     apply_temperature,
     apply_top_k,
     apply_top_p,
+    check_finite,
     greedy,
+    mask_padding,
     next_token,
     process_logits,
     sample,
+    tokenizer_vocab,
 )
 
 INF = math.inf
@@ -132,21 +135,82 @@ def test_next_token_accepts_bf16_logits():
     assert next_token(logits, SamplingParams(top_k=1)).tolist() == [2]
 
 
+# --- the checks around a decode step ---------------------------------------------------------------------------
+
+NON_FINITE = ("the model produced non-finite logits (NaN or inf) after 3 generated token(s): its weights are "
+              "probably non-finite (a corrupt or overflowed checkpoint), or the dtype cannot hold its activations "
+              "(Gemma 3 needs bfloat16 or float32, never float16)")
+
+
+@pytest.mark.parametrize("bad", [math.nan, INF, -INF])
+def test_non_finite_logits_raise_one_line_naming_the_fp16_cache_only_when_there_is_one(bad):
+    logits = torch.tensor([[0.0, bad]])
+    with pytest.raises(Gemma3Error) as plain:
+        check_finite(logits, 3, torch.float32)
+    assert str(plain.value) == NON_FINITE
+    with pytest.raises(Gemma3Error) as no_cache:
+        check_finite(logits, 3)
+    assert str(no_cache.value) == NON_FINITE
+    with pytest.raises(Gemma3Error) as fp16:
+        check_finite(logits, 3, torch.float16)
+    assert str(fp16.value) == NON_FINITE + (", or a key or value beyond ±65504 overflowed the float16 KV cache "
+                                            "(try --kv-cache-dtype float32)")
+
+
+def test_finite_logits_pass_even_when_their_sum_overflows_their_own_dtype():
+    check_finite(torch.zeros(1, 2), 0, torch.float16)
+    check_finite(torch.full((1, 4), 60_000.0, dtype=torch.float16), 0)  # summed in float32: 240 000, no inf
+
+
+def test_tokenizer_vocab_is_its_length_or_none():
+    assert tokenizer_vocab(["a", "b", "c"]) == 3
+    assert tokenizer_vocab(object()) is None
+
+
+def test_mask_padding_sets_the_rows_past_the_vocabulary_to_minus_inf_in_place():
+    logits = torch.arange(2 * 3 * 5, dtype=torch.float32).view(2, 3, 5)  # (..., V): not just (B, V)
+    assert mask_padding(logits, 3) is logits
+    assert kept(logits.view(-1, 5)) == [[0, 1, 2]] * 6
+    assert logits[..., :3].tolist() == torch.arange(30, dtype=torch.float32).view(2, 3, 5)[..., :3].tolist()
+
+
+@pytest.mark.parametrize("vocab", [None, 5, 6])
+def test_mask_padding_leaves_logits_alone_without_padding_rows(vocab):
+    logits = torch.arange(10, dtype=torch.float32).view(2, 5)
+    assert mask_padding(logits, vocab) is logits
+    assert logits.tolist() == torch.arange(10, dtype=torch.float32).view(2, 5).tolist()
+
+
 # --- validation -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(
-    ("field", "value"),
+    ("field", "value", "message"),
     [
-        ("temperature", -0.1), ("temperature", 1e-9), ("temperature", math.nan), ("temperature", math.inf),
-        ("top_p", 0.0), ("top_p", 1.5), ("top_p", math.nan),
-        ("top_k", -1), ("top_k", 2.5), ("top_k", True),
-        ("min_p", -0.1), ("min_p", 1.1),
-        ("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("repetition_penalty", "1.2"),
+        ("temperature", -0.1, "temperature must be >= 0 (0 means greedy), got -0.1"),
+        ("temperature", 1e-9, "temperature must be 0 (greedy) or in [1e-05, 10000], got 1e-09"),
+        ("temperature", 10001, "temperature must be 0 (greedy) or in [1e-05, 10000], got 10001"),
+        ("temperature", math.nan, "temperature must be a finite number, got nan"),
+        ("temperature", math.inf, "temperature must be a finite number, got inf"),
+        ("temperature", True, "temperature must be a finite number, got True"),
+        ("top_p", 0.0, "top_p must be in (0, 1], got 0.0"),
+        ("top_p", 1.5, "top_p must be in (0, 1], got 1.5"),
+        ("top_p", math.nan, "top_p must be a finite number, got nan"),
+        ("top_k", -1, "top_k must be >= 0 (0 disables it), got -1"),
+        ("top_k", 2.5, "top_k must be an integer, got 2.5"),
+        ("top_k", True, "top_k must be an integer, got True"),
+        ("min_p", -0.1, "min_p must be in [0, 1], got -0.1"),
+        ("min_p", 1.1, "min_p must be in [0, 1], got 1.1"),
+        ("min_p", math.inf, "min_p must be a finite number, got inf"),
+        ("repetition_penalty", 0.0, "repetition_penalty must be in [0.001, 1000] (1 disables it), got 0.0"),
+        ("repetition_penalty", 1001, "repetition_penalty must be in [0.001, 1000] (1 disables it), got 1001"),
+        ("repetition_penalty", -1.0, "repetition_penalty must be in [0.001, 1000] (1 disables it), got -1.0"),
+        ("repetition_penalty", "1.2", "repetition_penalty must be a finite number, got '1.2'"),
     ],
 )
-def test_invalid_params_name_the_field(field, value):
-    with pytest.raises(Gemma3Error, match=field):
+def test_invalid_params_raise_one_line_naming_the_field(field, value, message):
+    with pytest.raises(Gemma3Error) as error:
         SamplingParams(**{field: value})
+    assert str(error.value) == message
 
 
 def test_defaults_are_gemma3s():
@@ -155,6 +219,9 @@ def test_defaults_are_gemma3s():
         1.0, 64, 0.95, 0.0, 1.0)
     assert not params.greedy and SamplingParams(temperature=0).greedy
     SamplingParams(temperature=0, top_k=0, top_p=1.0, min_p=1.0, repetition_penalty=0.5)  # edges are valid
+    SamplingParams(temperature=1e-5, min_p=0.0, repetition_penalty=1e-3)  # both ends of each range are valid
+    SamplingParams(temperature=1e4, repetition_penalty=1e3)
+    SamplingParams(temperature=2, top_p=1, min_p=1, repetition_penalty=3)  # ints are numbers too
 
 
 # --- equality with transformers ---------------------------------------------------------------------------------
