@@ -64,6 +64,17 @@ def test_repetition_penalty_is_per_row_and_leaves_input_alone():
     assert logits.tolist() == [[4.0, 4.0], [4.0, 4.0]]
 
 
+def test_filters_that_are_off_hand_back_the_same_tensor():
+    """Off costs nothing: no copy of the (B, V) logits, every decode step."""
+    logits = torch.tensor([[0.0, -200.0, 3.0]])  # -200: its probability underflows to 0 in float32
+    assert apply_repetition_penalty(logits, torch.tensor([[0, 2]]), 1.0) is logits
+    assert apply_repetition_penalty(logits, torch.zeros(1, 0, dtype=torch.long), 2.0) is logits
+    assert apply_top_k(logits, 0) is logits
+    assert apply_top_k(logits, 3) is logits
+    assert apply_top_p(logits, 1.0) is logits
+    assert apply_min_p(logits, 0.0) is logits
+
+
 def test_temperature():
     assert apply_temperature(torch.tensor([[1.0, -2.0]]), 0.5).tolist() == [[2.0, -4.0]]
 
@@ -91,6 +102,8 @@ def test_min_p_scales_with_the_top_probability():
     assert kept(apply_min_p(logits, 0.2)) == [[0, 1, 2]]  # threshold 0.1
     assert kept(apply_min_p(logits, 1.0)) == [[0]]
     assert torch.equal(apply_min_p(logits, 0.0), logits)
+    # a probability exactly at the threshold stays (HF's `probs < threshold` drops): here tied top tokens
+    assert kept(apply_min_p(torch.tensor([[1.0, 1.0, 0.0]]), 1.0)) == [[0, 1]]
 
 
 def test_greedy_and_sample_on_one_hot():
@@ -120,6 +133,8 @@ def test_greedy_is_argmax_on_a_full_vocabulary():
     assert greedy(logits).tolist() == logits.argmax(dim=-1).tolist() == [5, 3_000, 10, 0, 262_143]
     assert torch.equal(greedy(logits.bfloat16()), logits.bfloat16().argmax(dim=-1))
     assert greedy(logits[:, :1000]).tolist() == logits[:, :1000].argmax(dim=-1).tolist()  # small V: plain argmax
+    odd = logits[:, :16 * 1024 + 1]  # large but not a multiple of the block: plain argmax too
+    assert greedy(odd).tolist() == odd.argmax(dim=-1).tolist()
 
 
 def test_greedy_params_apply_only_the_repetition_penalty():
@@ -127,6 +142,62 @@ def test_greedy_params_apply_only_the_repetition_penalty():
     params = SamplingParams(temperature=0, repetition_penalty=2.0)
     assert process_logits(logits, params, torch.tensor([[0]])).tolist() == [[1.5, 2.0, 1.0]]
     assert next_token(logits, params, torch.tensor([[0]])).tolist() == [1]
+
+
+def test_greedy_params_never_sample():
+    logits = torch.tensor([[0.0, 0.1]]).expand(1000, 2)  # a draw would pick id 0 about half the time
+    assert next_token(logits, SamplingParams(temperature=0)).tolist() == [1] * 1000
+
+
+def test_top_k_candidates_get_the_repetition_penalty():
+    logits = torch.tensor([[2.0, 1.0, 0.0]])  # id 0 seen: 2 / 4 = 0.5 falls below id 1
+    params = SamplingParams(top_k=1, repetition_penalty=4.0)
+    assert next_token(logits, params, torch.tensor([[0]])).tolist() == [1]
+    assert next_token(logits, params).tolist() == [0]
+
+
+def test_fewer_allowed_tokens_than_top_k_draw_among_the_allowed():
+    """A grammar may leave fewer than k tokens finite: the draw is among those, never an -inf one."""
+    logits = torch.tensor([[0.0, -INF, 0.0, -INF, -INF]]).expand(200, 5)
+    g = torch.Generator().manual_seed(0)
+    assert set(next_token(logits, SamplingParams(top_k=3), generator=g).tolist()) == {0, 2}
+
+
+@pytest.mark.parametrize(("top_k", "allowed", "drawn_over"), [
+    (1, 2000, 1), (64, 2000, 64), (1024, 2000, 1024),  # the top k only, up to 1024
+    (1025, 2000, 2000), (0, 2000, 2000),  # a larger top-k, or none: the whole vocabulary
+    (64, 3, 3),  # fewer allowed than k (a grammar): those, not the -inf "ties"
+])
+def test_the_draw_sees_only_the_top_k_candidates(monkeypatch, top_k, allowed, drawn_over):
+    """With a top-k up to 1024 the draw works on the k candidates, not on the whole vocabulary (the cost of a
+    decode step at 262 144 ids); the distribution is the same (test_top_k_candidates_draw_...)."""
+    import gemma3.generation.sampling as sampling
+
+    widths, draw = [], sampling.sample
+
+    def counting_sample(logits, generator=None):
+        widths.append(logits.shape[-1])
+        return draw(logits, generator)
+
+    monkeypatch.setattr(sampling, "sample", counting_sample)
+    logits = torch.randn(1, 2000, generator=torch.Generator().manual_seed(0))
+    logits[:, allowed:] = -INF
+    token = next_token(logits, SamplingParams(top_k=top_k, top_p=1.0))
+    assert widths == [drawn_over]
+    assert token.item() < allowed
+
+
+def test_top_k_above_the_vocabulary_keeps_it_all_whatever_the_batch():
+    logits = torch.tensor([[0.0, -INF]]).expand(70, 2)  # 70 rows > top_k 64 > 2 ids
+    assert next_token(logits, SamplingParams()).tolist() == [0] * 70
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+def test_tokens_stay_on_the_logits_device():
+    logits = torch.randn(2, 32 * 1024, device="cuda")
+    assert greedy(logits).device == logits.device
+    assert greedy(logits).tolist() == logits.argmax(dim=-1).tolist()
+    assert next_token(logits, SamplingParams()).device == logits.device
 
 
 def test_next_token_accepts_bf16_logits():
@@ -279,16 +350,19 @@ def test_pipeline_matches_transformers_generate(params):
 
 # --- reproducibility --------------------------------------------------------------------------------------------
 
-def test_same_seed_same_tokens():
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.5, top_k=0, top_p=1.0),  # the whole vocabulary
+                                    SamplingParams(temperature=1.5)])  # the top-k candidates
+def test_same_seed_same_tokens_whatever_the_global_rng(params):
     logits, prev_ids = random_case(0, batch=4, vocab=500)
-    params = SamplingParams(temperature=1.5, top_k=0, top_p=1.0)
 
-    def draws(seed):
+    def draws(seed, global_seed):
         g = torch.Generator().manual_seed(seed)
-        return torch.stack([next_token(logits, params, prev_ids, g) for _ in range(20)])
+        with torch.random.fork_rng():
+            torch.manual_seed(global_seed)
+            return torch.stack([next_token(logits, params, prev_ids, g) for _ in range(20)])
 
-    assert torch.equal(draws(1234), draws(1234))
-    assert not torch.equal(draws(1234), draws(4321))
+    assert torch.equal(draws(1234, 0), draws(1234, 1))
+    assert not torch.equal(draws(1234, 0), draws(4321, 0))
 
 
 def test_sampling_follows_the_filtered_distribution():
