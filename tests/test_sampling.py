@@ -26,10 +26,13 @@ from gemma3.generation.sampling import (
     apply_temperature,
     apply_top_k,
     apply_top_p,
+    check_finite,
     greedy,
+    mask_padding,
     next_token,
     process_logits,
     sample,
+    tokenizer_vocab,
 )
 
 INF = math.inf
@@ -61,6 +64,17 @@ def test_repetition_penalty_is_per_row_and_leaves_input_alone():
     assert logits.tolist() == [[4.0, 4.0], [4.0, 4.0]]
 
 
+def test_filters_that_are_off_hand_back_the_same_tensor():
+    """Off costs nothing: no copy of the (B, V) logits, every decode step."""
+    logits = torch.tensor([[0.0, -200.0, 3.0]])  # -200: its probability underflows to 0 in float32
+    assert apply_repetition_penalty(logits, torch.tensor([[0, 2]]), 1.0) is logits
+    assert apply_repetition_penalty(logits, torch.zeros(1, 0, dtype=torch.long), 2.0) is logits
+    assert apply_top_k(logits, 0) is logits
+    assert apply_top_k(logits, 3) is logits
+    assert apply_top_p(logits, 1.0) is logits
+    assert apply_min_p(logits, 0.0) is logits
+
+
 def test_temperature():
     assert apply_temperature(torch.tensor([[1.0, -2.0]]), 0.5).tolist() == [[2.0, -4.0]]
 
@@ -88,6 +102,8 @@ def test_min_p_scales_with_the_top_probability():
     assert kept(apply_min_p(logits, 0.2)) == [[0, 1, 2]]  # threshold 0.1
     assert kept(apply_min_p(logits, 1.0)) == [[0]]
     assert torch.equal(apply_min_p(logits, 0.0), logits)
+    # a probability exactly at the threshold stays (HF's `probs < threshold` drops): here tied top tokens
+    assert kept(apply_min_p(torch.tensor([[1.0, 1.0, 0.0]]), 1.0)) == [[0, 1]]
 
 
 def test_greedy_and_sample_on_one_hot():
@@ -117,6 +133,8 @@ def test_greedy_is_argmax_on_a_full_vocabulary():
     assert greedy(logits).tolist() == logits.argmax(dim=-1).tolist() == [5, 3_000, 10, 0, 262_143]
     assert torch.equal(greedy(logits.bfloat16()), logits.bfloat16().argmax(dim=-1))
     assert greedy(logits[:, :1000]).tolist() == logits[:, :1000].argmax(dim=-1).tolist()  # small V: plain argmax
+    odd = logits[:, :16 * 1024 + 1]  # large but not a multiple of the block: plain argmax too
+    assert greedy(odd).tolist() == odd.argmax(dim=-1).tolist()
 
 
 def test_greedy_params_apply_only_the_repetition_penalty():
@@ -126,27 +144,144 @@ def test_greedy_params_apply_only_the_repetition_penalty():
     assert next_token(logits, params, torch.tensor([[0]])).tolist() == [1]
 
 
+def test_greedy_params_never_sample():
+    logits = torch.tensor([[0.0, 0.1]]).expand(1000, 2)  # a draw would pick id 0 about half the time
+    assert next_token(logits, SamplingParams(temperature=0)).tolist() == [1] * 1000
+
+
+def test_top_k_candidates_get_the_repetition_penalty():
+    logits = torch.tensor([[2.0, 1.0, 0.0]])  # id 0 seen: 2 / 4 = 0.5 falls below id 1
+    params = SamplingParams(top_k=1, repetition_penalty=4.0)
+    assert next_token(logits, params, torch.tensor([[0]])).tolist() == [1]
+    assert next_token(logits, params).tolist() == [0]
+
+
+def test_fewer_allowed_tokens_than_top_k_draw_among_the_allowed():
+    """A grammar may leave fewer than k tokens finite: the draw is among those, never an -inf one."""
+    logits = torch.tensor([[0.0, -INF, 0.0, -INF, -INF]]).expand(200, 5)
+    g = torch.Generator().manual_seed(0)
+    assert set(next_token(logits, SamplingParams(top_k=3), generator=g).tolist()) == {0, 2}
+
+
+@pytest.mark.parametrize(("top_k", "allowed", "drawn_over"), [
+    (1, 2000, 1), (64, 2000, 64), (1024, 2000, 1024),  # the top k only, up to 1024
+    (1025, 2000, 2000), (0, 2000, 2000),  # a larger top-k, or none: the whole vocabulary
+    (64, 3, 3),  # fewer allowed than k (a grammar): those, not the -inf "ties"
+])
+def test_the_draw_sees_only_the_top_k_candidates(monkeypatch, top_k, allowed, drawn_over):
+    """With a top-k up to 1024 the draw works on the k candidates, not on the whole vocabulary (the cost of a
+    decode step at 262 144 ids); the distribution is the same (test_top_k_candidates_draw_...)."""
+    import gemma3.generation.sampling as sampling
+
+    widths, draw = [], sampling.sample
+
+    def counting_sample(logits, generator=None):
+        widths.append(logits.shape[-1])
+        return draw(logits, generator)
+
+    monkeypatch.setattr(sampling, "sample", counting_sample)
+    logits = torch.randn(1, 2000, generator=torch.Generator().manual_seed(0))
+    logits[:, allowed:] = -INF
+    token = next_token(logits, SamplingParams(top_k=top_k, top_p=1.0))
+    assert widths == [drawn_over]
+    assert token.item() < allowed
+
+
+def test_top_k_above_the_vocabulary_keeps_it_all_whatever_the_batch():
+    logits = torch.tensor([[0.0, -INF]]).expand(70, 2)  # 70 rows > top_k 64 > 2 ids
+    assert next_token(logits, SamplingParams()).tolist() == [0] * 70
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+def test_tokens_stay_on_the_logits_device():
+    logits = torch.randn(2, 32 * 1024, device="cuda")
+    assert greedy(logits).device == logits.device
+    assert greedy(logits).tolist() == logits.argmax(dim=-1).tolist()
+    assert next_token(logits, SamplingParams()).device == logits.device
+
+
 def test_next_token_accepts_bf16_logits():
     logits = torch.tensor([[0.0, 1.0, 9.0]], dtype=torch.bfloat16)
     assert next_token(logits, SamplingParams(temperature=0)).dtype == torch.int64
     assert next_token(logits, SamplingParams(top_k=1)).tolist() == [2]
 
 
+# --- the checks around a decode step ---------------------------------------------------------------------------
+
+NON_FINITE = ("the model produced non-finite logits (NaN or inf) after 3 generated token(s): its weights are "
+              "probably non-finite (a corrupt or overflowed checkpoint), or the dtype cannot hold its activations "
+              "(Gemma 3 needs bfloat16 or float32, never float16)")
+
+
+@pytest.mark.parametrize("bad", [math.nan, INF, -INF])
+def test_non_finite_logits_raise_one_line_naming_the_fp16_cache_only_when_there_is_one(bad):
+    logits = torch.tensor([[0.0, bad]])
+    with pytest.raises(Gemma3Error) as plain:
+        check_finite(logits, 3, torch.float32)
+    assert str(plain.value) == NON_FINITE
+    with pytest.raises(Gemma3Error) as no_cache:
+        check_finite(logits, 3)
+    assert str(no_cache.value) == NON_FINITE
+    with pytest.raises(Gemma3Error) as fp16:
+        check_finite(logits, 3, torch.float16)
+    assert str(fp16.value) == NON_FINITE + (", or a key or value beyond ±65504 overflowed the float16 KV cache "
+                                            "(try --kv-cache-dtype float32)")
+
+
+def test_finite_logits_pass_even_when_their_sum_overflows_their_own_dtype():
+    check_finite(torch.zeros(1, 2), 0, torch.float16)
+    check_finite(torch.full((1, 4), 60_000.0, dtype=torch.float16), 0)  # summed in float32: 240 000, no inf
+
+
+def test_tokenizer_vocab_is_its_length_or_none():
+    assert tokenizer_vocab(["a", "b", "c"]) == 3
+    assert tokenizer_vocab(object()) is None
+
+
+def test_mask_padding_sets_the_rows_past_the_vocabulary_to_minus_inf_in_place():
+    logits = torch.arange(2 * 3 * 5, dtype=torch.float32).view(2, 3, 5)  # (..., V): not just (B, V)
+    assert mask_padding(logits, 3) is logits
+    assert kept(logits.view(-1, 5)) == [[0, 1, 2]] * 6
+    assert logits[..., :3].tolist() == torch.arange(30, dtype=torch.float32).view(2, 3, 5)[..., :3].tolist()
+
+
+@pytest.mark.parametrize("vocab", [None, 5, 6])
+def test_mask_padding_leaves_logits_alone_without_padding_rows(vocab):
+    logits = torch.arange(10, dtype=torch.float32).view(2, 5)
+    assert mask_padding(logits, vocab) is logits
+    assert logits.tolist() == torch.arange(10, dtype=torch.float32).view(2, 5).tolist()
+
+
 # --- validation -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(
-    ("field", "value"),
+    ("field", "value", "message"),
     [
-        ("temperature", -0.1), ("temperature", 1e-9), ("temperature", math.nan), ("temperature", math.inf),
-        ("top_p", 0.0), ("top_p", 1.5), ("top_p", math.nan),
-        ("top_k", -1), ("top_k", 2.5), ("top_k", True),
-        ("min_p", -0.1), ("min_p", 1.1),
-        ("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("repetition_penalty", "1.2"),
+        ("temperature", -0.1, "temperature must be >= 0 (0 means greedy), got -0.1"),
+        ("temperature", 1e-9, "temperature must be 0 (greedy) or in [1e-05, 10000], got 1e-09"),
+        ("temperature", 10001, "temperature must be 0 (greedy) or in [1e-05, 10000], got 10001"),
+        ("temperature", math.nan, "temperature must be a finite number, got nan"),
+        ("temperature", math.inf, "temperature must be a finite number, got inf"),
+        ("temperature", True, "temperature must be a finite number, got True"),
+        ("top_p", 0.0, "top_p must be in (0, 1], got 0.0"),
+        ("top_p", 1.5, "top_p must be in (0, 1], got 1.5"),
+        ("top_p", math.nan, "top_p must be a finite number, got nan"),
+        ("top_k", -1, "top_k must be >= 0 (0 disables it), got -1"),
+        ("top_k", 2.5, "top_k must be an integer, got 2.5"),
+        ("top_k", True, "top_k must be an integer, got True"),
+        ("min_p", -0.1, "min_p must be in [0, 1], got -0.1"),
+        ("min_p", 1.1, "min_p must be in [0, 1], got 1.1"),
+        ("min_p", math.inf, "min_p must be a finite number, got inf"),
+        ("repetition_penalty", 0.0, "repetition_penalty must be in [0.001, 1000] (1 disables it), got 0.0"),
+        ("repetition_penalty", 1001, "repetition_penalty must be in [0.001, 1000] (1 disables it), got 1001"),
+        ("repetition_penalty", -1.0, "repetition_penalty must be in [0.001, 1000] (1 disables it), got -1.0"),
+        ("repetition_penalty", "1.2", "repetition_penalty must be a finite number, got '1.2'"),
     ],
 )
-def test_invalid_params_name_the_field(field, value):
-    with pytest.raises(Gemma3Error, match=field):
+def test_invalid_params_raise_one_line_naming_the_field(field, value, message):
+    with pytest.raises(Gemma3Error) as error:
         SamplingParams(**{field: value})
+    assert str(error.value) == message
 
 
 def test_defaults_are_gemma3s():
@@ -155,6 +290,9 @@ def test_defaults_are_gemma3s():
         1.0, 64, 0.95, 0.0, 1.0)
     assert not params.greedy and SamplingParams(temperature=0).greedy
     SamplingParams(temperature=0, top_k=0, top_p=1.0, min_p=1.0, repetition_penalty=0.5)  # edges are valid
+    SamplingParams(temperature=1e-5, min_p=0.0, repetition_penalty=1e-3)  # both ends of each range are valid
+    SamplingParams(temperature=1e4, repetition_penalty=1e3)
+    SamplingParams(temperature=2, top_p=1, min_p=1, repetition_penalty=3)  # ints are numbers too
 
 
 # --- equality with transformers ---------------------------------------------------------------------------------
@@ -212,16 +350,19 @@ def test_pipeline_matches_transformers_generate(params):
 
 # --- reproducibility --------------------------------------------------------------------------------------------
 
-def test_same_seed_same_tokens():
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.5, top_k=0, top_p=1.0),  # the whole vocabulary
+                                    SamplingParams(temperature=1.5)])  # the top-k candidates
+def test_same_seed_same_tokens_whatever_the_global_rng(params):
     logits, prev_ids = random_case(0, batch=4, vocab=500)
-    params = SamplingParams(temperature=1.5, top_k=0, top_p=1.0)
 
-    def draws(seed):
+    def draws(seed, global_seed):
         g = torch.Generator().manual_seed(seed)
-        return torch.stack([next_token(logits, params, prev_ids, g) for _ in range(20)])
+        with torch.random.fork_rng():
+            torch.manual_seed(global_seed)
+            return torch.stack([next_token(logits, params, prev_ids, g) for _ in range(20)])
 
-    assert torch.equal(draws(1234), draws(1234))
-    assert not torch.equal(draws(1234), draws(4321))
+    assert torch.equal(draws(1234, 0), draws(1234, 1))
+    assert not torch.equal(draws(1234, 0), draws(4321, 0))
 
 
 def test_sampling_follows_the_filtered_distribution():

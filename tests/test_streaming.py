@@ -68,6 +68,8 @@ def test_partial_stop_length_is_the_longest_suffix_prefix():
     assert partial_stop_length("hello", ["<end_of_turn>"]) == 0
     assert partial_stop_length("aab", ["abc", "aabx"]) == 3
     assert partial_stop_length("xyz<end_of_turn", ["<end_of_turn>"]) == len("<end_of_turn")
+    assert partial_stop_length("STOP", ["STOP"]) == 0  # the whole stop string is not a proper prefix of it
+    assert partial_stop_length("xaa", ["aa"]) == 1
 
 
 def test_stop_reason():
@@ -77,11 +79,40 @@ def test_stop_reason():
     assert stop_reason(42, 3, stop_token_ids=(1, 106), max_new_tokens=10) is None
 
 
-def test_stop_strings_are_validated():
-    with pytest.raises(Gemma3Error):
-        TextStreamer(None, [""])
-    with pytest.raises(Gemma3Error):
+def test_stop_strings_are_validated_with_one_line_errors():
+    with pytest.raises(Gemma3Error) as empty:
+        TextStreamer(None, ["STOP", ""])
+    assert str(empty.value) == "stop strings must be non-empty strings"
+    with pytest.raises(Gemma3Error) as not_str:
+        TextStreamer(None, ["STOP", 7])
+    assert str(not_str.value) == "stop strings must be non-empty strings"
+    with pytest.raises(Gemma3Error) as one:
         TextStreamer(None, "STOP")
+    assert str(one.value) == "stop_strings must be a list of strings, not one string"
+
+
+class SentencePieceLike:
+    """A decoder whose output depends on context, as SentencePiece's: "▁" is a space, and the space that
+    starts a decoded text is dropped. Id 1 decodes to nothing (a control token)."""
+
+    PIECES = ["x", "", "▁y", "▁z"]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.PIECES[i] for i in ids).replace("▁", " ").removeprefix(" ")
+
+
+def test_a_token_that_adds_no_text_keeps_the_decoding_context():
+    streamer = TextStreamer(SentencePieceLike())
+    deltas = [streamer.push(i) for i in (0, 1, 2)] + [streamer.finish()]
+    assert deltas == ["x", "", " y", ""]  # " y" decoded after "x", not alone (which drops its space)
+
+
+def test_finish_releases_everything_once_and_then_streams_anew():
+    streamer = TextStreamer(SentencePieceLike(), ["zz"])
+    assert [streamer.push(0), streamer.push(3)] == ["x", " "]  # "z" is held: it may start "zz"
+    assert [streamer.finish(), streamer.finish()] == ["z", ""]
+    # the ids pushed after finish() are a new text: their deltas concatenate to their own decode
+    assert [streamer.push(2), streamer.push(3), streamer.finish()] == ["y", " ", "z"]
 
 
 # --- the official tokenizer -------------------------------------------------------------------------------------
@@ -148,8 +179,9 @@ def test_stop_string_spanning_several_tokens_is_held_back_until_decided(tok):
             break
     assert streamer.stopped and shown == "Sure. "
     assert len(tok.encode("### Instruction:")) > 1
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"^push\(\) after a stop string: generation should have ended$"):
         streamer.push(ids[-1])
+    assert streamer.finish() == ""
 
 
 def test_held_back_prefix_is_released_once_it_cannot_match(tok):

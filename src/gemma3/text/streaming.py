@@ -105,8 +105,7 @@ class TextStreamer:
         text = self._pending + new_text
         stop = find_stop(text, self.stop_strings)
         if stop is not None:
-            self.stopped = True
-            self._pending = ""
+            self.stopped = True  # push() and finish() read nothing more
             return text[:stop]
         hold = partial_stop_length(text, self.stop_strings)
         self._pending = text[len(text) - hold:]
