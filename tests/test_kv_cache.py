@@ -402,3 +402,14 @@ def test_a_slot_step_of_the_wrong_shape_or_no_row_is_a_clear_error():
         cache.begin(torch.full((2, 1), -1))
     assert str(error.value) == "a SlotKVCache step needs at least one row with a position"
     assert cache.lengths == [0, 0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+def test_a_cache_on_the_gpu_takes_positions_built_on_the_cpu():
+    """The scheduler builds a step's positions on the CPU whatever the model's device; both caches move them."""
+    cache = SlotKVCache(tiny(3), 2, 8, device="cuda")
+    cache.row(0).begin(torch.arange(4)[None])  # through KVCache.begin
+    step = cache.begin(torch.tensor([[4], [0]]))
+    assert step.masks[GLOBAL].device.type == step.masks[SLIDING].device.type == "cuda"
+    assert cache.shared.global_pos.tolist() == [[0, 1, 2, 3, 4, -1, -1, -1], [0, -1, -1, -1, -1, -1, -1, -1]]
+    assert cache.shared.ring_pos.tolist() == [[3, 4, 2], [0, -1, -1]] and cache.shared.last_pos.tolist() == [4, 0]
