@@ -143,7 +143,8 @@ def test_cache_bytes_counts_every_tensor_a_kvcache_allocates():
         for dtype in (torch.float32, torch.float16):
             cache = KVCache(config, batch_size, max_seq_len, dtype=dtype)
             held = cache.keys + cache.values + [cache.global_pos, cache.ring_pos, cache.last_pos]
-            assert cache_bytes(config, batch_size, max_seq_len, dtype) == sum(t.numel() * t.element_size() for t in held)
+            allocated = sum(t.numel() * t.element_size() for t in held)
+            assert cache_bytes(config, batch_size, max_seq_len, dtype) == allocated
 
 
 def test_a_cache_of_no_rows_or_no_slots_is_a_clear_error():
@@ -167,6 +168,9 @@ def test_a_cache_larger_than_free_memory_is_refused_before_allocating(monkeypatc
         KVCache(config, 8, 32_768, device="meta")
     monkeypatch.setattr(kv_cache, "available_memory", lambda device: need)  # exactly enough
     assert KVCache(config, 8, 32_768, device="meta").keys[0].device.type == "meta"
+    half = cache_bytes(config, 8, 32_768, torch.float16)  # counted in the cache's own dtype
+    monkeypatch.setattr(kv_cache, "available_memory", lambda device: half)
+    assert KVCache(config, 8, 32_768, dtype=torch.float16, device="meta").keys[0].dtype == torch.float16
 
 
 def test_a_batch_of_the_wrong_size_is_a_clear_error():
@@ -202,7 +206,10 @@ def test_a_slot_cache_allocates_what_a_kvcache_of_its_rows_would():
     cache = SlotKVCache(config, 3, 16, dtype=torch.float16, device="meta")
     assert cache.slots == 3 and cache.max_seq_len == 16 and cache.lengths == [0, 0, 0]
     assert cache.nbytes() == KVCache(config, 3, 16, dtype=torch.float16, device="meta").nbytes()
-    assert all(t.dtype == torch.float16 and t.device.type == "meta" for t in cache.shared.keys + cache.shared.values)
+    shared = cache.shared
+    assert all(t.dtype == torch.float16 and t.device.type == "meta" for t in shared.keys + shared.values)
+    positions = (shared.global_pos, shared.ring_pos, shared.last_pos)
+    assert all(t.dtype == torch.long and t.device.type == "meta" for t in positions)
 
 
 def test_a_row_view_is_a_batch_1_kvcache_over_its_rows_storage():
@@ -360,7 +367,7 @@ def test_a_slot_step_writes_each_row_at_its_own_slot_and_masks_by_position():
     cache.row(2).begin(torch.arange(2)[None])
     step = cache.begin(torch.tensor([[5], [-1], [4], [0]]))
     c = cache.shared
-    assert (step.n, step.rows.tolist(), step.slots.tolist(), step.longest, step.start) == (4, [0, 2, 3], [5, 2, 0], 6, 0)
+    assert (step.n, step.rows.tolist(), step.slots.tolist(), step.longest) == (4, [0, 2, 3], [5, 2, 0], 6)
     assert cache.lengths == [6, 0, 3, 1] and c.last_pos.tolist() == [5, -1, 4, 0]
     assert c.global_pos.tolist() == [[0, 1, 2, 3, 4, 5, -1, -1], [-1] * 8,
                                      [0, 1, 4, -1, -1, -1, -1, -1], [0, -1, -1, -1, -1, -1, -1, -1]]
@@ -376,7 +383,8 @@ def test_a_slot_step_writes_each_row_at_its_own_slot_and_masks_by_position():
         assert keys.dtype == values.dtype == torch.float32 and keys.shape == values.shape == (4, K, width, hd)
         assert torch.equal(keys, c.keys[layer][:, :, :width].float()) and torch.equal(values, -keys)
         for r, slot in zip([0, 2, 3], slots):
-            assert bool((c.keys[layer][r, :, slot] == r + 1).all()) and bool((c.values[layer][r, :, slot] == -r - 1).all())
+            assert bool((c.keys[layer][r, :, slot] == r + 1).all())
+            assert bool((c.values[layer][r, :, slot] == -r - 1).all())
         assert not c.keys[layer][1].any() and int((c.keys[layer] != 0).sum()) == 3 * K * hd
 
 
