@@ -98,6 +98,10 @@ def scratch_copy(work: Path, modules: list[str]) -> None:
     config += f"pytest_add_cli_args_test_selection = {tests!r}\n".replace("'", '"')
     # -x: the first failing test kills the mutant; no cache: the copies stay clean
     config += f"pytest_add_cli_args = {['-x', '-q', '-p', 'no:cacheprovider', *deselect]!r}\n".replace("'", '"')
+    # Fork each mutant's tests from a server that has only collected them: forked from mutmut's main process,
+    # which ran the suite with torch's OpenMP threads (set_num_threads(2)), a child hangs in its first parallel op
+    # (GNU libgomp is not fork-safe): spinning until the CPU limit (counted "timeout", i.e. killed) or blocked for good.
+    config += 'process_isolation = "forkserver"\n'
     (work / "pyproject.toml").write_text(config, encoding="utf-8")
 
 
