@@ -529,9 +529,11 @@ def test_cached_prefill_from_zero_passes_no_mask_and_the_next_chunk_a_mask():
 def test_positions_count_real_tokens_from_zero_and_pad_with_minus_one():
     model = Gemma3Model(small())
     ids = torch.ones(2, 4, dtype=torch.long)
-    assert model._positions(ids, None, None, None).tolist() == [[0, 1, 2, 3]] * 2
+    counted = model._positions(ids, None, None, None)
+    assert counted.dtype == torch.long and counted.tolist() == [[0, 1, 2, 3]] * 2
     padding = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]], dtype=torch.int32)
-    assert model._positions(ids, None, padding, None).tolist() == [[-1, -1, 0, 1], [0, 1, 2, 3]]
+    padded = model._positions(ids, None, padding, None)
+    assert padded.dtype == torch.long and padded.tolist() == [[-1, -1, 0, 1], [0, 1, 2, 3]]
     given = model._positions(ids, torch.tensor([[4, 5, 6, 7]] * 2, dtype=torch.int32), padding, None)
     assert given.dtype == torch.long and given.tolist() == [[4, 5, 6, 7]] * 2
 
@@ -568,6 +570,7 @@ def test_positions_and_padding_mask_of_the_wrong_shape(kwargs, message):
     (torch.tensor([[5, -1, 2]]), "input_ids contains token id -1, outside the vocabulary [0, 300)"),
     (torch.tensor([[5, 300, 2]]), "input_ids contains token id 300, outside the vocabulary [0, 300)"),
     (torch.tensor([[400, -3, 2]]), "input_ids contains token id -3, outside the vocabulary [0, 300)"),
+    (torch.tensor([[0, 300, 2]]), "input_ids contains token id 300, outside the vocabulary [0, 300)"),
 ])
 def test_bad_input_ids_are_one_clear_error(ids, message):
     model = Gemma3Model(small())
@@ -668,6 +671,17 @@ def test_loss_is_computed_256_positions_at_a_time_by_default():
         assert rows == [256, 86]
 
 
+def test_loss_of_a_single_target_is_its_cross_entropy():
+    model = random_model(small())
+    ids = torch.randint(0, 300, (2, 6))
+    labels = torch.full_like(ids, -100)
+    labels[1, 3] = 7  # predicted from row 1, position 2
+    with torch.no_grad():
+        loss = model(ids, labels=labels).loss
+        logits = model(ids).logits
+    torch.testing.assert_close(loss, F.cross_entropy(logits[1, 2], torch.tensor(7)), atol=1e-6, rtol=1e-6)
+
+
 def test_loss_with_every_label_ignored_is_zero_with_a_graph():
     model = random_model(small()).train()
     ids = torch.randint(0, 300, (2, 6))
@@ -735,7 +749,79 @@ def test_gradient_checkpointing_off_by_default_and_recomputes_only_in_training()
         assert len(calls) == forwards
 
 
+def test_gradient_checkpointing_with_a_frozen_embedding_still_trains_the_layers():
+    """LoRA trains with the embedding frozen, so no input of a checkpointed layer needs a gradient: only the
+    non-reentrant checkpoint still takes the layers' parameters into the graph."""
+    model = random_model(small(num_hidden_layers=2)).train()
+    model.embed_tokens.weight.requires_grad_(False)
+    model.gradient_checkpointing = True
+    ids = torch.randint(0, 300, (1, 5))
+    model(ids, labels=ids).loss.backward()
+    assert model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
 def test_attention_implementation_defaults_to_sdpa():
     """gemma3.accel.fused_step and gemma3.eval.plot read `implementation` by name: "sdpa" unless a caller sets "eager"."""
     model = Gemma3Model(small())
     assert all(layer.self_attn.implementation == "sdpa" for layer in model.layers)
+
+
+@torch.no_grad()
+def test_rms_norm_eps_comes_from_config_everywhere():
+    """Every norm (block, QK and final) takes config.rms_norm_eps; a large one moves the logits, and the reference
+    agrees."""
+    config = small(rms_norm_eps=0.1)
+    model = random_model(config)
+    assert {m.eps for m in model.modules() if isinstance(m, RMSNorm)} == {0.1}
+    ids = torch.randint(0, config.vocab_size, (2, 12))
+    torch.testing.assert_close(model(ids).logits, hf_model_like(model)(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("T", [1, 2, 5, 12])
+def test_eager_path_passes_attention_weights_through_its_softmax_module(T):
+    """implementation "eager" computes the weights as a tensor of their own, which leave through `self.softmax` where a
+    forward hook reads them (gemma3.eval.plot); "sdpa" never calls it. Both give the same logits, on the plain causal
+    prefill (mask None) as past the window."""
+    config = small(num_attention_heads=4, num_key_value_heads=2)
+    model = random_model(config)
+    ids = torch.randint(0, config.vocab_size, (2, T))
+    seen = []
+    model.layers[0].self_attn.softmax.register_forward_hook(lambda m, i, o: seen.append(o))
+    sdpa = model(ids).logits
+    assert seen == []
+    set_attention_implementation(model, "eager")
+    eager = model(ids).logits
+    torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-5)
+    (probs,) = seen
+    assert probs.shape == (2, 2, 2 * T, T) and probs.dtype == torch.float32  # (B, K, G·T, S)
+    causal = attention_mask(torch.arange(T)[None], torch.arange(T)[None], config.sliding_window)[0, 0]
+    assert torch.equal(probs > 0, causal.repeat(2, 1).expand(2, 2, 2 * T, T))
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 2 * T))
+
+
+def test_masked_softmax_is_fp32_whatever_the_scores():
+    from gemma3.model import MaskedSoftmax
+
+    scores = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.bfloat16)
+    probs = MaskedSoftmax()(scores, torch.tensor([[True, False, True]]))
+    assert probs.dtype == torch.float32
+    kept = torch.tensor([1.0, 3.0]).softmax(dim=-1)
+    torch.testing.assert_close(probs, torch.tensor([[kept[0], 0.0, kept[1]]]))
+
+
+def test_positions_and_tables_follow_the_device_of_the_ids():
+    """Positions (given, counted or padded) go to input_ids' device, and RoPE tables and the eager causal mask are
+    built on their input's device (meta stands in for an accelerator here)."""
+    from gemma3.model import RotaryEmbedding
+
+    model = Gemma3Model(small())
+    ids = torch.ones(1, 4, dtype=torch.long, device="meta")
+    for positions, padding in ((None, None), (torch.arange(4)[None], None), (None, torch.ones(1, 4))):
+        assert model._positions(ids, positions, padding, None).device.type == "meta"
+    cos, sin = RotaryEmbedding(8, 100.0)(torch.zeros(1, 4, dtype=torch.long, device="meta"), torch.float32)
+    assert cos.device.type == sin.device.type == "meta" and cos.shape == (1, 4, 1, 8)
+    attn = model.layers[0].self_attn
+    q, k = torch.zeros(1, 4, 3, 32, device="meta"), torch.zeros(1, 1, 3, 32, device="meta")
+    probs = attn.attention_probs(q, k, None)
+    assert probs.device.type == "meta" and probs.shape == (1, 1, 12, 3)
