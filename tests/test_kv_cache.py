@@ -132,3 +132,26 @@ def test_an_fp16_cache_gives_the_same_logits_however_the_tokens_arrive(window):
 def test_an_fp16_cache_holds_half_the_bytes():
     config = tiny(4)
     assert KVCache(config, 1, 32, dtype=torch.float16).nbytes() * 2 == KVCache(config, 1, 32).nbytes()
+
+
+@torch.no_grad()
+def test_a_block_or_attention_called_alone_with_a_cache_step_writes_layer_zero():
+    """layer_idx defaults to 0 in TransformerBlock and GroupedQueryAttention: called alone with a cache step, each
+    writes the first layer's keys and leaves the others as they were."""
+    from gemma3.config import SLIDING
+
+    config = tiny(4)
+    model = random_model(config)
+    positions = torch.arange(3)[None]
+    x = model.embed_tokens(torch.randint(0, 300, (1, 3)))
+    cos, sin = model.rope[SLIDING](positions, x.dtype)
+    for module in (model.layers[0], model.layers[0].self_attn):
+        stored = []
+        for explicit in (False, True):
+            cache = KVCache(config, batch_size=1, max_seq_len=8)
+            step = cache.begin(positions)
+            args = (x, cos, sin, step.masks[SLIDING], step)
+            module(*args, layer_idx=0) if explicit else module(*args)
+            stored.append(cache.keys)
+        assert stored[0][0].abs().sum() > 0 and all(k.eq(0).all() for k in stored[0][1:])
+        assert all(torch.equal(a, b) for a, b in zip(*stored))
