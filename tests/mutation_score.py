@@ -98,6 +98,10 @@ def scratch_copy(work: Path, modules: list[str]) -> None:
     config += f"pytest_add_cli_args_test_selection = {tests!r}\n".replace("'", '"')
     # -x: the first failing test kills the mutant; no cache: the copies stay clean
     config += f"pytest_add_cli_args = {['-x', '-q', '-p', 'no:cacheprovider', *deselect]!r}\n".replace("'", '"')
+    # Each mutant's worker is forked from a server that has only collected the tests: forked from mutmut's own
+    # process, which has run them, it inherits torch's OpenMP thread pool (the tests ask for two threads) and hangs
+    # at its first parallel op until the time limit, so every mutant that reaches torch would count as a timeout.
+    config += 'process_isolation = "forkserver"\n'
     (work / "pyproject.toml").write_text(config, encoding="utf-8")
 
 
