@@ -155,3 +155,17 @@ def test_a_block_or_attention_called_alone_with_a_cache_step_writes_layer_zero()
             stored.append(cache.keys)
         assert stored[0][0].abs().sum() > 0 and all(k.eq(0).all() for k in stored[0][1:])
         assert all(torch.equal(a, b) for a, b in zip(*stored))
+
+
+@torch.no_grad()
+def test_eager_attention_with_a_cache_equals_the_full_forward():
+    """The eager path over cached keys: chunks longer than one token see more keys than queries (S > T)."""
+    from reference import set_attention_implementation
+
+    config = tiny(4)
+    model = random_model(config)
+    ids = torch.randint(0, config.vocab_size, (2, 24))
+    full = model(ids).logits
+    set_attention_implementation(model, "eager")
+    cache = KVCache(config, batch_size=2, max_seq_len=24)
+    torch.testing.assert_close(run_in_chunks(model, ids, [3, 7, 1, 13], cache), full, atol=1e-5, rtol=1e-5)
