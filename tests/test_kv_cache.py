@@ -421,3 +421,39 @@ def test_a_cache_on_the_gpu_takes_positions_built_on_the_cpu():
     assert step.masks[GLOBAL].device.type == step.masks[SLIDING].device.type == "cuda"
     assert cache.shared.global_pos.tolist() == [[0, 1, 2, 3, 4, -1, -1, -1], [0, -1, -1, -1, -1, -1, -1, -1]]
     assert cache.shared.ring_pos.tolist() == [[3, 4, 2], [0, -1, -1]] and cache.shared.last_pos.tolist() == [4, 0]
+
+@torch.no_grad()
+def test_a_block_or_attention_called_alone_with_a_cache_step_writes_layer_zero():
+    """layer_idx defaults to 0 in TransformerBlock and GroupedQueryAttention: called alone with a cache step, each
+    writes the first layer's keys and leaves the others as they were."""
+    from gemma3.config import SLIDING
+
+    config = tiny(4)
+    model = random_model(config)
+    positions = torch.arange(3)[None]
+    x = model.embed_tokens(torch.randint(0, 300, (1, 3)))
+    cos, sin = model.rope[SLIDING](positions, x.dtype)
+    for module in (model.layers[0], model.layers[0].self_attn):
+        stored = []
+        for explicit in (False, True):
+            cache = KVCache(config, batch_size=1, max_seq_len=8)
+            step = cache.begin(positions)
+            args = (x, cos, sin, step.masks[SLIDING], step)
+            module(*args, layer_idx=0) if explicit else module(*args)
+            stored.append(cache.keys)
+        assert stored[0][0].abs().sum() > 0 and all(k.eq(0).all() for k in stored[0][1:])
+        assert all(torch.equal(a, b) for a, b in zip(*stored))
+
+
+@torch.no_grad()
+def test_eager_attention_with_a_cache_equals_the_full_forward():
+    """The eager path over cached keys: chunks longer than one token see more keys than queries (S > T)."""
+    from reference import set_attention_implementation
+
+    config = tiny(4)
+    model = random_model(config)
+    ids = torch.randint(0, config.vocab_size, (2, 24))
+    full = model(ids).logits
+    set_attention_implementation(model, "eager")
+    cache = KVCache(config, batch_size=2, max_seq_len=24)
+    torch.testing.assert_close(run_in_chunks(model, ids, [3, 7, 1, 13], cache), full, atol=1e-5, rtol=1e-5)
