@@ -247,3 +247,55 @@ def test_template_worker_memory_is_capped():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60).stdout.split("\n")
     assert "used more than its 512 MiB of memory" in out[0]
     assert 0 < int(out[1]) < template_worker.MEMORY_BYTES
+
+
+# --- the worker process ------------------------------------------------------------------------------------------
+
+FAKE_WORKER = """
+import json, os, struct, sys, time
+HEADER = struct.Struct(">Q")
+def send(message, pad=0):
+    data = json.dumps(message).encode() + b" " * pad
+    sys.stdout.buffer.write(HEADER.pack(len(data)) + data)
+    sys.stdout.buffer.flush()
+def receive():
+    header = sys.stdin.buffer.read(HEADER.size)
+    return json.loads(sys.stdin.buffer.read(HEADER.unpack(header)[0])) if header else None
+"""
+
+
+@pytest.fixture()
+def fake_worker(monkeypatch, tmp_path):
+    """A _TemplateProcess whose worker is the given script (FAKE_WORKER's helpers, then `body`)."""
+    from gemma3.text import chat
+
+    renderers = []
+
+    def make(body: str):
+        script = tmp_path / f"worker{len(renderers)}.py"
+        script.write_text(FAKE_WORKER + body, encoding="utf-8")
+        monkeypatch.setattr(chat.worker, "__file__", str(script))
+        renderers.append(chat._TemplateProcess())
+        return renderers[-1]
+
+    yield make
+    for renderer in renderers:
+        renderer.close()
+
+
+def render_with(renderer):
+    from gemma3.text.chat import ChatTemplate
+
+    return renderer.render(ChatTemplate("t", "ckpt/tokenizer_config.json"), [], True, {})
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("send({'ready': False})", "worker did not start"),
+    ("send({'ready': True})\nreceive()", "stopped the renderer (it used more than 512 MiB of memory, or crashed)"),
+    # it stops reading: the request cannot be written
+    ("os.close(0)\nsend({'ready': True})\ntime.sleep(30)", "renderer stopped unexpectedly"),
+])
+def test_a_worker_that_fails_is_reported_in_one_line(fake_worker, body, message):
+    with pytest.raises(Gemma3Error) as info:
+        render_with(fake_worker(body))
+    assert str(info.value) == f"ckpt/tokenizer_config.json: chat template {message}"

@@ -317,7 +317,10 @@ class _TemplateProcess:
             self.proc.kill()
             self.proc.wait()
             for pipe in (self.proc.stdin, self.proc.stdout):
-                pipe.close()
+                try:
+                    pipe.close()
+                except OSError:  # a request the worker never read is still buffered, and closing flushes it
+                    pass
             self.proc = None
 
     def close(self) -> None:
