@@ -389,6 +389,19 @@ def test_a_reply_longer_than_the_longest_rendering_is_refused(fake_worker, monke
     assert str(info.value) == "ckpt/tokenizer_config.json: chat template sent an oversized reply"
 
 
+def test_a_reply_is_read_by_its_length_even_in_pieces(fake_worker):
+    """The first reply arrives in two pieces, its second piece together with the next reply: each request gets its
+    own reply, read to its length and no further."""
+    renderer = fake_worker("send({'ready': True})\n"
+                           "one, two = json.dumps({'text': 'one'}).encode(), json.dumps({'text': 'two'}).encode()\n"
+                           "receive(); sys.stdout.buffer.write(HEADER.pack(len(one)) + one[:5]); sys.stdout.flush()\n"
+                           "time.sleep(0.2)\n"
+                           "sys.stdout.buffer.write(one[5:] + HEADER.pack(len(two)) + two); sys.stdout.flush()\n"
+                           "receive(); receive()")
+    assert render_with(renderer) == "one"
+    assert render_with(renderer) == "two"
+
+
 def test_a_worker_that_ignores_the_end_of_its_input_is_killed_two_seconds_after_close(fake_worker):
     import time
 
