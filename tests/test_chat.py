@@ -437,8 +437,9 @@ def test_without_fork_templates_render_in_process_with_the_output_cap(monkeypatc
 
     monkeypatch.setattr(chat, "_CAN_FORK", False)
     monkeypatch.setattr(chat, "_ENV", None)
+    monkeypatch.setattr(chat.worker, "_compiled", {})  # nothing compiled before
     monkeypatch.setattr(chat, "TEMPLATE_MAX_CHARS", 20)
-    template = "{{ messages[0]['content'] }}|{{ add_generation_prompt }}|{{ bos_token }}"  # compiled nowhere before
+    template = "{{ messages[0]['content'] }}|{{ add_generation_prompt }}|{{ bos_token }}"
     assert render_chat(MESSAGES, add_generation_prompt=False, template=template) == "Hi <b>|False|<bos>"
     environment = chat._ENV
     assert environment is not None
