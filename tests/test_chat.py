@@ -264,7 +264,8 @@ def test_template_worker_memory_is_capped():
      "message 0: content must be a string or a list of text parts, got int"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": 4.5}],
      "message 1: content must be a string or a list of text parts, got float"),
-    ([{"role": "user", "content": ["Hi"]}], "message 0: content parts must be {'type': 'text', 'text': ...}, got 'str'"),
+    ([{"role": "user", "content": ["Hi"]}],
+     "message 0: content parts must be {'type': 'text', 'text': ...}, got 'str'"),
     ([{"role": "user", "content": [{"type": "text", "text": 42}]}],
      "message 0: content parts must be {'type': 'text', 'text': ...}, got 'text'"),
 ])
@@ -289,6 +290,13 @@ def test_objects_in_messages_are_refused_by_type():
 def test_a_template_sees_documents_none_and_no_tools_as_none():
     assert render_chat(MESSAGES, template="{{ documents }}|{{ tools }}|{{ image_token }}") == \
         "None|None|<image_soft_token>"
+
+
+def test_a_lone_surrogate_is_refused_in_one_line():
+    with pytest.raises(Gemma3Error) as info:
+        render_chat([{"role": "user", "content": "a\ud800b"}], template="{{ messages[0]['content'] }}")
+    assert str(info.value) == "chat template: the template or the messages are not valid Unicode (a lone surrogate)"
+    assert render_chat(MESSAGES, template="{{ messages[0]['content'] }}") == "Hi <b>"
 
 
 def test_a_long_rendering_comes_back_whole():

@@ -267,6 +267,9 @@ class _TemplateProcess:
             except _Overrun as e:
                 self._stop()
                 raise Gemma3Error(f"{template.where} {e}") from None
+            except UnicodeEncodeError:  # the request as UTF-8: what a JSON "\ud800" or argv's undecodable bytes make
+                raise Gemma3Error(f"{template.where}: the template or the messages are not valid Unicode "
+                                  "(a lone surrogate)") from None
         if "error" in reply:
             raise Gemma3Error(f"{template.where}: {reply['error']}")
         return reply["text"]
