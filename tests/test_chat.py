@@ -410,6 +410,29 @@ def test_a_reply_is_read_by_its_length_even_in_pieces(fake_worker):
     assert render_with(renderer) == "two"
 
 
+@pytest.mark.parametrize(("later", "starts"), [(29.0, True), (30.01, False)])
+def test_a_worker_has_thirty_seconds_to_start(fake_worker, monkeypatch, later, starts):
+    """A clock that jumps `later` seconds once the start's deadline is set: within 30 s the worker is taken."""
+    import time
+
+    from gemma3.text import chat
+
+    class Clock:
+        calls = 0
+
+        def monotonic(self):
+            self.calls += 1
+            return time.monotonic() + (later if self.calls > 1 else 0)
+
+    renderer = fake_worker("send({'ready': True})\nreceive()\nsend({'text': 'ok'})\nreceive()")
+    monkeypatch.setattr(chat, "time", Clock())
+    if starts:
+        assert render_with(renderer) == "ok"
+    else:
+        with pytest.raises(Gemma3Error, match="took longer than 2 s"):
+            render_with(renderer)
+
+
 def test_a_worker_that_ignores_the_end_of_its_input_is_killed_two_seconds_after_close(fake_worker):
     import time
 

@@ -281,6 +281,14 @@ def test_tool_conversation_errors_are_exact(messages, message):
     assert str(info.value) == message
 
 
+def test_a_tool_result_needs_a_name_even_unprepared():
+    from gemma3.text.chat import _tool_results
+
+    with pytest.raises(Gemma3Error) as info:
+        _tool_results({"role": "tool", "content": "12:00"}, 3)
+    assert str(info.value) == "message 3: a tool result needs the name of the tool it answers"
+
+
 def test_differences_from_the_template_are_the_documented_ones():
     # null is written null (the template prints Python's None); JSON-string arguments are parsed first
     assert render_call("f", {"a": None}) == f"{START_CALL}call:f{{a:null}}{END_CALL}"
