@@ -247,3 +247,237 @@ def test_template_worker_memory_is_capped():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60).stdout.split("\n")
     assert "used more than its 512 MiB of memory" in out[0]
     assert 0 < int(out[1]) < template_worker.MEMORY_BYTES
+
+
+# --- every error is one exact line that names the message ------------------------------------------------------
+
+@pytest.mark.parametrize(("messages", "message"), [
+    (42, "a conversation must be a non-empty list of messages"),
+    (iter([{"role": "user", "content": "Hi"}]), "a conversation must be a non-empty list of messages"),
+    ([{"role": "system", "content": "s"}], "a system message must be followed by a user message"),
+    ([{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}],
+     "message 1: unknown role 'robot' (expected system, user, assistant or model)"),
+    # the index counts the system message too
+    ([{"role": "system", "content": "s"}, {"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+     "conversation roles must alternate user/model/user/model... (message 2 is 'user')"),
+    ([{"role": "system", "content": 42}, {"role": "user", "content": "a"}],
+     "message 0: content must be a string or a list of text parts, got int"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": 4.5}],
+     "message 1: content must be a string or a list of text parts, got float"),
+    ([{"role": "user", "content": ["Hi"]}],
+     "message 0: content parts must be {'type': 'text', 'text': ...}, got 'str'"),
+    ([{"role": "user", "content": [{"type": "text", "text": 42}]}],
+     "message 0: content parts must be {'type': 'text', 'text': ...}, got 'text'"),
+])
+def test_builtin_errors_are_exact(messages, message):
+    with pytest.raises(Gemma3Error) as info:
+        render_chat(messages)
+    assert str(info.value) == message
+
+
+def test_system_text_parts_are_joined_as_written():
+    messages = [{"role": "system", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+                {"role": "user", "content": "Hi"}]
+    assert render_chat(messages) == "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+
+
+def test_objects_in_messages_are_refused_by_type():
+    with pytest.raises(Gemma3Error) as info:
+        render_chat([{"role": "user", "content": "Hi", "meta": object()}], template=SANDBOXED)
+    assert str(info.value) == "chat messages may hold only strings, numbers, lists and dicts, got object"
+
+
+def test_a_template_sees_documents_none_and_no_tools_as_none():
+    assert render_chat(MESSAGES, template="{{ documents }}|{{ tools }}|{{ image_token }}") == \
+        "None|None|<image_soft_token>"
+
+
+def test_a_lone_surrogate_is_refused_in_one_line():
+    with pytest.raises(Gemma3Error) as info:
+        render_chat([{"role": "user", "content": "a\ud800b"}], template="{{ messages[0]['content'] }}")
+    assert str(info.value) == "chat template: the template or the messages are not valid Unicode (a lone surrogate)"
+    assert render_chat(MESSAGES, template="{{ messages[0]['content'] }}") == "Hi <b>"
+
+
+def test_a_long_rendering_comes_back_whole():
+    # far more than a pipe holds (64 KiB) and than one read takes (1 MiB): the reply arrives in pieces
+    assert render_chat(MESSAGES, template="{{ 'ab' * 700000 }}") == "ab" * 700000
+
+
+# --- the worker process: its start, its end, the protocol's checks -------------------------------------------------
+
+def test_a_worker_ends_by_itself_when_closed_and_keeps_no_stderr_or_parent_fds():
+    import os
+    from pathlib import Path
+
+    from gemma3.text.chat import ChatTemplate, _TemplateProcess
+
+    if not Path("/proc/self/fd").exists():
+        pytest.skip("needs /proc")
+    inherited = os.open(os.devnull, os.O_RDONLY)
+    os.set_inheritable(inherited, True)
+    renderer = _TemplateProcess()
+    renderer.close()  # never started: nothing to do
+    try:
+        assert renderer.render(ChatTemplate("{{ messages[0] }}"), ["x"], True, {}) == "x"
+        proc = renderer.proc
+        # a crash's traceback never lands in a chat REPL's terminal; the parent's open files stay the parent's
+        assert os.readlink(f"/proc/{proc.pid}/fd/2") == os.devnull
+        assert str(inherited) not in os.listdir(f"/proc/{proc.pid}/fd")
+    finally:
+        os.close(inherited)
+    renderer.close()
+    assert renderer.proc is None and proc.returncode == 0  # it exited at the end of its input, not killed
+    assert renderer.render(ChatTemplate("{{ messages[1] }}"), ["x", "y"], True, {}) == "y"  # and starts afresh
+    renderer.close()
+
+
+FAKE_WORKER = """
+import json, os, struct, sys, time
+HEADER = struct.Struct(">Q")
+def send(message, pad=0):
+    data = json.dumps(message).encode() + b" " * pad
+    sys.stdout.buffer.write(HEADER.pack(len(data)) + data)
+    sys.stdout.buffer.flush()
+def receive():
+    header = sys.stdin.buffer.read(HEADER.size)
+    return json.loads(sys.stdin.buffer.read(HEADER.unpack(header)[0])) if header else None
+"""
+
+
+@pytest.fixture()
+def fake_worker(monkeypatch, tmp_path):
+    """A _TemplateProcess whose worker is the given script (FAKE_WORKER's helpers, then `body`)."""
+    from gemma3.text import chat
+
+    renderers = []
+
+    def make(body: str):
+        script = tmp_path / f"worker{len(renderers)}.py"
+        script.write_text(FAKE_WORKER + body, encoding="utf-8")
+        monkeypatch.setattr(chat.worker, "__file__", str(script))
+        renderers.append(chat._TemplateProcess())
+        return renderers[-1]
+
+    yield make
+    for renderer in renderers:
+        renderer.close()
+
+
+def render_with(renderer):
+    from gemma3.text.chat import ChatTemplate
+
+    return renderer.render(ChatTemplate("t", "ckpt/tokenizer_config.json"), [], True, {})
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("send({'ready': False})", "worker did not start"),
+    ("send({'ready': True})\nreceive()", "stopped the renderer (it used more than 512 MiB of memory, or crashed)"),
+    # it stops reading: the request cannot be written
+    ("os.close(0)\nsend({'ready': True})\ntime.sleep(30)", "renderer stopped unexpectedly"),
+])
+def test_a_worker_that_fails_is_reported_in_one_line(fake_worker, body, message):
+    with pytest.raises(Gemma3Error) as info:
+        render_with(fake_worker(body))
+    assert str(info.value) == f"ckpt/tokenizer_config.json: chat template {message}"
+
+
+def test_a_reply_longer_than_the_longest_rendering_is_refused(fake_worker, monkeypatch):
+    from gemma3.text import chat
+
+    monkeypatch.setattr(chat, "TEMPLATE_MAX_CHARS", 10)
+    longest = 8 * 10 + 4096  # JSON of 10 characters, each escaped, and the rest of the reply
+    renderer = fake_worker("send({'ready': True})\n"
+                           f"receive(); send({{'text': 'ok'}}, pad={longest} - len(json.dumps({{'text': 'ok'}})))\n"
+                           f"receive(); sys.stdout.buffer.write(HEADER.pack({longest + 1})); sys.stdout.flush()\n"
+                           "time.sleep(30)")
+    assert render_with(renderer) == "ok"
+    with pytest.raises(Gemma3Error) as info:
+        render_with(renderer)
+    assert str(info.value) == "ckpt/tokenizer_config.json: chat template sent an oversized reply"
+
+
+def test_a_reply_is_read_by_its_length_even_in_pieces(fake_worker):
+    """The first reply arrives in two pieces, its second piece together with the next reply: each request gets its
+    own reply, read to its length and no further."""
+    renderer = fake_worker("send({'ready': True})\n"
+                           "one, two = json.dumps({'text': 'one'}).encode(), json.dumps({'text': 'two'}).encode()\n"
+                           "receive(); sys.stdout.buffer.write(HEADER.pack(len(one)) + one[:5]); sys.stdout.flush()\n"
+                           "time.sleep(0.2)\n"
+                           "sys.stdout.buffer.write(one[5:] + HEADER.pack(len(two)) + two); sys.stdout.flush()\n"
+                           "receive(); receive()")
+    assert render_with(renderer) == "one"
+    assert render_with(renderer) == "two"
+
+
+@pytest.mark.parametrize(("later", "starts"), [(29.0, True), (30.01, False)])
+def test_a_worker_has_thirty_seconds_to_start(fake_worker, monkeypatch, later, starts):
+    """A clock that jumps `later` seconds once the start's deadline is set: within 30 s the worker is taken."""
+    import time
+
+    from gemma3.text import chat
+
+    class Clock:
+        calls = 0
+
+        def monotonic(self):
+            self.calls += 1
+            return time.monotonic() + (later if self.calls > 1 else 0)
+
+    renderer = fake_worker("send({'ready': True})\nreceive()\nsend({'text': 'ok'})\nreceive()")
+    monkeypatch.setattr(chat, "time", Clock())
+    if starts:
+        assert render_with(renderer) == "ok"
+    else:
+        with pytest.raises(Gemma3Error, match="took longer than 2 s"):
+            render_with(renderer)
+
+
+def test_a_worker_that_ignores_the_end_of_its_input_is_killed_two_seconds_after_close(fake_worker):
+    import time
+
+    renderer = fake_worker("send({'ready': True})\nreceive()\nsend({'text': 'ok'})\ntime.sleep(30)")
+    assert render_with(renderer) == "ok"
+    proc, start = renderer.proc, time.monotonic()
+    renderer.close()
+    assert 2 <= time.monotonic() - start < 2.8 and proc.returncode < 0
+
+
+def test_a_rendering_has_the_whole_time_limit(monkeypatch):
+    """A quick rendering under a limit of half a second: the whole limit is the rendering's, to its last moment."""
+    from gemma3.text import chat
+
+    assert render_chat(MESSAGES, template="{{ messages[0]['content'] }}?") == "Hi <b>?"  # the worker is up
+    monkeypatch.setattr(chat, "TEMPLATE_SECONDS", 0.5)
+    assert render_chat(MESSAGES, template="{{ messages[0]['content'] }}.") == "Hi <b>."
+
+
+def test_the_output_cap_is_the_callers(monkeypatch):
+    from gemma3.text import chat
+
+    monkeypatch.setattr(chat, "TEMPLATE_MAX_CHARS", 5)
+    assert render_chat(MESSAGES, template="{{ 'x' * 5 }}") == "xxxxx"
+    with pytest.raises(Gemma3Error) as info:
+        render_chat(MESSAGES, template="{{ 'x' * 6 }}")
+    assert str(info.value) == "chat template: rendered more than 5 characters"
+
+
+def test_without_fork_templates_render_in_process_with_the_output_cap(monkeypatch):
+    from gemma3.text import chat
+    from gemma3.text.chat import ChatTemplate
+
+    monkeypatch.setattr(chat, "_CAN_FORK", False)
+    monkeypatch.setattr(chat, "_ENV", None)
+    monkeypatch.setattr(chat.worker, "_compiled", {})  # nothing compiled before
+    monkeypatch.setattr(chat, "TEMPLATE_MAX_CHARS", 20)
+    template = "{{ messages[0]['content'] }}|{{ add_generation_prompt }}|{{ bos_token }}"
+    assert render_chat(MESSAGES, add_generation_prompt=False, template=template) == "Hi <b>|False|<bos>"
+    environment = chat._ENV
+    assert environment is not None
+    with pytest.raises(Gemma3Error) as info:
+        render_chat(MESSAGES, template="{{ 'x' * 21 }}")
+    assert str(info.value) == "chat template: rendered more than 20 characters"
+    with pytest.raises(Gemma3Error) as info:
+        render_chat(MESSAGES, template=ChatTemplate("{{ raise_exception('boom') }}", "ckpt/tokenizer_config.json"))
+    assert str(info.value) == "ckpt/tokenizer_config.json: chat template: boom"
+    assert chat._ENV is environment  # made once

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from gemma3.errors import Gemma3Error
 from gemma3.text.chat import ChatTemplate, render_chat
+from gemma3.weights.chat_template import GEMMA3_CHAT_TEMPLATE
 from gemma3.text.tools import (CONTROL_STRINGS, END_CALL, ESCAPE, START_CALL, START_RESPONSE, TRIGGER, ToolCallParser,
                                ToolChoice, parse_tool_calls, parse_tool_choice, parse_tools, prepare_messages,
                                render_call, render_declaration, render_response)
@@ -168,6 +169,20 @@ CONVERSATIONS = {
                               {"role": "assistant", "tool_calls": [{"type": "function", "function": {
                                   "name": "f", "arguments": {"a": 1}}}]}], []),
     "ends with a call": (DOC_MESSAGES[:3], [WEATHER]),
+    "every role the template writes": ([
+        {"role": "user", "content": [{"type": "text", "text": " time "}, {"type": "text", "text": "now?"}]},
+        {"role": "model", "tool_calls": [{"type": "function", "function": {"name": "now", "arguments": {}}}]},
+        {"role": "tool", "name": "now", "content": "no response yet"},
+        {"role": "model", "content": "Unknown."},
+        {"role": "system", "content": " Later system text "},
+        {"role": "developer", "content": "Later developer text"},
+        {"role": "user", "content": "ok"}], [NOARGS]),
+    "system message without content": ([{"role": "system"}, {"role": "user", "content": "u"}], [WEATHER]),
+    # the template reads only the text of a leading developer message
+    "leading developer message with tool_calls": ([
+        {"role": "developer", "content": "d", "tool_calls": [{"type": "function", "function": {
+            "name": "now", "arguments": {}}}]},
+        {"role": "user", "content": "u"}], []),
 }
 
 
@@ -230,6 +245,48 @@ def test_builtin_renderer_equals_official_template_generated(tools, args, result
     for cut in (2, 3, 4, 5):
         part = messages[:cut + (system is not None)]
         assert render_chat(part, tools=tools) == jinja_render(part, tools or None, True)
+
+
+def test_a_template_renders_tools_itself_only_if_it_reads_them():
+    user = [{"role": "user", "content": "Hi"}]
+    calling = user + [DOC_MESSAGES[2]]
+    # it reads `tools` (the declared ones, OpenAI's shape) or `tool_calls`: it is rendered
+    assert render_chat(user, template="{{ tools[0].function.name }}", tools=[WEATHER]) == "get_current_weather"
+    assert render_chat(calling, template=ChatTemplate("{{ messages[1].tool_calls[0].function.name }}")) == \
+        "get_current_weather"
+    # it reads neither, or it is the official Gemma 3 one: FunctionGemma's format instead
+    function_gemma = render_chat(user, tools=[WEATHER])
+    assert function_gemma.startswith("<bos><start_of_turn>developer\n<start_function_declaration>")
+    assert render_chat(user, template="{{ messages | length }}", tools=[WEATHER]) == function_gemma
+    assert render_chat(user, template=GEMMA3_CHAT_TEMPLATE, tools=[WEATHER]) == function_gemma
+    # `Tool`s are taken as they are
+    assert render_chat(user, tools=parse_tools([WEATHER])) == function_gemma
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([{"role": "user", "content": "u"}, DOC_MESSAGES[2], {"role": "tool", "name": "now", "content": 42}],
+     "message 2: a tool result must be a string or an object"),
+    ([{"role": "user", "content": "u", "tool_calls": DOC_MESSAGES[2]["tool_calls"]}],
+     "message 0: only assistant messages may carry tool_calls"),
+    ([{"role": "user", "content": "u"}, {"role": "robot", "content": "r"}, DOC_MESSAGES[2]],
+     "message 1: unknown role 'robot' (expected system, developer, user, assistant or tool)"),
+    ([{"role": "developer", "content": 42}, {"role": "user", "content": "u"}],
+     "message 0: content must be a string or a list of text parts, got int"),
+    ([{"role": "user", "content": "u"}, {"role": "assistant", "content": 42}],
+     "message 1: content must be a string or a list of text parts, got int"),
+])
+def test_tool_conversation_errors_are_exact(messages, message):
+    with pytest.raises(Gemma3Error) as info:
+        render_chat(messages, tools=[WEATHER])
+    assert str(info.value) == message
+
+
+def test_a_tool_result_needs_a_name_even_unprepared():
+    from gemma3.text.chat import _tool_results
+
+    with pytest.raises(Gemma3Error) as info:
+        _tool_results({"role": "tool", "content": "12:00"}, 3)
+    assert str(info.value) == "message 3: a tool result needs the name of the tool it answers"
 
 
 def test_differences_from_the_template_are_the_documented_ones():

@@ -267,6 +267,9 @@ class _TemplateProcess:
             except _Overrun as e:
                 self._stop()
                 raise Gemma3Error(f"{template.where} {e}") from None
+            except UnicodeEncodeError:  # the request as UTF-8: what a JSON "\ud800" or argv's undecodable bytes make
+                raise Gemma3Error(f"{template.where}: the template or the messages are not valid Unicode "
+                                  "(a lone surrogate)") from None
         if "error" in reply:
             raise Gemma3Error(f"{template.where}: {reply['error']}")
         return reply["text"]
@@ -317,7 +320,10 @@ class _TemplateProcess:
             self.proc.kill()
             self.proc.wait()
             for pipe in (self.proc.stdin, self.proc.stdout):
-                pipe.close()
+                try:
+                    pipe.close()
+                except OSError:  # a request the worker never read is still buffered, and closing flushes it
+                    pass
             self.proc = None
 
     def close(self) -> None:
