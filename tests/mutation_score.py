@@ -10,8 +10,8 @@ holds the last output.
     python tests/mutation_score.py streaming files  # some of them
     python tests/mutation_score.py --markdown       # the table and the survivors as docs/mutation-testing.md shows them
 
-It works in a new scratch copy of src/ and tests/ (a temporary directory, removed afterwards unless --keep),
-so the checkout is never written to, and installs mutmut (pinned) into this Python if it is missing.
+It works in a new scratch copy of src/ and tests/ (a temporary directory, removed afterwards unless --keep; an
+interrupted run kept that way goes on with --resume DIR), so the checkout is never written to, and installs mutmut (pinned) into this Python if it is missing.
 Exit status 0 when every module scores at least --min-score and every survivor is explained; 1 otherwise.
 """
 
@@ -188,15 +188,20 @@ def main() -> int:
     parser.add_argument("--markdown", action="store_true", help="print the results as docs/mutation-testing.md shows them")
     parser.add_argument("--show", action="store_true", help="print each survivor's whole diff")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (its path is printed)")
+    parser.add_argument("--resume", metavar="DIR", type=Path,
+                        help="go on with an interrupted run kept with --keep: mutants already tested keep their result")
     args = parser.parse_args()
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
         parser.error(f"unknown module {unknown[0]!r}: choose from {', '.join(MODULES)}")
     modules = list(dict.fromkeys(args.modules)) or list(MODULES)
+    if args.resume is not None and not (args.resume / "mutants").is_dir():
+        parser.error(f"--resume {args.resume}: not a scratch directory of this script (no mutants/ in it)")
     mutmut = ensure_mutmut()
-    work = Path(tempfile.mkdtemp(prefix="gemma3-mutation-"))
+    work = args.resume or Path(tempfile.mkdtemp(prefix="gemma3-mutation-"))
     try:
-        scratch_copy(work, modules)
+        if args.resume is None:
+            scratch_copy(work, modules)
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
         start = time.monotonic()
         print(f"mutmut in {work}: {', '.join(modules)} ...", file=sys.stderr)
@@ -209,7 +214,7 @@ def main() -> int:
         print(f"mutmut took {time.monotonic() - start:.0f} s with {args.jobs} jobs", file=sys.stderr)
         ok = report(collect(mutmut, work, modules), args.min_score, args.markdown, args.show)
     finally:
-        if args.keep:
+        if args.keep or args.resume is not None:
             print(f"scratch copy kept: {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)

@@ -14,10 +14,17 @@ torch.set_num_threads(2)
 pytestmark = pytest.mark.slow
 
 
+# Cached against uncached over 1,000 steps, in fp32 ulps at each row's largest |logit|: measured 2026-12-08 on a
+# 2-core Xeon (AMX) 33 (1.02e-4); the absolute bound this replaces, 1e-4, held on an AMD EPYC (~5e-5) but not
+# there: MKL's fp32 kernels sum in a CPU-dependent order. A cache mistake (a wrong slot, a
+# stale ring entry, a position off by one) moves logits by 1e-2 and more: thousands of times this bound.
+LOGIT_ULPS = 128
+
+
 @torch.inference_mode()
 def test_cached_decode_equals_full_forward_past_window_twice(real_270m):
     """A 200-token prompt then 1,000 cached decode steps (crossing the 512 window twice): the logits
-    of every step equal a full uncached forward of the same sequence, within 1e-4.
+    of every step equal a full uncached forward of the same sequence, within LOGIT_ULPS fp32 ulps at the row's scale.
 
     The tokens are natural held-out text (CPython's pydoc topics), fed one at a time, not the model's own
     greedy output: greedy decoding of the base 270M falls into a repetition loop where attention is nearly
@@ -49,11 +56,16 @@ def test_cached_decode_equals_full_forward_past_window_twice(real_270m):
         del model._head
     assert len(cached) == steps == full.shape[0]
     cached = torch.stack(cached)
-    worst = 0.0
+    worst = worst_ulps = 0.0
     for start in range(0, steps, 256):
         a, b = model._head(cached[start:start + 256]), model._head(full[start:start + 256])
-        worst = max(worst, float((a - b).abs().max()))
-    assert worst <= 1e-4, f"max |cached - full| logit difference {worst:.2e}"
+        diff = (a - b).abs()
+        worst = max(worst, float(diff.max()))
+        # in fp32 ulps at each row's scale (its largest |logit|): the two sides sum in different orders
+        ulps = diff.amax(dim=-1) / (torch.finfo(torch.float32).eps * b.abs().amax(dim=-1))
+        worst_ulps = max(worst_ulps, float(ulps.max()))
+    print(f"max |cached - full| {worst:.2e}, {worst_ulps:.0f} fp32 ulps at the row's scale")
+    assert worst_ulps <= LOGIT_ULPS, f"max |cached - full| logit difference {worst:.2e} = {worst_ulps:.0f} ulps"
 
 
 @torch.inference_mode()
