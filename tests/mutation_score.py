@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from mutation_equivalents import EQUIVALENT  # noqa: E402
 MUTMUT = "mutmut==3.8.1"
 
 # module -> (source file, the fast tests that cover it). mutmut runs, for each mutant, only the tests that
@@ -146,8 +148,6 @@ def collect(mutmut: str, work: Path, modules: list[str]) -> list[Result]:
 
 
 def explanation(module: str, mutant: Mutant) -> str | None:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from mutation_equivalents import EQUIVALENT
     return EQUIVALENT.get((module, mutant.function, mutant.removed, mutant.added))
 
 
