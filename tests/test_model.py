@@ -405,6 +405,23 @@ def test_rotary_tables_at_known_positions_with_padding_as_position_zero():
     assert cos[0, :2].eq(1).all() and sin[0, :2].eq(0).all()
 
 
+def test_rotary_tables_are_fp32_whatever_the_default_dtype():
+    """The angles are computed in fp32 as the reference does (its inv_freq is `.float()`), also under
+    torch.set_default_dtype(float64): fp64 angles at position 10^5 round to other fp32 tables."""
+    from gemma3.model import RotaryEmbedding
+
+    rope = RotaryEmbedding(head_dim=256, base=1e6)
+    positions = torch.tensor([[0, 7, 4093, 100_003]])
+    want = rope(positions, torch.float32)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = rope(positions, torch.float32)
+    finally:
+        torch.set_default_dtype(before)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
 def test_rotary_extra_repr_names_base_and_scaling():
     model = Gemma3Model(small(rope_scaling_factor=8.0))
     assert model.rope[SLIDING].extra_repr() == "head_dim=32, base=10000, scaling_factor=1"

@@ -261,6 +261,11 @@ def test_a_template_renders_tools_itself_only_if_it_reads_them():
     assert render_chat(user, template=GEMMA3_CHAT_TEMPLATE, tools=[WEATHER]) == function_gemma
     # `Tool`s are taken as they are
     assert render_chat(user, tools=parse_tools([WEATHER])) == function_gemma
+    # a tool result alone (no tools declared, no call in view: a history cut to fit) is FunctionGemma's too
+    result_only = user + [{"role": "tool", "name": "now", "content": "12:00"}]
+    assert render_chat(result_only) == render_chat(result_only, template=GEMMA3_CHAT_TEMPLATE) == (
+        "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_function_response>response:now{value:<escape>12:00<escape>}"
+        "<end_function_response>")
 
 
 @pytest.mark.parametrize("messages, message", [
