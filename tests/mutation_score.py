@@ -6,7 +6,7 @@ either a test is missing or the change makes no difference anyone could observe 
 survivor here is either killed by a test or explained in tests/mutation_equivalents.py, and docs/mutation-testing.md
 holds the last output.
 
-    python tests/mutation_score.py                  # the six core modules (about 20 minutes on two cores)
+    python tests/mutation_score.py                  # the six core modules (about 2 hours on two cores)
     python tests/mutation_score.py streaming files  # some of them
     python tests/mutation_score.py --markdown       # the table and the survivors as docs/mutation-testing.md shows them
 
